@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""The `cogfun` command line (click). Also runnable as a script: `accelerate launch cli.py train ...`.
+
+Options are derived from the settings declared in cogfun/config.py; torch and the model
+libraries are imported inside the command bodies so that `--help` answers instantly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (accelerate launch cli.py ...): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import click
+
+from cogfun.config import (ConfigError, InspectConfig, PrecomputeConfig, TrainConfig, build_config,
+                           click_options)
+
+
+def _user_errors():
+    """Exceptions that are the user's to fix: printed as one message, exit code 1, no traceback."""
+    from cogfun.config import ConfigError
+    from cogfun.dataset import MetadataError
+    from cogfun.dist import LaunchError
+    from cogfun.shards import ShardError
+
+    return (ConfigError, MetadataError, LaunchError, ShardError, FileNotFoundError, PermissionError,
+            NotADirectoryError, IsADirectoryError)
+
+
+def _run(fn, *args, **kwargs):
+    import errno
+
+    try:
+        return fn(*args, **kwargs)
+    except _user_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise click.ClickException(f"cannot write: {exc}. Nothing was committed; the previous "
+                                       f"manifest (if any) is untouched.") from None
+        raise
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="cogfun")
+def main():
+    """cogfun: precompute VAE latents + T5 embeddings once, then train CogVideoX-Fun LoRAs on them."""
+
+
+@main.command(name="precompute")
+@click_options(PrecomputeConfig)
+@click.pass_context
+def precompute(ctx, **params):
+    """Encode a CogVideoX-Fun dataset into fingerprinted WebDataset shards."""
+    cfg = build_config(PrecomputeConfig, params, ctx)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from stages.precompute import precompute as run
+
+    _run(run, cfg)
+
+
+@main.command(name="train")
+@click_options(TrainConfig)
+@click.pass_context
+def train(ctx, **params):
+    """Train a LoRA from cached shards (precomputing them first when given --train_data_meta)."""
+    cfg = build_config(TrainConfig, params, ctx)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from pipelines.precompute_then_train import run
+
+    _run(run, cfg)
+
+
+@main.command(name="inspect-buckets")
+@click_options(InspectConfig)
+@click.pass_context
+def inspect_buckets(ctx, **params):
+    """Show what a dataset becomes (buckets, frames, tokens, bytes, skipped clips) before any GPU time."""
+    cfg = build_config(InspectConfig, params, ctx)
+    from cogfun.inspect import run
+
+    _run(run, cfg)
+
+
+@main.command(name="demo")
+@click.option("--workdir", type=click.Path(file_okay=False), default="demo-run", show_default=True,
+              help="Folder for the tiny model, the synthetic clips, the shards and the training output.")
+@click.option("--steps", type=int, default=20, show_default=True, help="Training steps.")
+def demo(workdir, steps):
+    """Tiny InP model + synthetic clips: precompute, then train, on the CPU."""
+    from pipelines.demo import run
+
+    _run(run, Path(workdir), steps=steps)
+
+
+if __name__ == "__main__":
+    main()

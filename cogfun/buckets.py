@@ -1,0 +1,233 @@
+"""The bucket planner: what each clip becomes (size, crop, frames), from CogVideoX-Fun's flags.
+
+Pure and torch-free. Every rule here is DESIGN.md §3:
+
+* base size: fixed (video_sample_size / image_sample_size), or drawn from a grid when
+  `random_hw_adapt` / `training_with_video_token_length` is on;
+* ratio bucket: nearest key of the 512 ratio table, scaled by base/512, sides floored to 16;
+  without `enable_bucket` a base x base center square;
+* token-length budget: a video at base s gets F(s) = largest 4k+1 <= min(N, N*T^2/s^2);
+* frames: N (or fewer for short clips, 4k+1) source frames `stride` apart from a seeded start.
+
+Every random choice comes from an RNG seeded by (seed, file_path, view), so a clip's plan does
+not depend on which rank plans it, on the order of the metadata, or on the other clips.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+
+# CogVideoX-Fun's ASPECT_RATIO_512: height/width -> [height, width] at base 512.
+ASPECT_RATIO_512: dict[float, tuple[int, int]] = {
+    0.25: (256, 1024), 0.26: (256, 992), 0.27: (256, 960), 0.28: (256, 928), 0.32: (288, 896),
+    0.33: (288, 864), 0.35: (288, 832), 0.4: (320, 800), 0.42: (320, 768), 0.48: (352, 736),
+    0.5: (352, 704), 0.52: (352, 672), 0.57: (384, 672), 0.6: (384, 640), 0.68: (416, 608),
+    0.72: (416, 576), 0.78: (448, 576), 0.82: (448, 544), 0.88: (480, 544), 0.94: (480, 512),
+    1.0: (512, 512), 1.07: (512, 480), 1.13: (544, 480), 1.21: (544, 448), 1.29: (576, 448),
+    1.38: (576, 416), 1.46: (608, 416), 1.67: (640, 384), 1.75: (672, 384), 2.0: (704, 352),
+    2.09: (736, 352), 2.4: (768, 320), 2.5: (800, 320), 2.89: (832, 288), 3.0: (864, 288),
+    3.11: (896, 288), 3.62: (928, 256), 3.75: (960, 256), 3.88: (992, 256), 4.0: (1024, 256),
+}
+
+VAE_TEMPORAL = 4      # CogVideoX VAE: 4x temporal compression (latent frames = (F-1)/4 + 1)
+VAE_SPATIAL = 8       # 8x spatial compression
+PATCH = 2             # transformer patch size on latents -> 16 px per token side
+BASE_STEP = 128       # grid of base sizes between the min and max base (CogVideoX-Fun's step)
+LATENT_CHANNELS = 16
+
+
+class PlanSkip(Exception):
+    """A clip that cannot become a sample; the message is the reason shown to the user."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The flags that decide a clip's plan (a view of DataArgs)."""
+    image_sample_size: int = 512
+    video_sample_size: int = 512
+    token_sample_size: int = 512
+    video_sample_stride: int = 4
+    video_sample_n_frames: int = 17
+    random_hw_adapt: bool = False
+    training_with_video_token_length: bool = False
+    enable_bucket: bool = False
+    seed: int = 42
+    num_views: int = 1
+
+    @classmethod
+    def from_config(cls, cfg) -> "Sampling":
+        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
+
+    def validate(self) -> None:
+        for name in ("image_sample_size", "video_sample_size", "token_sample_size"):
+            value = getattr(self, name)
+            if value < 16 or value % 16:
+                raise ValueError(f"--{name} must be a positive multiple of 16, got {value}")
+        if self.video_sample_stride < 1:
+            raise ValueError(f"--video_sample_stride must be >= 1, got {self.video_sample_stride}")
+        if self.video_sample_n_frames < 1:
+            raise ValueError(f"--video_sample_n_frames must be >= 1, got {self.video_sample_n_frames}")
+        if self.num_views < 1:
+            raise ValueError(f"--num_views must be >= 1, got {self.num_views}")
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """One sample to encode: a view of one source clip."""
+    key: str
+    source: str            # file_path as written in the metadata
+    kind: str              # "video" | "image"
+    view: int
+    base: int
+    height: int
+    width: int
+    frames: int            # pixel frames F (4k+1; 1 for images)
+    frame_indices: tuple[int, ...]
+    resize_hw: tuple[int, int]             # cover-resize size before the crop
+    crop_box: tuple[int, int, int, int]    # top, left, height, width
+
+    @property
+    def bucket(self) -> str:
+        return bucket_name(self.height, self.width, self.frames)
+
+    @property
+    def latent_frames(self) -> int:
+        return latent_frames(self.frames)
+
+    @property
+    def tokens(self) -> int:
+        return tokens_per_sample(self.frames, self.height, self.width)
+
+
+def bucket_name(height: int, width: int, frames: int) -> str:
+    return f"{height}x{width}x{frames}"
+
+
+def parse_bucket(name: str) -> tuple[int, int, int]:
+    h, w, f = (int(x) for x in name.split("x"))
+    return h, w, f
+
+
+def floor_4k1(n: float) -> int:
+    """Largest 4k+1 <= n (0 when n < 1)."""
+    if n < 1:
+        return 0
+    return int((math.floor(n) - 1) // VAE_TEMPORAL) * VAE_TEMPORAL + 1
+
+
+def latent_frames(frames: int) -> int:
+    return (frames - 1) // VAE_TEMPORAL + 1
+
+
+def tokens_per_sample(frames: int, height: int, width: int) -> int:
+    """Transformer tokens: ((F-1)/4+1) * (H/16) * (W/16)."""
+    side = VAE_SPATIAL * PATCH
+    return latent_frames(frames) * (height // side) * (width // side)
+
+
+def latent_bytes(frames: int, height: int, width: int, channels: int = LATENT_CHANNELS,
+                 itemsize: int = 2) -> int:
+    """Bytes of one [F', C, H/8, W/8] latent tensor (bf16 by default)."""
+    return latent_frames(frames) * channels * (height // VAE_SPATIAL) * (width // VAE_SPATIAL) * itemsize
+
+
+def sample_bytes(frames: int, height: int, width: int, *, text_dim: int, n_mask_policies: int,
+                 text_len: int = 226, itemsize: int = 2) -> int:
+    """Tensor payload of one cached sample: mean + logvar + prompt embeds + masked latents."""
+    lat = latent_bytes(frames, height, width, itemsize=itemsize)
+    return (2 + n_mask_policies) * lat + text_len * text_dim * itemsize
+
+
+def _grid(lo: int, hi: int) -> list[int]:
+    lo, hi = min(lo, hi), max(lo, hi)
+    sizes = list(range(lo, hi + 1, BASE_STEP))
+    if sizes[-1] != hi:
+        sizes.append(hi)
+    return sizes
+
+
+def base_sizes(s: Sampling, kind: str) -> list[int]:
+    """The base sizes a sample of `kind` may take (one element: no random choice)."""
+    if s.training_with_video_token_length:
+        return _grid(s.video_sample_size, s.image_sample_size)
+    if s.random_hw_adapt:
+        return _grid(min(s.video_sample_size, 512), s.image_sample_size)
+    return [s.video_sample_size if kind == "video" else s.image_sample_size]
+
+
+def frame_budget(s: Sampling, base: int) -> int:
+    """Most frames a video sample at this base may have (4k+1)."""
+    n = s.video_sample_n_frames
+    if s.training_with_video_token_length:
+        n = min(n, n * s.token_sample_size ** 2 / base ** 2)
+    return floor_4k1(n)
+
+
+def bucket_hw(src_h: int, src_w: int, base: int, enable_bucket: bool) -> tuple[int, int]:
+    """Target (H, W) for a clip: nearest ratio bucket scaled to `base`, sides floored to 16."""
+    if not enable_bucket:
+        side = base // 16 * 16
+        return side, side
+    ratio = src_h / src_w
+    key = min(ASPECT_RATIO_512, key=lambda r: abs(r - ratio))
+    h, w = ASPECT_RATIO_512[key]
+    return int(h * base / 512) // 16 * 16, int(w * base / 512) // 16 * 16
+
+
+def cover_crop(src_h: int, src_w: int, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """Resize (aspect kept) to cover height x width, then center-crop: (resize_hw, crop_box)."""
+    scale = max(height / src_h, width / src_w)
+    rh = max(height, round(src_h * scale))
+    rw = max(width, round(src_w * scale))
+    top = (rh - height) // 2
+    left = (rw - width) // 2
+    return (rh, rw), (top, left, height, width)
+
+
+def sample_key(source: str, view: int) -> str:
+    """Stable, dot-free sample key: a hash of the source path plus the view number."""
+    digest = hashlib.sha1(source.encode("utf-8")).hexdigest()[:16]
+    return f"{digest}_v{view}"
+
+
+def clip_rng(seed: int, source: str, view: int) -> random.Random:
+    # str seeds are hashed with SHA-512 by `random`: deterministic across processes.
+    return random.Random(f"{seed}:{source}:{view}")
+
+
+def plan_clip(s: Sampling, source: str, kind: str, *, frames: int, height: int, width: int) -> list[SamplePlan]:
+    """All views of one probed clip. Raises PlanSkip with the reason when it cannot be used."""
+    if kind not in ("video", "image"):
+        raise PlanSkip(f"type must be 'video' or 'image', got {kind!r}")
+    if height < 1 or width < 1:
+        raise PlanSkip(f"invalid size {width}x{height}")
+    plans = []
+    for view in range(s.num_views):
+        rng = clip_rng(s.seed, source, view)
+        base = rng.choice(base_sizes(s, kind))
+        h, w = bucket_hw(height, width, base, s.enable_bucket)
+        if h < 16 or w < 16:
+            raise PlanSkip(f"bucket {h}x{w} at base {base} is smaller than 16 px")
+        if kind == "image":
+            indices: tuple[int, ...] = (0,)
+        else:
+            stride = s.video_sample_stride
+            budget = frame_budget(s, base)
+            available = (frames - 1) // stride + 1 if frames > 0 else 0
+            n = floor_4k1(min(budget, available))
+            need = min(budget, VAE_TEMPORAL + 1)
+            if n < need:
+                raise PlanSkip(
+                    f"video too short: {frames} source frames give {available} frame(s) at stride "
+                    f"{stride}; need at least {need} (one 4-frame latent group after the first frame)")
+            window = (n - 1) * stride + 1
+            start = rng.randint(0, frames - window)
+            indices = tuple(start + i * stride for i in range(n))
+        resize_hw, crop_box = cover_crop(height, width, h, w)
+        plans.append(SamplePlan(key=sample_key(source, view), source=source, kind=kind, view=view,
+                                base=base, height=h, width=w, frames=len(indices), frame_indices=indices,
+                                resize_hw=resize_hw, crop_box=crop_box))
+    return plans

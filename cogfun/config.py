@@ -1,0 +1,235 @@
+"""Every setting of cogfun, declared once.
+
+Settings live in small dataclasses grouped by who reads them; a command's config class
+inherits the groups it needs. Each field carries its help text (and whether it changes the
+bytes of the shards, i.e. belongs in the precompute fingerprint). The click options, the
+`--help` text and the TOML loader are all derived from these declarations, so a flag is
+spelled, typed, documented and defaulted in exactly one place. Flag names keep
+CogVideoX-Fun's underscore spelling (`--video_sample_size`), as in its training doc.
+
+This module must stay import-light (no torch): `cogfun --help` imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+TRAIN_MODES = ("normal", "inpaint", "i2v")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+MASK_POLICIES = ("i2v", "first_k", "first_last")
+
+
+def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+        fingerprint: bool = False, hidden: bool = False) -> Any:
+    """A setting: default, help text, allowed choices, and whether it changes shard bytes."""
+    meta = {"help": help, "choices": choices, "fingerprint": fingerprint, "hidden": hidden}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelArgs:
+    pretrained_model_name_or_path: Optional[str] = opt(
+        None, "Diffusers-layout CogVideoX-Fun model folder (transformer/, vae/, text_encoder/, "
+              "tokenizer/, scheduler/).")
+
+
+@dataclass
+class DataArgs:
+    """CogVideoX-Fun's data flags: what a clip becomes (bucket, size, frames)."""
+    train_data_dir: Optional[str] = opt(None, "Root folder the metadata's file_path entries are relative to.")
+    train_data_meta: Optional[str] = opt(None, "metadata.json (a list of {file_path, text, type}) or .csv with those columns.")
+    image_sample_size: int = opt(512, "Image resolution; with --random_hw_adapt the largest base size.", fingerprint=True)
+    video_sample_size: int = opt(512, "Video resolution; with --random_hw_adapt min(this, 512) is the smallest base size.", fingerprint=True)
+    token_sample_size: int = opt(512, "With --training_with_video_token_length: the side T whose N*T*T pixel volume is the per-sample budget.", fingerprint=True)
+    video_sample_stride: int = opt(4, "Spacing between sampled source frames.", fingerprint=True)
+    video_sample_n_frames: int = opt(17, "Frames per video sample N (rounded down to 4k+1).", fingerprint=True)
+    random_hw_adapt: bool = opt(False, "Draw each sample's base size between min(video_sample_size, 512) and image_sample_size.", fingerprint=True)
+    training_with_video_token_length: bool = opt(False, "Trade frames for resolution: a video at base s gets the largest 4k+1 <= N*T^2/s^2 frames; bases range from video_sample_size to image_sample_size.", fingerprint=True)
+    enable_bucket: bool = opt(False, "Keep each clip's aspect ratio (nearest ratio bucket) instead of center-cropping a square.", fingerprint=True)
+    random_frame_crop: bool = opt(False, "At train time, keep a random-length prefix of the latent frames (full length ~90% of the time).")
+    video_repeat: int = opt(1, "Videos weigh this many times more than images when batches are drawn (>= 1).")
+    train_mode: str = opt("normal", "normal: text-to-video (in_channels 16); inpaint / i2v: InP models (in_channels 33), masked-clip latents are cached.", choices=TRAIN_MODES, fingerprint=True)
+    seed: int = opt(42, "Seed of every random choice (base sizes, frame windows, batch order, noise).", fingerprint=True)
+    num_views: int = opt(1, "Independent draws (base size, frame window) stored per clip, so augmentation survives caching.", fingerprint=True)
+    mask_policies: str = opt("i2v,first_last", "Inpaint/i2v only: masked-clip policies to cache (comma-separated of i2v, first_k, first_last); t2v (everything masked, conditioning zeroed) needs no cache and is always available.", fingerprint=True)
+    probe_workers: int = opt(8, "Threads probing clips (inspect-buckets and precompute).")
+
+
+@dataclass
+class EncodeArgs:
+    """How the precompute stage encodes and writes shards."""
+    shard_dir: Optional[str] = opt(None, "Folder of the cached shards (manifest.json, index.parquet, <bucket>/*.tar).")
+    vae_mini_batch: int = opt(1, "Samples per VAE encode call.")
+    low_vram: bool = opt(False, "Keep each encoder on the CPU between uses; also enables VAE slicing/tiling.")
+    dataloader_num_workers: int = opt(2, "DataLoader worker processes (decoding in precompute, shard reading in train).")
+    mixed_precision: str = opt("bf16", "Compute dtype of the encoders (precompute) and of the frozen transformer (train).", choices=MIXED_PRECISION, fingerprint=True)
+    overwrite: bool = opt(False, "Precompute: replace a shard dir made with different settings, model or sources.")
+    shard_max_samples: int = opt(64, "Precompute: samples per tar before a new one is started.")
+    decode_timeout: float = opt(120.0, "Precompute: seconds one clip may take to decode before it is skipped.")
+
+
+@dataclass
+class TrainArgs:
+    """Training flags of CogVideoX-Fun's train_lora.py (same names, same meaning)."""
+    output_dir: str = opt("output_dir", "Where checkpoints, the LoRA file, logs and the run config go.")
+    train_batch_size: int = opt(1, "Samples per rank per step (all from one bucket).")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated per optimizer step.")
+    num_train_epochs: int = opt(100, "Passes over the cached samples (ignored when --max_train_steps is set).")
+    max_train_steps: Optional[int] = opt(None, "Stop after this many optimizer steps.")
+    checkpointing_steps: int = opt(500, "Save a resumable checkpoint every this many optimizer steps.")
+    checkpoints_total_limit: Optional[int] = opt(None, "Keep at most this many checkpoints (oldest removed first).")
+    resume_from_checkpoint: Optional[str] = opt(None, "A checkpoint-<step> folder, or 'latest' for the newest complete one in --output_dir.")
+    learning_rate: float = opt(1e-4, "AdamW learning rate.")
+    lr_scheduler: str = opt("constant", "diffusers LR schedule: constant, constant_with_warmup, linear, cosine, ...")
+    lr_warmup_steps: int = opt(0, "Warm-up steps of the LR schedule.")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_weight_decay: float = opt(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (applied under DDP, ZeRO-2 and FSDP alike).")
+    gradient_checkpointing: bool = opt(False, "Recompute transformer activations in the backward pass.")
+    rank: int = opt(128, "LoRA rank r.")
+    network_alpha: float = opt(64.0, "LoRA alpha; the update is scaled by alpha/rank.")
+    target_name: str = opt("to_q,to_k,to_v,ff.0,ff.2", "Comma-separated module-name suffixes that get LoRA (ff.0/ff.2 are the feed-forward layers).")
+    use_peft_lora: bool = opt(False, "Inject LoRA with peft (otherwise cogfun's own layers; same maths, same file).")
+    caption_dropout: float = opt(0.1, "Probability of training a sample on the empty-caption embedding.")
+    report_to: str = opt("tensorboard", "Tracker for accelerate: tensorboard or none.", choices=("tensorboard", "none"))
+    uniform_sampling: bool = opt(False, "Accepted for CogVideoX-Fun compatibility; timesteps are always uniform in [0, 1000).", hidden=True)
+
+
+@dataclass
+class PrecomputeConfig(ModelArgs, DataArgs, EncodeArgs):
+    """`cogfun precompute`."""
+
+
+@dataclass
+class TrainConfig(ModelArgs, DataArgs, EncodeArgs, TrainArgs):
+    """`cogfun train` (data and encode flags are used when it must precompute first)."""
+
+
+@dataclass
+class InspectConfig(ModelArgs, DataArgs):
+    """`cogfun inspect-buckets`."""
+    shard_dir: Optional[str] = opt(None, "Report a finished shard dir from its manifest instead of probing a dataset.")
+    json: bool = opt(False, "Print one JSON object instead of a table.")
+    plot: Optional[str] = opt(None, "Write a PNG histogram of the buckets to this file.")
+    text_dim: int = opt(4096, "Text-embedding width used for the size estimate when no model is given (T5-XXL: 4096).")
+
+
+def setting_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in fields(cls)]
+
+
+def _base_type(f: dataclasses.Field, cls: type) -> type:
+    hint = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def fingerprint_keys(cls: type = PrecomputeConfig) -> list[str]:
+    """The settings that change the bytes of a shard dir."""
+    return [f.name for f in fields(cls) if f.metadata.get("fingerprint")]
+
+
+def click_options(cls: type):
+    """A decorator adding one click option per setting of `cls` (plus --config)."""
+    import click
+
+    def decorate(fn):
+        for f in reversed(fields(cls)):
+            typ = _base_type(f, cls)
+            name = f"--{f.name}"
+            meta = f.metadata
+            kwargs: dict[str, Any] = {"help": meta.get("help", ""), "hidden": meta.get("hidden", False),
+                                      "show_default": True}
+            if typ is bool:
+                fn = click.option(name, f.name, is_flag=True, default=f.default, **kwargs)(fn)
+                continue
+            click_type = click.Choice(meta["choices"]) if meta.get("choices") else typ
+            fn = click.option(name, f.name, type=click_type, default=f.default, **kwargs)(fn)
+        fn = click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+                          default=None, help="TOML file supplying any of these flags; the command line wins.")(fn)
+        return fn
+
+    return decorate
+
+
+class ConfigError(ValueError):
+    """A setting is wrong in a way the user must fix."""
+
+
+def build_config(cls: type, params: dict[str, Any], ctx=None):
+    """Make a `cls` from click's params, a TOML file (`config_file`) and the defaults.
+
+    Precedence: command line > TOML > declared default.
+    """
+    import click
+
+    params = dict(params)
+    config_file = params.pop("config_file", None)
+    names = {f.name for f in fields(cls)}
+    values = {k: v for k, v in params.items() if k in names}
+    if config_file:
+        toml = load_toml(config_file, cls)
+        for key, value in toml.items():
+            from_cli = ctx is not None and ctx.get_parameter_source(key) in (
+                click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+            if not from_cli:
+                values[key] = value
+    return cls(**values)
+
+
+def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
+    """Read a TOML config; unknown keys and wrong types are errors naming the key."""
+    with open(path, "rb") as fh:
+        try:
+            data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    flat: dict[str, Any] = {}
+    for key, value in data.items():  # allow [train] / [data] style tables
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    by_name = {f.name: f for f in fields(cls)}
+    out = {}
+    for key, value in flat.items():
+        if key not in by_name:
+            raise ConfigError(f"{path}: unknown setting '{key}' for this command")
+        typ = _base_type(by_name[key], cls)
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+            raise ConfigError(f"{path}: '{key}' must be {typ.__name__}, got {value!r}")
+        choices = by_name[key].metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{path}: '{key}' must be one of {', '.join(choices)}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def subset(cfg: Any, cls: type):
+    """The `cls` view of a bigger config (e.g. the PrecomputeConfig inside a TrainConfig)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names})
+
+
+def mask_policy_list(cfg: DataArgs) -> list[str]:
+    """The cached mask policies (empty for train_mode normal); validated."""
+    if cfg.train_mode == "normal":
+        return []
+    names = [p.strip() for p in cfg.mask_policies.split(",") if p.strip()]
+    bad = [p for p in names if p not in MASK_POLICIES]
+    if bad:
+        raise ConfigError(f"--mask_policies: unknown policy {', '.join(bad)}; choose from {', '.join(MASK_POLICIES)}")
+    return sorted(set(names), key=MASK_POLICIES.index)

@@ -1,0 +1,145 @@
+"""`cogfun inspect-buckets`: what a dataset becomes, before any GPU time is spent.
+
+From a dataset (probe only: no decoding beyond one frame per clip, no model) or from a finished
+shard dir (its manifest): the buckets (H x W x F), samples, tokens per sample, bytes, share, and
+the skipped sources with their reasons. `--json` prints one object; `--plot` draws a PNG.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from cogfun.buckets import Sampling, parse_bucket, sample_bytes, tokens_per_sample
+from cogfun.config import InspectConfig, ConfigError, mask_policy_list
+
+# tar headers (2 members + padding) + json member + safetensors header, per sample (measured ~2-3 KB)
+SAMPLE_OVERHEAD = 3072
+
+
+def report_from_dataset(cfg: InspectConfig) -> dict:
+    from cogfun.dataset import load_sources, probe_and_plan
+
+    if not cfg.train_data_meta:
+        raise ConfigError("give --train_data_meta (a dataset to probe) or --shard_dir (a finished precompute)")
+    text_dim = cfg.text_dim
+    if cfg.pretrained_model_name_or_path:
+        from cogfun.models import read_component_config
+
+        text_dim = read_component_config(cfg.pretrained_model_name_or_path, "text_encoder")["d_model"]
+    n_policies = len(mask_policy_list(cfg))
+    sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir)
+    plans, skips, _ = probe_and_plan(sources, Sampling.from_config(cfg), workers=cfg.probe_workers)
+    counts = Counter(p.bucket for p in plans)
+    kinds: dict[str, Counter] = {}
+    for p in plans:
+        kinds.setdefault(p.bucket, Counter())[p.kind] += 1
+    buckets = []
+    for name, count in counts.items():
+        h, w, f = parse_bucket(name)
+        per = sample_bytes(f, h, w, text_dim=text_dim, n_mask_policies=n_policies) + SAMPLE_OVERHEAD
+        buckets.append({"name": name, "height": h, "width": w, "frames": f, "count": count,
+                        "videos": kinds[name]["video"], "images": kinds[name]["image"],
+                        "tokens": tokens_per_sample(f, h, w), "bytes": per * count})
+    skipped = [s.to_json() for s in sorted(row_skips + skips, key=lambda s: s.file_path)]
+    return _finish(buckets, skipped, sources=len(sources) + len(row_skips), estimated=True,
+                   video_repeat=cfg.video_repeat)
+
+
+def report_from_shards(cfg: InspectConfig) -> dict:
+    from cogfun.shards import require_manifest
+
+    shard_dir = Path(cfg.shard_dir)
+    manifest = require_manifest(shard_dir)
+    import pyarrow.parquet as pq
+
+    kinds = Counter()
+    table = pq.read_table(shard_dir / "index.parquet", columns=["bucket", "kind"]).to_pydict()
+    for b, k in zip(table["bucket"], table["kind"]):
+        kinds[(b, k)] += 1
+    buckets = []
+    for name, b in manifest["buckets"].items():
+        size = sum((shard_dir / s).stat().st_size for s in b["shards"])
+        buckets.append({"name": name, "height": b["height"], "width": b["width"], "frames": b["frames"],
+                        "count": b["count"], "videos": kinds[(name, "video")], "images": kinds[(name, "image")],
+                        "tokens": b["tokens"], "bytes": size})
+    return _finish(buckets, manifest["skipped"], sources=manifest["num_sources"], estimated=False,
+                   video_repeat=manifest["config"].get("video_repeat", 1), fingerprint=manifest["fingerprint"])
+
+
+def _finish(buckets: list[dict], skipped: list[dict], *, sources: int, estimated: bool, video_repeat: int,
+            fingerprint: str | None = None) -> dict:
+    buckets.sort(key=lambda b: (b["frames"], b["height"] * b["width"], b["height"]))
+    samples = sum(b["count"] for b in buckets)
+    weight = sum(b["videos"] * video_repeat + b["images"] for b in buckets) or 1
+    for b in buckets:
+        b["share"] = round((b["videos"] * video_repeat + b["images"]) / weight, 4)
+    total = {"samples": samples, "sources": sources, "skipped": len(skipped), "buckets": len(buckets),
+             "bytes": sum(b["bytes"] for b in buckets), "tokens": sum(b["tokens"] * b["count"] for b in buckets),
+             "bytes_estimated": estimated}
+    if fingerprint:
+        total["fingerprint"] = fingerprint
+    return {"buckets": buckets, "skipped": skipped, "total": total}
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'bucket (HxWxF)':>16} {'samples':>8} {'videos':>7} {'images':>7} {'tokens/sample':>14} "
+             f"{'bytes':>11} {'share':>7}"]
+    for b in report["buckets"]:
+        lines.append(f"{b['name']:>16} {b['count']:>8} {b['videos']:>7} {b['images']:>7} {b['tokens']:>14,} "
+                     f"{_human(b['bytes']):>11} {b['share']:>7.1%}")
+    t = report["total"]
+    est = " (estimated)" if t["bytes_estimated"] else " (on disk)"
+    lines.append(f"{'total':>16} {t['samples']:>8} {'':>7} {'':>7} {t['tokens']:>14,} {_human(t['bytes']):>11}"
+                 f"{est}")
+    lines.append(f"{t['sources']} sources -> {t['samples']} samples in {t['buckets']} buckets; {t['skipped']} skipped")
+    for s in report["skipped"]:
+        lines.append(f"  skipped {s['file_path']}: {s['reason']}")
+    return "\n".join(lines)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    buckets = report["buckets"]
+    names = [b["name"] for b in buckets]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6, 0.55 * len(names) + 2), 7), sharex=True)
+    ax1.bar(names, [b["videos"] for b in buckets], label="videos", color="#3b75af")
+    ax1.bar(names, [b["images"] for b in buckets], bottom=[b["videos"] for b in buckets], label="images",
+            color="#ef8636")
+    ax1.set_ylabel("samples")
+    ax1.legend()
+    t = report["total"]
+    ax1.set_title(f"{t['samples']} samples in {t['buckets']} buckets, {t['skipped']} sources skipped, "
+                  f"{_human(t['bytes'])}{' (est.)' if t['bytes_estimated'] else ''}")
+    ax2.bar(names, [b["tokens"] for b in buckets], color="#519e3e")
+    ax2.set_ylabel("tokens per sample")
+    ax2.tick_params(axis="x", rotation=60)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(cfg: InspectConfig) -> dict:
+    report = report_from_shards(cfg) if cfg.shard_dir else report_from_dataset(cfg)
+    if cfg.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_table(report))
+    if cfg.plot:
+        plot(report, cfg.plot)
+        if not cfg.json:
+            print(f"plot written to {cfg.plot}")
+    return report

@@ -1,0 +1,481 @@
+"""LoRA on the CogVideoX transformer: pick the layers, inject, extract, save.
+
+Flags (seed doc): `target_name` (comma-separated module-name suffixes), `rank` r, `network_alpha`
+α (update scale α/r), `use_peft_lora` (peft `LoraConfig` vs. our own `LoRALinear`). Both paths
+give the same numbers and write the same file:
+
+- **Same init.** With the same CPU RNG state right before `inject_lora` (or the same `seed=`), the
+  two paths draw identical `lora_A` weights, because `LoRALinear` consumes the RNG exactly as
+  peft's `lora.Linear.update_layer` does: for every target module, in `model.named_modules()`
+  order (the order peft walks), (1) `nn.Linear(in, r, bias=False)` (its default kaiming init draws
+  r·in numbers), (2) `nn.Linear(r, out, bias=False)` (draws out·r), (3)
+  `kaiming_uniform_(lora_A, a=sqrt(5))` (draws r·in again; this is the value kept), then
+  `zeros_(lora_B)`. Both are created on the CPU in the default dtype and then moved to the base
+  layer's device and dtype (peft casts the adapter to the base dtype; pass `lora_dtype=` to get
+  e.g. fp32 LoRA on a bf16 base, applied identically to both paths).
+- **Same forward.** `base(x) + lora_B(lora_A(x.to(A.dtype))) * (α/r)`, cast back to the base
+  output dtype: peft's exact op sequence, so outputs and gradients are bitwise equal.
+- **Same file.** `lora_state_dict` reads either kind of layer into diffusers' CogVideoX key format
+  (`transformer.<module>.lora_A.weight` / `.lora_B.weight`); `save_lora` writes it with
+  `CogVideoXPipeline.save_lora_weights`.
+
+How diffusers (0.42) carries α: `save_lora_weights(..., transformer_lora_adapter_metadata=cfg)`
+stores `json.dumps({"transformer.<k>": v for k, v in cfg.items()})` under the safetensors header
+key `lora_adapter_metadata` (`LORA_ADAPTER_METADATA_KEY`). `load_lora_weights` reads it back,
+strips the `transformer.` prefix and builds `LoraConfig(**cfg)`, so r, lora_alpha and
+target_modules come from the file. Without that header diffusers infers r from the shapes and
+uses lora_alpha = r, i.e. silently scale 1.0 instead of α/r.
+
+Kohya/ComfyUI variant (`save_kohya_lora`): CogVideoX-Fun's own non-peft `LoRANetwork` names a
+module `"lora_unet" + "." + "" + "." + <module path>` with dots → underscores, i.e.
+`lora_unet__transformer_blocks_0_attn1_to_q` (double underscore: the root module's name is
+empty), with `.lora_down.weight` (= lora_A), `.lora_up.weight` (= lora_B) and a scalar `.alpha`;
+its `merge_lora` (used by its ComfyUI nodes) applies `W += alpha / rank * up @ down`. diffusers
+0.42 has no CogVideoX converter for that format (`CogVideoXLoraLoaderMixin` loads only the
+diffusers format); `from_kohya` maps it back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+#: CogVideoX-Fun users write the feed-forward layers as `ff.0` / `ff.2` (an `nn.Sequential`
+#: view of the MLP); in diffusers' `FeedForward` they are `ff.net.0.proj` (the Linear inside the
+#: GELU module) and `ff.net.2`. An alias is used only when the literal suffix matches nothing.
+TARGET_ALIASES: dict[str, str] = {
+    "ff.0": "ff.net.0.proj",
+    "ff.2": "ff.net.2",
+}
+
+PREFIX = "transformer"  # diffusers' CogVideoXLoraLoaderMixin.transformer_name
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+KOHYA_PREFIX = "lora_unet__"  # CogVideoX-Fun LoRANetwork naming, see module docstring
+
+# Wrapper segments that FSDP1 / activation checkpointing / torch.compile insert into names.
+_WRAPPER_SEGMENTS = re.compile(r"(^|\.)(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)(?=\.|$)")
+
+
+def _clean_name(name: str) -> str:
+    return _WRAPPER_SEGMENTS.sub("", name).lstrip(".")
+
+
+# --------------------------------------------------------------------------- target resolution
+
+
+def _split_targets(target_name: str) -> list[str]:
+    suffixes = [s.strip() for s in target_name.split(",") if s.strip()]
+    if not suffixes:
+        raise ValueError(f"target_name={target_name!r}: no module-name suffixes given")
+    return suffixes
+
+
+def _matches(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _short_suffix(name: str) -> str:
+    """`a.b.to_q` -> `to_q`, `a.to_out.0` -> `to_out.0`: the shortest suffix worth suggesting."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
+def resolve_target_modules(model: nn.Module, target_name: str) -> list[str]:
+    """Full names of the `nn.Linear` modules that `target_name` selects, sorted.
+
+    `target_name` is comma-separated suffixes; a suffix matches a module whose qualified name
+    equals it or ends with `.<suffix>`. `TARGET_ALIASES` translates CogVideoX-Fun spellings
+    (`ff.0`, `ff.2`) when the literal suffix matches nothing. Raises `ValueError` when a suffix
+    matches nothing (listing example Linear names) or matches a module that is not an
+    `nn.Linear` (naming it and its Linear submodules): never a silent no-op.
+    """
+    modules = dict(model.named_modules())
+    linear_names = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+    selected: set[str] = set()
+    for suffix in _split_targets(target_name):
+        hits = [n for n in modules if n and _matches(n, suffix)]
+        used = suffix
+        if not hits and suffix in TARGET_ALIASES:
+            used = TARGET_ALIASES[suffix]
+            hits = [n for n in modules if n and _matches(n, used)]
+        if not hits:
+            examples = sorted({_short_suffix(n) for n in linear_names})
+            raise ValueError(
+                f"target_name suffix {suffix!r} matches no module of {type(model).__name__}. "
+                f"Linear modules are named like: {', '.join(linear_names[:8])}, ... "
+                f"(suffixes: {', '.join(examples)}; aliases: "
+                f"{', '.join(f'{k}->{v}' for k, v in TARGET_ALIASES.items())})")
+        bad = [n for n in hits if not isinstance(modules[n], nn.Linear)]
+        if bad:
+            details = []
+            for n in bad[:4]:
+                inner = [x for x in linear_names if x.startswith(n + ".")]
+                details.append(f"{n} ({type(modules[n]).__name__}"
+                               + (f"; its Linear submodules: {', '.join(inner[:4])}" if inner else "") + ")")
+            raise ValueError(
+                f"target_name suffix {suffix!r}" + (f" (via alias {used!r})" if used != suffix else "")
+                + f" matches {len(bad)} module(s) that are not nn.Linear: {'; '.join(details)}"
+                + (" ..." if len(bad) > 4 else "") + ". LoRA applies to nn.Linear only: use a more specific suffix.")
+        selected.update(hits)
+    return sorted(selected)
+
+
+# --------------------------------------------------------------------------- own LoRA layer
+
+
+class LoRALinear(nn.Module):
+    """`base_layer(x) + lora_B(lora_A(x)) * alpha / rank`, numerically identical to peft's lora.Linear.
+
+    Parameter names: `base_layer.weight|bias` (as peft, so base keys agree between the paths),
+    `lora_A.weight` [r, in], `lora_B.weight` [out, r]. See the module docstring for the RNG order.
+    """
+
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {rank}")
+        self.base_layer = base_layer
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        # Same construction and init sequence as peft's LoraLayer.update_layer + reset_lora_parameters.
+        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        # peft's _move_adapter_to_device_of_base_layer: base device and (floating) dtype.
+        w = base_layer.weight
+        kw = {"dtype": w.dtype} if w.dtype.is_floating_point else {}
+        self.lora_A.to(w.device, **kw)
+        self.lora_B.to(w.device, **kw)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        out_dtype = result.dtype
+        if x.dtype != self.lora_A.weight.dtype:
+            x = x.to(self.lora_A.weight.dtype)
+        result = result + self.lora_B(self.lora_A(x)) * self.scaling
+        return result.to(out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling}"
+
+
+def _peft_lora_layer_cls():
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # peft is optional for the own path
+        return ()
+    return LoraLayer
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module, nn.Module]]:
+    """(clean module name, module, lora_A Linear, lora_B Linear) for every LoRA layer, in module order."""
+    peft_cls = _peft_lora_layer_cls()
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoRALinear):
+            out.append((_clean_name(name), mod, mod.lora_A, mod.lora_B))
+        elif peft_cls and isinstance(mod, peft_cls):
+            adapters = list(mod.lora_A.keys())
+            if len(adapters) != 1:
+                raise ValueError(f"{name}: expected exactly one peft LoRA adapter, found {adapters}")
+            a = adapters[0]
+            out.append((_clean_name(name), mod, mod.lora_A[a], mod.lora_B[a]))
+    return out
+
+
+def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+# --------------------------------------------------------------------------- injection
+
+
+def inject_lora(model: nn.Module, *, rank: int, alpha: float, target_name: str, use_peft: bool,
+                seed: int | None = None, lora_dtype: torch.dtype | None = None) -> list[str]:
+    """Freeze `model` and add LoRA (rank r, scale alpha/r) to the modules `target_name` selects.
+
+    use_peft=True: peft `LoraConfig(r, lora_alpha, target_modules=<full names>, init_lora_weights=True)`
+    through diffusers' `model.add_adapter` (falls back to `peft.inject_adapter_in_model` for a
+    module without it). use_peft=False: `LoRALinear` wrappers. `seed`: when given, the LoRA init
+    draws from `torch.manual_seed(seed)` inside a forked CPU RNG (global RNG untouched); otherwise
+    from the current CPU RNG. `lora_dtype`: cast the LoRA weights after injection (e.g. fp32
+    trainable weights on a bf16 base); default keeps peft's behaviour (base layer dtype).
+    Returns the sorted full names of the adapted modules.
+    """
+    if rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank}")
+    if _lora_layers(model):
+        raise ValueError("model already has LoRA layers; inject_lora expects a plain base model")
+    targets = resolve_target_modules(model, target_name)
+    model.requires_grad_(False)
+    rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
+    with rng:
+        if seed is not None:
+            torch.manual_seed(seed)
+        if use_peft:
+            from peft import LoraConfig
+
+            config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+            if hasattr(model, "add_adapter") and hasattr(model, "_hf_peft_config_loaded"):
+                model.add_adapter(config)  # diffusers PeftAdapterMixin: keeps the diffusers class
+            else:
+                from peft import inject_adapter_in_model
+
+                inject_adapter_in_model(config, model)
+        else:
+            wanted = set(targets)
+            # Walk in named_modules() order, captured before any replacement: peft's order.
+            for name, module in list(model.named_modules()):
+                if name in wanted:
+                    parent, child = _get_parent(model, name)
+                    setattr(parent, child, LoRALinear(module, rank, alpha))
+    layers = _lora_layers(model)
+    got = sorted(n for n, *_ in layers)
+    if got != sorted(_clean_name(t) for t in targets):
+        raise RuntimeError(f"LoRA landed on {len(got)} modules, expected {len(targets)}: {sorted(set(got) ^ set(targets))[:6]}")
+    for _, _, lora_a, lora_b in layers:
+        if lora_dtype is not None:
+            lora_a.to(lora_dtype)
+            lora_b.to(lora_dtype)
+        lora_a.weight.requires_grad_(True)
+        lora_b.weight.requires_grad_(True)
+    return targets
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def _to_cpu_full(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    full_tensor = getattr(t, "full_tensor", None)  # DTensor (FSDP2): a collective, call on every rank
+    if full_tensor is not None:
+        t = full_tensor()
+    return t.to("cpu", copy=True).contiguous()
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights only, diffusers' CogVideoX format, sorted by key, on CPU (copies).
+
+    Keys: `transformer.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r]; identical for
+    the peft and the own path. Pass the unwrapped model (DDP `.module`, `accelerator.unwrap_model`);
+    FSDP1 / checkpoint-wrapper / torch.compile name segments are stripped, FSDP2 DTensors are
+    gathered with `full_tensor()` (collective).
+    """
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers")
+    sd = {}
+    for name, _, lora_a, lora_b in layers:
+        sd[f"{PREFIX}.{name}.lora_A.weight"] = _to_cpu_full(lora_a.weight)
+        sd[f"{PREFIX}.{name}.lora_B.weight"] = _to_cpu_full(lora_b.weight)
+    return dict(sorted(sd.items()))
+
+
+# --------------------------------------------------------------------------- saving / loading
+
+
+def lora_adapter_config(*, rank: int, alpha: float, target_modules: list[str]) -> dict:
+    """The peft `LoraConfig` kwargs diffusers rebuilds the adapter from (carried in the file).
+
+    A handful of long-standing fields rather than the full `LoraConfig.to_dict()` (what diffusers'
+    training scripts store): that dict holds every field of the writer's peft version, and an older
+    peft's `LoraConfig(**kw)` raises on the ones it does not know. Everything left out is at its
+    default on both sides.
+    """
+    return {
+        "r": int(rank),
+        "lora_alpha": float(alpha),
+        "target_modules": sorted(_clean_name(t) for t in target_modules),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+    }
+
+
+def _check_lora_sd(state_dict: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Validate diffusers-format keys; return them without the `transformer.` prefix."""
+    out = {}
+    for k, v in state_dict.items():
+        if not k.startswith(PREFIX + ".") or not (k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight")):
+            raise ValueError(f"{k}: not a diffusers CogVideoX LoRA key (transformer.<module>.lora_A|lora_B.weight)")
+        if v.ndim != 2 or (v.shape[0] if k.endswith(".lora_A.weight") else v.shape[1]) != rank:
+            raise ValueError(f"{k}: shape {tuple(v.shape)} does not have rank {rank}")
+        out[k[len(PREFIX) + 1:]] = v
+    if not out:
+        raise ValueError("empty LoRA state dict")
+    return out
+
+
+def _check_extra(extra_metadata: dict[str, str] | None, reserved: Iterable[str]) -> dict[str, str]:
+    extra = dict(extra_metadata or {})
+    for k, v in extra.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"extra_metadata must map str to str (safetensors header); got {k!r}: {type(v).__name__}")
+        if k in reserved:
+            raise ValueError(f"extra_metadata key {k!r} is reserved")
+    return extra
+
+
+def _lora_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    return p if p.suffix == ".safetensors" else p / LORA_WEIGHT_NAME
+
+
+def save_lora(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], *, rank: int, alpha: float,
+              target_modules: list[str], extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write a LoRA file `CogVideoXPipeline.load_lora_weights(path)` loads with scale alpha/rank.
+
+    `path`: a directory (→ `<dir>/pytorch_lora_weights.safetensors`) or a `*.safetensors` file.
+    `state_dict`: `lora_state_dict(model)`. Written by `CogVideoXPipeline.save_lora_weights`; its
+    `save_function` hook is used only to add `extra_metadata` (e.g. cogfun's run config JSON,
+    step) to the header beside diffusers' `lora_adapter_metadata` and to write atomically
+    (tmp + rename). Call it on the main process only. Returns the file path.
+    """
+    from diffusers import CogVideoXPipeline
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, _pack_dict_with_prefix
+    from safetensors.torch import save_file
+
+    layers = _check_lora_sd(state_dict, rank)
+    config = lora_adapter_config(rank=rank, alpha=alpha, target_modules=target_modules)
+    extra = _check_extra(extra_metadata, reserved=("format", LORA_ADAPTER_METADATA_KEY))
+    file = _lora_file(path)
+
+    def save_function(weights: dict[str, torch.Tensor], filename: str) -> None:
+        # What diffusers' default save_function writes (LoraBaseMixin.write_lora_layers), plus `extra`:
+        # a custom save_function replaces it, so the adapter metadata is written here in the same form.
+        header = {"format": "pt",
+                  LORA_ADAPTER_METADATA_KEY: json.dumps(_pack_dict_with_prefix(config, PREFIX), indent=2, sort_keys=True),
+                  **extra}
+        tmp = f"{filename}.tmp"
+        save_file(weights, tmp, metadata=header)
+        os.replace(tmp, filename)
+
+    CogVideoXPipeline.save_lora_weights(
+        save_directory=str(file.parent), transformer_lora_layers=layers, weight_name=file.name,
+        save_function=save_function, safe_serialization=True, transformer_lora_adapter_metadata=config)
+    if not file.is_file():  # diffusers only logs an error when the directory is an existing file
+        raise FileNotFoundError(f"{file}: not written (is {file.parent} a file?)")
+    return file
+
+
+def load_lora_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, safetensors header metadata) of a LoRA file or a directory holding
+    `pytorch_lora_weights.safetensors`. safetensors only, never pickle. diffusers' adapter config
+    is `json.loads(metadata["lora_adapter_metadata"])` (keys prefixed `transformer.`)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    file = _lora_file(path)
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        metadata = dict(f.metadata() or {})
+    return load_file(str(file), device="cpu"), metadata
+
+
+# --------------------------------------------------------------------------- kohya / ComfyUI variant
+
+
+def to_kohya(state_dict: dict[str, torch.Tensor], *, rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """diffusers-format LoRA → CogVideoX-Fun/kohya keys: `lora_unet__<module_with_underscores>`
+    `.lora_down.weight` (= lora_A), `.lora_up.weight` (= lora_B), `.alpha` (0-dim float32)."""
+    layers = _check_lora_sd(state_dict, rank)
+    out: dict[str, torch.Tensor] = {}
+    stems: dict[str, str] = {}
+    for k, v in layers.items():
+        module, kind = k[: -len(".lora_A.weight")], k[-len("lora_A.weight"):]
+        stem = KOHYA_PREFIX + module.replace(".", "_")
+        if stems.setdefault(stem, module) != module:
+            raise ValueError(f"modules {stems[stem]!r} and {module!r} both map to the kohya name {stem!r}")
+        out[f"{stem}.{'lora_down' if kind == 'lora_A.weight' else 'lora_up'}.weight"] = v
+        out[f"{stem}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return dict(sorted(out.items()))
+
+
+def save_kohya_lora(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], *, rank: int, alpha: float,
+                    extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write `to_kohya(state_dict)` to the `*.safetensors` file `path` (atomic), with kohya's
+    `ss_network_dim` / `ss_network_alpha` header entries plus `extra_metadata`."""
+    from safetensors.torch import save_file
+
+    file = Path(path)
+    if file.suffix != ".safetensors":
+        raise ValueError(f"{file}: the kohya LoRA file must end in .safetensors")
+    header = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(int(rank)),
+              "ss_network_alpha": str(float(alpha)),
+              **_check_extra(extra_metadata, reserved=("format", "ss_network_module", "ss_network_dim", "ss_network_alpha"))}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(file.name + ".tmp")
+    save_file(to_kohya(state_dict, rank=rank, alpha=alpha), str(tmp), metadata=header)
+    os.replace(tmp, file)
+    return file
+
+
+def from_kohya(state_dict: dict[str, torch.Tensor], module_names: Iterable[str]) -> tuple[dict[str, torch.Tensor], int, float]:
+    """kohya keys (`lora_unet__…` or `lora_unet_…`) → (diffusers-format state dict, rank, alpha).
+
+    Underscored names are ambiguous (`transformer_blocks`, `to_q`), so the real module names are
+    needed: e.g. `[n for n, _ in model.named_modules()]` or the adapter's target modules. Raises if
+    a key maps to no module, or ranks / alphas differ between modules.
+    """
+    lookup: dict[str, str] = {}
+    for name in module_names:
+        u = name.replace(".", "_")
+        if u in lookup and lookup[u] != name:
+            raise ValueError(f"module names {lookup[u]!r} and {name!r} both map to {u!r}")
+        lookup[u] = name
+    out: dict[str, torch.Tensor] = {}
+    ranks, alphas = set(), set()
+    for k, v in state_dict.items():
+        stem, _, kind = k.partition(".")
+        for p in (KOHYA_PREFIX, "lora_unet_"):
+            if stem.startswith(p):
+                stem = stem[len(p):]
+                break
+        else:
+            raise ValueError(f"{k}: not a lora_unet_ key")
+        if stem not in lookup:
+            raise ValueError(f"{k}: no module named like {stem!r}")
+        module = lookup[stem]
+        if kind == "alpha":
+            alphas.add(float(v.item()))
+        elif kind == "lora_down.weight":
+            out[f"{PREFIX}.{module}.lora_A.weight"] = v
+            ranks.add(v.shape[0])
+        elif kind == "lora_up.weight":
+            out[f"{PREFIX}.{module}.lora_B.weight"] = v
+            ranks.add(v.shape[1])
+        else:
+            raise ValueError(f"{k}: unknown kohya entry {kind!r}")
+    if len(ranks) != 1 or len(alphas) > 1:
+        raise ValueError(f"expected one rank and one alpha, got ranks {sorted(ranks)} alphas {sorted(alphas)}")
+    rank = ranks.pop()
+    alpha = alphas.pop() if alphas else float(rank)  # kohya: no alpha means alpha = rank (scale 1)
+    return dict(sorted(out.items())), rank, alpha

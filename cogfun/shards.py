@@ -1,0 +1,255 @@
+"""The shard dir: the data contract between precompute and train (DESIGN §4).
+
+    S/manifest.json          written last, atomically: the commit marker
+    S/<bucket>/<rank>-<run>-<n>.tar   webdataset tars, one bucket per tar, .tmp until complete
+    S/index.parquet          one row per sample (key, bucket, shard, position, source, ...)
+    S/null_prompt.safetensors  the empty-caption T5 embedding
+    S/.precompute.json       the settings+model fingerprint of the run that is filling S
+
+A sample is `<key>.json` (metadata) + `<key>.safetensors` (bf16 tensors). Nothing here
+unpickles: a member with any other extension is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INDEX = "index.parquet"
+NULL_PROMPT = "null_prompt.safetensors"
+INTENT = ".precompute.json"
+HASH_CACHE = ".model-hash-cache.json"
+ALLOWED_MEMBERS = ("json", "safetensors")
+
+
+class ShardError(RuntimeError):
+    """A shard dir that cannot be used as it is; the message says what to do."""
+
+
+# ---------------------------------------------------------------- one sample
+
+def encode_sample(key: str, meta: dict, tensors: dict) -> dict:
+    """A webdataset sample dict: json metadata + one safetensors blob."""
+    from safetensors.torch import save
+
+    if "." in key:
+        raise ValueError(f"sample key {key!r} must not contain dots")
+    blob = save({k: v.contiguous() for k, v in tensors.items()})
+    return {"__key__": key, "json": json.dumps(meta, sort_keys=True).encode(), "safetensors": blob}
+
+
+def decode_sample(sample: dict) -> tuple[dict, dict]:
+    """(meta, tensors) of a raw sample dict (member bytes by extension). Refuses anything else."""
+    from safetensors.torch import load
+
+    extra = [k for k in sample if not k.startswith("__") and k not in ALLOWED_MEMBERS]
+    if extra:
+        raise ShardError(f"sample {sample.get('__key__')!r} has member(s) {extra}: only .json and "
+                         f".safetensors are read (nothing is ever unpickled)")
+    raw_meta, raw_tensors = sample["json"], sample["safetensors"]
+    meta = json.loads(bytes(raw_meta))
+    tensors = load(bytes(raw_tensors))
+    return meta, tensors
+
+
+# ---------------------------------------------------------------- writing tars
+
+class BucketWriters:
+    """One open tar per bucket for this rank; a tar is `.tmp` until it is complete, then renamed."""
+
+    def __init__(self, shard_dir: Path, rank: int, run_id: str, max_samples: int):
+        self.shard_dir, self.rank, self.run_id, self.max_samples = Path(shard_dir), rank, run_id, max_samples
+        self.open: dict[str, tuple] = {}   # bucket -> (TarWriter, tmp path, final path, count)
+        self.serial = 0
+        self.done: list[Path] = []
+        self.bytes_written = 0
+
+    def write(self, bucket: str, sample: dict) -> None:
+        import webdataset as wds
+
+        if bucket not in self.open:
+            folder = self.shard_dir / bucket
+            folder.mkdir(parents=True, exist_ok=True)
+            final = folder / f"{self.rank:03d}-{self.run_id}-{self.serial:05d}.tar"
+            self.serial += 1
+            tmp = final.with_name(final.name + ".tmp")
+            self.open[bucket] = [wds.TarWriter(str(tmp)), tmp, final, 0]
+        entry = self.open[bucket]
+        entry[0].write(sample)
+        entry[3] += 1
+        if entry[3] >= self.max_samples:
+            self._finish(bucket)
+
+    def _finish(self, bucket: str) -> None:
+        writer, tmp, final, _ = self.open.pop(bucket)
+        writer.close()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        self.bytes_written += final.stat().st_size
+        self.done.append(final)
+
+    def close(self) -> None:
+        for bucket in list(self.open):
+            self._finish(bucket)
+
+
+def remove_partial(shard_dir: Path) -> list[Path]:
+    """Delete `.tmp` leftovers of an interrupted run (never complete, never listed)."""
+    removed = []
+    for p in Path(shard_dir).glob("*/*.tar.tmp"):
+        p.unlink()
+        removed.append(p)
+    for p in Path(shard_dir).glob("*.tmp"):
+        p.unlink()
+        removed.append(p)
+    return removed
+
+
+# ---------------------------------------------------------------- reading what is on disk
+
+@dataclass
+class ShardRow:
+    key: str
+    bucket: str
+    shard: str        # path relative to the shard dir
+    position: int     # sample position inside the tar
+    meta: dict
+
+
+def scan_tar(path: Path, rel: str) -> list[ShardRow]:
+    """Rows of one complete tar from its .json members (tensors are skipped over, not read)."""
+    rows = []
+    with tarfile.open(path, mode="r:") as tf:
+        seen: dict[str, int] = {}
+        for member in tf:
+            key, _, ext = member.name.partition(".")
+            if key not in seen:
+                seen[key] = len(seen)
+            if ext != "json":
+                continue
+            meta = json.loads(tf.extractfile(member).read())
+            rows.append(ShardRow(key=key, bucket=meta["bucket"], shard=rel, position=seen[key], meta=meta))
+    return rows
+
+
+def scan_shards(shard_dir: Path) -> list[ShardRow]:
+    """Every sample of every complete tar in the shard dir."""
+    shard_dir = Path(shard_dir)
+    rows: list[ShardRow] = []
+    for path in sorted(shard_dir.glob("*/*.tar")):
+        rows.extend(scan_tar(path, str(path.relative_to(shard_dir))))
+    return rows
+
+
+def tar_sample_counts(shard_dir: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for path in sorted(Path(shard_dir).glob("*/*.tar")):
+        with tarfile.open(path, mode="r:") as tf:
+            counts[str(path.relative_to(shard_dir))] = len({m.name.partition(".")[0] for m in tf})
+    return counts
+
+
+# ---------------------------------------------------------------- index + manifest
+
+INDEX_COLUMNS = ("key", "bucket", "shard", "position", "source", "caption", "kind", "frames",
+                 "height", "width", "latent_frames", "tokens", "view")
+
+
+def write_index(shard_dir: Path, rows: list[ShardRow]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = sorted(rows, key=lambda r: (r.bucket, r.shard, r.position))
+    cols = {
+        "key": [r.key for r in rows], "bucket": [r.bucket for r in rows],
+        "shard": [r.shard for r in rows], "position": [r.position for r in rows],
+        "source": [r.meta["source"] for r in rows], "caption": [r.meta["caption"] for r in rows],
+        "kind": [r.meta["kind"] for r in rows], "frames": [r.meta["frames"] for r in rows],
+        "height": [r.meta["height"] for r in rows], "width": [r.meta["width"] for r in rows],
+        "latent_frames": [r.meta["latent_frames"] for r in rows],
+        "tokens": [r.meta["tokens"] for r in rows], "view": [r.meta["view"] for r in rows],
+    }
+    table = pa.table(cols)
+    tmp = Path(shard_dir) / (INDEX + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, Path(shard_dir) / INDEX)
+
+
+def read_index(shard_dir: Path) -> dict[str, list]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(Path(shard_dir) / INDEX).to_pydict()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(shard_dir: Path) -> dict | None:
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: format version {data.get('format_version')} but this cogfun reads "
+                         f"{FORMAT_VERSION}; re-run precompute with --overwrite")
+    return data
+
+
+def require_manifest(shard_dir: Path) -> dict:
+    manifest = read_manifest(shard_dir)
+    if manifest is None:
+        raise ShardError(f"{shard_dir}: no {MANIFEST}; it is not a finished precompute output "
+                         f"(run `cogfun precompute` into it, or point --shard_dir at a finished one)")
+    return manifest
+
+
+# ---------------------------------------------------------------- fingerprint
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint_parts(settings: dict, model: dict, inputs: dict[str, str]) -> dict:
+    """What the shard bytes depend on. Model path is recorded but not hashed (moving a model
+    folder does not change its weights)."""
+    model_hashed = {k: v for k, v in model.items() if k != "path"}
+    return {"format_version": FORMAT_VERSION, "settings": settings, "model": model_hashed,
+            "inputs": digest(sorted(inputs.items()))}
+
+
+def fingerprint(parts: dict) -> str:
+    return digest(parts)
+
+
+def describe_differences(old: dict, new: dict) -> list[str]:
+    """Human lines: which fingerprint keys differ between two fingerprint_parts dicts."""
+    lines = []
+    if old.get("format_version") != new.get("format_version"):
+        lines.append(f"format_version: {old.get('format_version')} -> {new.get('format_version')}")
+    for group in ("settings", "model"):
+        a, b = old.get(group, {}), new.get(group, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                lines.append(f"{group}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return lines
+
+
+def input_changes(old_inputs: dict[str, str], new_inputs: dict[str, str]) -> tuple[list, list, list]:
+    """(added, removed, changed) source file_paths."""
+    added = sorted(set(new_inputs) - set(old_inputs))
+    removed = sorted(set(old_inputs) - set(new_inputs))
+    changed = sorted(k for k in set(old_inputs) & set(new_inputs) if old_inputs[k] != new_inputs[k])
+    return added, removed, changed

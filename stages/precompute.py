@@ -1,0 +1,368 @@
+"""`cogfun precompute`: clips -> VAE latents + T5 embeddings -> fingerprinted WebDataset shards.
+
+One function, top to bottom: check what is already there (fingerprint), plan (each rank probes a
+slice), encode captions (T5, then freed), encode clips (VAE, decoding in DataLoader workers),
+write tars per bucket, and on rank 0 merge everything into index.parquet and, last, manifest.json.
+
+Reruns: same fingerprint -> nothing to do; new sources only -> only those are encoded; a dir
+with complete tars and no manifest (a crash) -> those samples are kept and the rest encoded.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import cogfun
+from cogfun import shards
+from cogfun.buckets import SamplePlan, Sampling
+from cogfun.config import PrecomputeConfig, fingerprint_keys, mask_policy_list, to_dict
+from cogfun.dataset import Skipped, load_sources, probe_and_plan
+from cogfun.shards import ShardError
+
+T5_BATCH = 16
+T5_SPILL = 256  # captions per spill file
+
+
+class DecodeTimeout(Exception):
+    pass
+
+
+class DecodeDataset:
+    """Map-style dataset: plan i -> decoded pixels [3, F, H, W] in [-1, 1] (runs in workers)."""
+
+    def __init__(self, plans: list[SamplePlan], paths: dict[str, str], timeout: float):
+        self.plans, self.paths, self.timeout = plans, paths, timeout
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    def __getitem__(self, i: int):
+        from cogfun import video
+
+        plan = self.plans[i]
+        path = self.paths[plan.key]
+        use_alarm = self.timeout > 0 and hasattr(signal, "SIGALRM")
+        if use_alarm:
+            previous = signal.signal(signal.SIGALRM, _on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, self.timeout)
+        try:
+            if plan.kind == "image":
+                frames = video.decode_image(path, plan.resize_hw, plan.crop_box)
+            else:
+                frames = video.decode_video(path, list(plan.frame_indices), plan.resize_hw, plan.crop_box)
+            return i, video.frames_to_tensor(frames), None
+        except video.MediaError as exc:
+            return i, None, f"decode failed: {exc}"
+        except DecodeTimeout:
+            return i, None, f"decode timed out after {self.timeout:g} s"
+        finally:
+            if use_alarm:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+
+
+def _on_alarm(signum, frame):
+    raise DecodeTimeout()
+
+
+def _collate_one(batch):
+    return batch[0]
+
+
+def settings_of(cfg: PrecomputeConfig) -> dict:
+    settings = {k: getattr(cfg, k) for k in fingerprint_keys(PrecomputeConfig)}
+    settings["mask_policies"] = mask_policy_list(cfg)
+    if cfg.train_mode == "normal":
+        settings["mask_policies"] = []
+    return settings
+
+
+def check_existing(shard_dir: Path, parts: dict, fp: str, inputs: dict, overwrite: bool) -> str:
+    """Decide what to do with what is in `shard_dir`: 'up_to_date', 'fresh', 'resume' or 'incremental'.
+
+    Raises ShardError (listing what differs) when the dir was made differently and --overwrite
+    is not given; with --overwrite such a dir is emptied.
+    """
+    manifest = shards.read_manifest(shard_dir) if (shard_dir / shards.MANIFEST).exists() else None
+    intent_path = shard_dir / shards.INTENT
+    if manifest is not None:
+        if manifest["fingerprint"] == fp:
+            return "up_to_date"
+        old_parts = manifest["fingerprint_parts"]
+        diffs = shards.describe_differences(old_parts, parts)
+        added, removed, changed = shards.input_changes(manifest["inputs"], inputs)
+        if not diffs and not removed and not changed:
+            return "incremental"
+        problems = diffs + [f"source removed: {p}" for p in removed[:20]] + \
+            [f"source changed (size, mtime or caption): {p}" for p in changed[:20]]
+    elif intent_path.exists():
+        import json
+
+        intent = json.loads(intent_path.read_text())
+        problems = shards.describe_differences(intent["fingerprint_parts"], parts)
+        if not problems:
+            return "resume"
+    else:
+        leftovers = [p for p in shard_dir.iterdir() if not p.name.startswith(".")] if shard_dir.exists() else []
+        if leftovers:
+            problems = [f"{shard_dir} holds {len(leftovers)} entries but no manifest and no record of the "
+                        f"settings that made them (e.g. {leftovers[0].name})"]
+        else:
+            return "fresh"
+    if not overwrite:
+        raise ShardError(f"{shard_dir} was made with different settings, model or sources:\n  "
+                         + "\n  ".join(problems)
+                         + "\nUse another --shard_dir, or --overwrite to replace it.")
+    wipe(shard_dir)
+    return "fresh"
+
+
+def wipe(shard_dir: Path) -> None:
+    import shutil
+
+    for p in shard_dir.iterdir():
+        if p.name == shards.HASH_CACHE:
+            continue
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
+    """Run the precompute stage; returns the summary (also printed on rank 0)."""
+    import torch
+
+    from cogfun import dist, models
+    from cogfun.masks import is_identity, masked_clip
+
+    t_start = time.time()
+    # ------------------------------------------------------------ setup and checks
+    for flag in ("pretrained_model_name_or_path", "train_data_meta", "shard_dir"):
+        if not getattr(cfg, flag):
+            raise ShardError(f"--{flag} is required")
+    state = dist.partial_state()
+    rank, world, main = state.process_index, state.num_processes, state.is_main_process
+    shard_dir = Path(cfg.shard_dir)
+    sampling = Sampling.from_config(cfg)
+    sampling.validate()
+    policies = mask_policy_list(cfg)
+    sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir)
+
+    inputs = {s.file_path: shards.digest(s.digest_fields()) for s in sources}
+    if main:
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        identity = models.model_identity(cfg.pretrained_model_name_or_path, shard_dir / shards.HASH_CACHE)
+    identity = dist.broadcast(identity if main else None, state)
+    parts = shards.fingerprint_parts(settings_of(cfg), identity, inputs)
+    fp = shards.fingerprint(parts)
+    decision = None
+    if main:
+        try:
+            decision = check_existing(shard_dir, parts, fp, inputs, cfg.overwrite)
+        except ShardError as exc:
+            decision = exc
+    decision = dist.broadcast(decision, state)
+    if isinstance(decision, Exception):
+        raise decision
+    if decision == "up_to_date":
+        manifest = shards.require_manifest(shard_dir)
+        summary = {"status": "up to date", "fingerprint": fp, "samples": manifest["num_samples"],
+                   "encoded": 0, "seconds": round(time.time() - t_start, 2)}
+        if main:
+            print(f"{shard_dir}: up to date (fingerprint {fp[:12]}), {manifest['num_samples']} samples; nothing to encode")
+        return summary
+    if main:
+        shards.remove_partial(shard_dir)
+        if decision != "incremental":
+            shards.write_json_atomic(shard_dir / shards.INTENT, {"fingerprint_parts": parts})
+    state.wait_for_everyone()
+
+    # ------------------------------------------------------------ plan: each rank probes a slice
+    mine = sources[rank::world]
+    plans, probe_skips, by_key = probe_and_plan(mine, sampling, workers=cfg.probe_workers,
+                                                progress=progress and main)
+    path_of = {k: src.path for k, src in by_key.items()}
+    caption_of = {k: src.text for k, src in by_key.items()}
+    all_plans = sorted(dist.gather(plans, state), key=lambda p: p.key)
+    all_skips = dist.gather(probe_skips, state)
+    present = dist.broadcast({r.key for r in shards.scan_shards(shard_dir)} if main else None, state)
+    # my work: the planned samples of my own slice that are not on disk yet
+    work = sorted((p for p in plans if p.key not in present), key=lambda p: (p.bucket, p.key))
+    n_work_total = sum(dist.gather([len(work)], state))
+
+    # ------------------------------------------------------------ T5: captions of my work, then free it
+    device = state.device
+    dtype = models.dtype_of(cfg.mixed_precision)
+    spill_dir = shard_dir / ".work"
+    spill_dir.mkdir(exist_ok=True)
+    run_id = uuid.uuid4().hex[:8]
+    captions = sorted({caption_of[p.key] for p in work} | ({""} if main else set()))
+    caption_loc: dict[str, tuple[str, str]] = {}
+    null_prompt = None
+    if captions:
+        from safetensors.torch import save_file
+
+        tokenizer, encoder = models.load_text_encoder(cfg.pretrained_model_name_or_path, dtype, device)
+        pending: dict[str, torch.Tensor] = {}
+        for i in range(0, len(captions), T5_BATCH):
+            chunk = captions[i:i + T5_BATCH]
+            emb = models.encode_prompts(tokenizer, encoder, chunk).to("cpu", torch.bfloat16)
+            for j, text in enumerate(chunk):
+                pending[f"c{i + j}"] = emb[j].clone()
+                if text == "":
+                    null_prompt = emb[j].clone()
+            if len(pending) >= T5_SPILL or i + T5_BATCH >= len(captions):
+                spill = spill_dir / f"t5-{rank:03d}-{run_id}-{i:07d}.safetensors"
+                save_file(pending, str(spill))
+                for name in pending:
+                    caption_loc[captions[int(name[1:])]] = (str(spill), name)
+                pending = {}
+        del tokenizer, encoder
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------ VAE: decode in workers, encode, write
+    writers = shards.BucketWriters(shard_dir, rank, run_id, cfg.shard_max_samples)
+    decode_skips: list[Skipped] = []
+    n_encoded = 0
+    if work:
+        from safetensors import safe_open
+        from tqdm import tqdm
+
+        vae = models.load_vae(cfg.pretrained_model_name_or_path, dtype, device, slicing=cfg.low_vram)
+        loader = torch.utils.data.DataLoader(
+            DecodeDataset(work, path_of, cfg.decode_timeout), batch_size=1, shuffle=False,
+            num_workers=cfg.dataloader_num_workers, collate_fn=_collate_one,
+            prefetch_factor=4 if cfg.dataloader_num_workers > 0 else None)
+        handles: dict[str, object] = {}
+
+        def prompt_embedding(text: str):
+            file, name = caption_loc[text]
+            if file not in handles:
+                handles[file] = safe_open(file, framework="pt")
+            return handles[file].get_tensor(name)
+
+        def flush(batch: list[tuple[SamplePlan, torch.Tensor]]):
+            pixels = torch.stack([px for _, px in batch])
+            mean, logvar = models.encode_clips(vae, pixels)
+            masked = {}
+            frames = batch[0][0].frames
+            for policy in policies:
+                if is_identity(policy, frames):
+                    masked[policy] = mean   # the masked clip IS the clip: same input, same encode
+                else:
+                    masked[policy] = models.encode_clips(vae, masked_clip(pixels, policy))[0]
+            for b, (plan, _) in enumerate(batch):
+                text = caption_of[plan.key]
+                tensors = {"latent_mean": mean[b], "latent_logvar": logvar[b],
+                           "prompt_embeds": prompt_embedding(text)}
+                for policy in policies:
+                    tensors[f"masked_latents.{policy}"] = masked[policy][b]
+                tensors = {k: v.to("cpu", torch.bfloat16) for k, v in tensors.items()}
+                meta = {"source": plan.source, "caption": text, "kind": plan.kind, "bucket": plan.bucket,
+                        "view": plan.view, "base": plan.base, "frame_indices": list(plan.frame_indices),
+                        "frames": plan.frames, "height": plan.height, "width": plan.width,
+                        "latent_frames": plan.latent_frames, "tokens": plan.tokens}
+                writers.write(plan.bucket, shards.encode_sample(plan.key, meta, tensors))
+
+        bar = tqdm(total=n_work_total, desc="precompute", unit="clip", disable=not (progress and main),
+                   dynamic_ncols=True)
+        batch: list = []
+        for i, pixels, reason in loader:
+            plan = work[i]
+            if pixels is None:
+                decode_skips.append(Skipped(plan.source, reason))
+            else:
+                if batch and batch[0][0].bucket != plan.bucket:
+                    flush(batch)
+                    batch = []
+                batch.append((plan, pixels))
+                if len(batch) >= cfg.vae_mini_batch:
+                    flush(batch)
+                    batch = []
+                n_encoded += 1
+            bar.update(world)  # ranks progress at about the same rate
+        if batch:
+            flush(batch)
+        bar.close()
+        del vae
+    writers.close()
+    for spill in spill_dir.glob(f"t5-{rank:03d}-{run_id}-*.safetensors"):
+        spill.unlink()
+    all_decode_skips = dist.gather(decode_skips, state)
+    n_encoded_total = sum(dist.gather([n_encoded], state))
+    bytes_total = sum(dist.gather([writers.bytes_written], state))
+    state.wait_for_everyone()
+
+    # ------------------------------------------------------------ merge on rank 0: index, manifest last
+    summary: dict = {}
+    if main:
+        if null_prompt is None:
+            raise RuntimeError("internal error: rank 0 did not encode the empty caption")
+        planned = {p.key for p in all_plans}
+        failed = {s.file_path for s in all_decode_skips}
+        rows_all = shards.scan_shards(shard_dir)
+        nsamples: dict[str, int] = {}
+        for r in rows_all:
+            nsamples[r.shard] = max(nsamples.get(r.shard, 0), r.position + 1)
+        rows = [r for r in rows_all if r.key in planned]
+        keys = [r.key for r in rows]
+        if len(keys) != len(set(keys)):
+            dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
+            raise ShardError(f"{shard_dir}: samples stored twice ({', '.join(dup)}); re-run with --overwrite")
+        missing = sorted(planned - set(keys) - {p.key for p in all_plans if p.source in failed})
+        if missing:
+            raise ShardError(f"{shard_dir}: {len(missing)} planned samples were not written (e.g. {missing[0]}); "
+                             f"re-run the same command to finish them")
+        from safetensors.torch import save_file
+
+        save_file({"prompt_embeds": null_prompt}, str(shard_dir / (shards.NULL_PROMPT + ".tmp")))
+        (shard_dir / (shards.NULL_PROMPT + ".tmp")).replace(shard_dir / shards.NULL_PROMPT)
+        shards.write_index(shard_dir, rows)
+        buckets: dict[str, dict] = {}
+        for r in rows:
+            b = buckets.setdefault(r.bucket, {"count": 0, "height": r.meta["height"], "width": r.meta["width"],
+                                              "frames": r.meta["frames"], "latent_frames": r.meta["latent_frames"],
+                                              "tokens": r.meta["tokens"], "shards": set()})
+            b["count"] += 1
+            b["shards"].add(r.shard)
+        for b in buckets.values():
+            b["shards"] = sorted(b["shards"])
+        skipped = sorted({(s.file_path, s.reason) for s in row_skips + all_skips + all_decode_skips})
+        config = to_dict(cfg)
+        config.pop("overwrite", None)
+        manifest = {
+            "format_version": shards.FORMAT_VERSION, "fingerprint": fp, "fingerprint_parts": parts,
+            "inputs": inputs, "config": config, "model": identity, "mask_policies": policies,
+            "text_len": models.TEXT_LEN, "buckets": buckets,
+            "shards": {s: n for s, n in sorted(nsamples.items()) if any(s in b["shards"] for b in buckets.values())},
+            "num_samples": len(rows), "num_sources": len(sources) + len(row_skips),
+            "skipped": [{"file_path": f, "reason": r} for f, r in skipped],
+            "cogfun_version": cogfun.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        shards.write_json_atomic(shard_dir / shards.MANIFEST, manifest)
+        (shard_dir / shards.INTENT).unlink(missing_ok=True)
+        seconds = time.time() - t_start
+        summary = {"status": decision, "fingerprint": fp, "samples": len(rows), "encoded": n_encoded_total,
+                   "buckets": {k: v["count"] for k, v in sorted(buckets.items())},
+                   "skipped": manifest["skipped"], "bytes_written": bytes_total, "seconds": round(seconds, 2)}
+        print_summary(shard_dir, summary)
+    state.wait_for_everyone()
+    return summary
+
+
+def print_summary(shard_dir: Path, s: dict) -> None:
+    rate = s["encoded"] / s["seconds"] if s["seconds"] else 0.0
+    print(f"{shard_dir}: {s['status']}: {s['samples']} samples in {len(s['buckets'])} buckets; "
+          f"encoded {s['encoded']} now ({rate:.2f} clips/s), {s['bytes_written'] / 1e6:.2f} MB written "
+          f"in {s['seconds']:.1f} s; fingerprint {s['fingerprint'][:12]}")
+    for name, count in s["buckets"].items():
+        print(f"  {name:>16}  {count} samples")
+    if s["skipped"]:
+        print(f"  skipped {len(s['skipped'])} source(s):")
+        for item in s["skipped"]:
+            print(f"    {item['file_path']}: {item['reason']}")

@@ -1,0 +1,425 @@
+"""`cogfun train`: LoRA on the CogVideoX transformer from cached latents. Never loads the VAE or T5.
+
+Reads top to bottom: accelerator (DDP / DeepSpeed ZeRO-2 / FSDP, with launch guards) ->
+manifest checks -> transformer + LoRA -> data -> resume -> loop -> LoRA export.
+
+Training maths follow CogVideoX-Fun's train_lora.py: DDPM from the model's scheduler config
+(v-prediction, zero terminal SNR), t ~ U{0..999}, x0 = posterior sample from the cached
+mean/logvar times the VAE scaling factor, MSE on the velocity in fp32, 10 % caption dropout on
+the cached empty-caption embedding. Every random draw of a batch comes from generators seeded
+by (seed, epoch, global batch id), so a resumed run (and a run on another world size) sees the
+same noise for the same batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+from cogfun import shards
+from cogfun.config import ConfigError, TrainConfig, to_dict
+from cogfun.shards import ShardError
+
+CHECKPOINT_STATE = "cogfun_state.json"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
+POLICY_WEIGHTS = {"t2v": 0.1, "i2v": 0.5, "first_k": 0.2, "first_last": 0.2}
+CROP_FULL_PROB = 0.9
+
+
+# ------------------------------------------------------------------ launch
+
+def launch_kind() -> str:
+    """What `accelerate launch` asked for, from the environment it sets."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "deepspeed"
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "fsdp"
+    return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
+
+
+def make_accelerator(cfg: TrainConfig, output_dir: Path):
+    """An Accelerator that really is what the launch asked for (checked), CPU-capable."""
+    import torch
+    from accelerate import Accelerator, DistributedType
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    from cogfun.dist import LaunchError, check_world
+
+    kind = launch_kind()
+    cuda = torch.cuda.is_available()
+    common = dict(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                  mixed_precision=cfg.mixed_precision,
+                  log_with=None if cfg.report_to == "none" else cfg.report_to,
+                  project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                      logging_dir=str(output_dir / "logs")))
+    handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
+    if kind == "deepspeed":
+        # Never cpu=True with DeepSpeed: accelerate would silently drop DeepSpeed and run DDP.
+        accelerator = Accelerator(kwargs_handlers=handlers, **common)
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        clip = ds.get("gradient_clipping", "auto")
+        if clip not in ("auto", None) and float(clip) != cfg.max_grad_norm:
+            raise ConfigError(f"the DeepSpeed config sets gradient_clipping={clip} but --max_grad_norm is "
+                              f"{cfg.max_grad_norm}; make them agree (or set it to \"auto\")")
+        # Without this key DeepSpeed never clips and accelerate's clip call is a no-op.
+        ds["gradient_clipping"] = cfg.max_grad_norm
+        ds["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
+        ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+        ds.pop("train_batch_size", None)
+        want = DistributedType.DEEPSPEED
+    elif kind == "fsdp" and not cuda:
+        # accelerate will not pick FSDP without a GPU-class device; build it on a CPU state.
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        accelerator = Accelerator(cpu=True, kwargs_handlers=handlers, **common)
+        os.environ.setdefault("FSDP_VERSION", "2")
+        plugin = FullyShardedDataParallelPlugin()
+        if plugin.fsdp_version != 2:
+            # FSDP1 on CPU: resume diverges and full-state gathers crash (measured); FSDP2 is exact.
+            plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+        accelerator.state.fsdp_plugin = plugin
+        accelerator.state.distributed_type = DistributedType.FSDP
+        want = DistributedType.FSDP
+    else:
+        accelerator = Accelerator(cpu=not cuda, kwargs_handlers=handlers, **common)
+        want = (DistributedType.FSDP if kind == "fsdp" else
+                (DistributedType.MULTI_GPU if cuda else DistributedType.MULTI_CPU) if kind == "ddp" else
+                DistributedType.NO)
+    check_world(accelerator.num_processes)
+    if accelerator.distributed_type != want:
+        raise LaunchError(f"the launch asked for {kind} but accelerate set up {accelerator.distributed_type}; "
+                          f"refusing to train on a silently degraded launch")
+    return accelerator
+
+
+# ------------------------------------------------------------------ checks
+
+def check_shards_fit(manifest: dict, tcfg, train_mode: str) -> None:
+    """Refuse shards that do not fit the transformer (latent channels, text dim, in_channels)."""
+    model = manifest["model"]
+    problems = []
+    if model["latent_channels"] != tcfg.out_channels:
+        problems.append(f"latent channels: shards {model['latent_channels']}, transformer out_channels {tcfg.out_channels}")
+    if model["text_dim"] != tcfg.text_embed_dim:
+        problems.append(f"text dim: shards {model['text_dim']}, transformer text_embed_dim {tcfg.text_embed_dim}")
+    inpaint = train_mode in ("inpaint", "i2v")
+    want_in = 2 * model["latent_channels"] + 1 if inpaint else model["latent_channels"]
+    if tcfg.in_channels != want_in:
+        problems.append(f"in_channels: --train_mode {train_mode} needs {want_in}, the transformer has "
+                        f"{tcfg.in_channels} ({'an InP model needs --train_mode inpaint' if tcfg.in_channels == 2 * model['latent_channels'] + 1 else 'a text-to-video model needs --train_mode normal'})")
+    if inpaint and not manifest["mask_policies"]:
+        problems.append("--train_mode inpaint needs masked-clip latents, but the shards were precomputed with "
+                        "--train_mode normal")
+    if problems:
+        raise ShardError("the shards do not fit this transformer:\n  " + "\n  ".join(problems))
+
+
+def find_checkpoint(output_dir: Path, spec: str | None) -> Path | None:
+    if not spec:
+        return None
+    if spec != "latest":
+        path = Path(spec)
+        if not (path / CHECKPOINT_STATE).is_file():
+            raise ConfigError(f"--resume_from_checkpoint {spec}: not a complete cogfun checkpoint "
+                              f"(no {CHECKPOINT_STATE})")
+        return path
+    done = [p for p in output_dir.glob("checkpoint-*") if (p / CHECKPOINT_STATE).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+# ------------------------------------------------------------------ one batch -> loss inputs
+
+def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scaling: float, policies: list[str],
+                 null_prompt, device, dtype):
+    """(model input, prompt embeds, timesteps, velocity target) for one bucket batch.
+
+    All randomness comes from (seed, epoch, batch id): independent of rank, world size, resume.
+    """
+    import torch
+
+    from cogfun.masks import PREFIX_SAFE, mask_channel
+
+    gid = batch["batch_id"]
+    rng = random.Random(f"{cfg.seed}:step-draws:{epoch}:{gid}")
+    gen = torch.Generator().manual_seed(rng.getrandbits(63))
+    t = batch["tensors"]
+    mean = t["latent_mean"].float()
+    logvar = t["latent_logvar"].float().clamp(-30.0, 20.0)
+    bsz, f_lat = mean.shape[0], mean.shape[1]
+    frames = batch["metas"][0]["frames"]
+
+    keep = f_lat
+    if cfg.random_frame_crop and f_lat > 1 and rng.random() >= CROP_FULL_PROB:
+        lengths = list(range(1, f_lat))
+        keep = rng.choices(lengths, weights=lengths)[0]  # longer prefixes more likely, short ones rare
+    eps = torch.randn(mean.shape, generator=gen)
+    latents = (mean + torch.exp(0.5 * logvar) * eps)[:, :keep] * scaling
+    noise = torch.randn(latents.shape, generator=gen)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=gen)
+    prompts = t["prompt_embeds"].clone()
+    for b in range(bsz):
+        if rng.random() < cfg.caption_dropout:
+            prompts[b] = null_prompt
+
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = scheduler.get_velocity(latents, noise, timesteps)
+    model_in = noisy
+    if policies:
+        allowed = ["t2v"] + [p for p in policies if keep == f_lat or p in PREFIX_SAFE]
+        conds = []
+        for b in range(bsz):
+            policy = rng.choices(allowed, weights=[POLICY_WEIGHTS[p] for p in allowed])[0]
+            h, w = latents.shape[-2:]
+            if policy == "t2v":
+                conds.append(torch.zeros(1, keep, 1 + latents.shape[2], h, w))
+                continue
+            mask = mask_channel(policy, frames, keep, h, w, scaling)
+            masked = t[f"masked_latents.{policy}"][b:b + 1, :keep].float() * scaling
+            conds.append(torch.cat([mask, masked], dim=2))
+        model_in = torch.cat([noisy, torch.cat(conds)], dim=2)
+    return (model_in.to(device, dtype), prompts.to(device, dtype), timesteps.to(device),
+            target.to(device, torch.float32))
+
+
+def rotary_embedding(transformer_config, latent_shape, device):
+    """CogVideoX 5b-style 3D RoPE for this latent size (None for 2b-style models)."""
+    if not transformer_config.use_rotary_positional_embeddings:
+        return None
+    from types import SimpleNamespace
+
+    from diffusers import CogVideoXPipeline
+
+    f_lat, _, h, w = latent_shape[1:]
+    fake = SimpleNamespace(vae_scale_factor_spatial=8, transformer=SimpleNamespace(config=transformer_config))
+    return CogVideoXPipeline._prepare_rotary_positional_embeddings(fake, h * 8, w * 8, f_lat, device)
+
+
+# ------------------------------------------------------------------ saving
+
+def save_lora_files(folder: Path, lora_sd: dict, cfg: TrainConfig, targets: list[str], step: int,
+                    manifest: dict) -> None:
+    from cogfun.lora import save_kohya_lora, save_lora
+
+    meta = {"cogfun_step": str(step), "cogfun_config": json.dumps(to_dict(cfg), sort_keys=True),
+            "cogfun_shards_fingerprint": manifest["fingerprint"]}
+    save_lora(folder / LORA_FILE, lora_sd, rank=cfg.rank, alpha=cfg.network_alpha, target_modules=targets,
+              extra_metadata=meta)
+    save_kohya_lora(folder / KOHYA_FILE, lora_sd, rank=cfg.rank, alpha=cfg.network_alpha)
+
+
+def gather_lora(accelerator, model) -> dict:
+    """Full LoRA tensors on every rank (FSDP2 DTensors are gathered; others are already whole)."""
+    from cogfun.lora import lora_state_dict
+
+    sd = lora_state_dict(accelerator.unwrap_model(model))
+    out = {}
+    for k, v in sd.items():
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        out[k] = v.detach().to("cpu").float().contiguous()
+    return out
+
+
+def save_checkpoint(accelerator, model, cfg: TrainConfig, output_dir: Path, step: int, epoch_state: dict,
+                    targets: list[str], manifest: dict) -> Path:
+    """checkpoint-<step>/ = LoRA file + accelerate state; written as a temp dir and renamed."""
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    kwargs = {"exclude_frozen_parameters": True} if launch_kind() == "deepspeed" else {}
+    accelerator.save_state(str(tmp), **kwargs)
+    lora_sd = gather_lora(accelerator, model)
+    if accelerator.is_main_process:
+        save_lora_files(tmp, lora_sd, cfg, targets, step, manifest)
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps({"global_step": step, **epoch_state}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if cfg.checkpoints_total_limit:
+            done = sorted((p for p in output_dir.glob("checkpoint-*") if (p / CHECKPOINT_STATE).is_file()),
+                          key=lambda p: int(p.name.split("-")[1]))
+            for old in done[:-cfg.checkpoints_total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ------------------------------------------------------------------ the stage
+
+def train(cfg: TrainConfig) -> dict:
+    import torch
+    from accelerate.utils import set_seed
+    from safetensors.torch import load_file
+    from tqdm import tqdm
+
+    from cogfun import models
+    from cogfun.loader import BucketBatchSampler, CachedSamples, collate, index_rows
+    from cogfun.lora import inject_lora
+
+    # ------------------------------------------------------------ setup
+    for flag in ("pretrained_model_name_or_path", "shard_dir"):
+        if not getattr(cfg, flag):
+            raise ConfigError(f"--{flag} is required")
+    output_dir = Path(cfg.output_dir)
+    shard_dir = Path(cfg.shard_dir)
+    manifest = shards.require_manifest(shard_dir)
+    accelerator = make_accelerator(cfg, output_dir)
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    set_seed(cfg.seed)
+    device = accelerator.device
+    weight_dtype = models.dtype_of(cfg.mixed_precision)
+    if launch_kind() == "fsdp":
+        weight_dtype = torch.float32  # FSDP shards one flat dtype per unit; bf16 compute via its policy
+
+    tcfg_dict = models.read_component_config(cfg.pretrained_model_name_or_path, "transformer")
+    from types import SimpleNamespace
+
+    check_shards_fit(manifest, SimpleNamespace(**{"out_channels": 16, "in_channels": 16, "text_embed_dim": 4096,
+                                                  **tcfg_dict}), cfg.train_mode)
+    transformer = models.load_transformer(cfg.pretrained_model_name_or_path, weight_dtype)
+    scheduler = models.load_scheduler(cfg.pretrained_model_name_or_path)
+    scaling = float(manifest["model"]["scaling_factor"])
+    policies = list(manifest["mask_policies"]) if cfg.train_mode != "normal" else []
+    null_prompt = load_file(str(shard_dir / shards.NULL_PROMPT))["prompt_embeds"].float()
+
+    transformer.requires_grad_(False)
+    targets = inject_lora(transformer, rank=cfg.rank, alpha=cfg.network_alpha, target_name=cfg.target_name,
+                          use_peft=cfg.use_peft_lora, seed=cfg.seed)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.to(device)
+
+    dataset = CachedSamples(shard_dir, manifest)
+    sampler = BucketBatchSampler(index_rows(shard_dir, dataset), batch_size=cfg.train_batch_size, world=world,
+                                 rank=rank, accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed,
+                                 video_repeat=cfg.video_repeat)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),  # never touches the global RNG
+        persistent_workers=False, pin_memory=torch.cuda.is_available())
+    steps_per_epoch = sampler.steps_per_epoch()
+    max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+    epochs = math.ceil(max_steps / steps_per_epoch)
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=cfg.lr_warmup_steps * world,
+                                 num_training_steps=max_steps * world)
+    transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+
+    def keep_only_lora(models_, weights, _dir):  # checkpoints hold LoRA + optimizer, not the frozen base
+        for i, sd in enumerate(weights):
+            weights[i] = {k: v for k, v in sd.items() if "lora_" in k}
+
+    accelerator.register_save_state_pre_hook(keep_only_lora)
+
+    global_step = 0
+    resume_dir = find_checkpoint(output_dir, cfg.resume_from_checkpoint)
+    if cfg.resume_from_checkpoint and resume_dir is None and main:
+        print(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting from step 0")
+    if resume_dir is not None:
+        kind = launch_kind()
+        load_kwargs = {"load_module_strict": False} if kind == "deepspeed" else ({} if kind == "fsdp" else {"strict": False})
+        accelerator.load_state(str(resume_dir), **load_kwargs)
+        global_step = json.loads((resume_dir / CHECKPOINT_STATE).read_text())["global_step"]
+        if main:
+            print(f"resumed from {resume_dir} at step {global_step}")
+
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        run_config = {"config": to_dict(cfg), "launch": launch_kind(), "world_size": world,
+                      "lora_targets": targets, "steps_per_epoch": steps_per_epoch, "max_train_steps": max_steps,
+                      "shards_fingerprint": manifest["fingerprint"]}
+        shards.write_json_atomic(output_dir / "run_config.json", run_config)
+    if accelerator.log_with:
+        accelerator.init_trackers("cogfun", config={k: v for k, v in to_dict(cfg).items()
+                                                    if isinstance(v, (int, float, str, bool))})
+    log_path = output_dir / "train_log.jsonl"
+    if main and global_step == 0 and log_path.exists():
+        log_path.unlink()
+    transformer.train()
+    unwrapped_config = accelerator.unwrap_model(transformer).config
+
+    # ------------------------------------------------------------ loop
+    bar = tqdm(total=max_steps, initial=global_step, desc="train", unit="step", disable=not main,
+               dynamic_ncols=True)
+    first_epoch = global_step // steps_per_epoch
+    losses: list[float] = []
+    t_step = time.time()
+    for epoch in range(first_epoch, epochs):
+        if global_step >= max_steps:
+            break
+        sampler.set_epoch(epoch)
+        batches = loader
+        skip = (global_step - epoch * steps_per_epoch) * cfg.gradient_accumulation_steps
+        if skip > 0:
+            from accelerate import skip_first_batches
+
+            batches = skip_first_batches(loader, skip)
+        micro_losses = []
+        for batch in batches:
+            with accelerator.accumulate(transformer):
+                model_in, prompts, timesteps, target = batch_inputs(
+                    batch, epoch=epoch, cfg=cfg, scheduler=scheduler, scaling=scaling, policies=policies,
+                    null_prompt=null_prompt, device=device, dtype=weight_dtype)
+                rope = rotary_embedding(unwrapped_config, model_in.shape, device)
+                with accelerator.autocast():
+                    pred = transformer(hidden_states=model_in, encoder_hidden_states=prompts, timestep=timesteps,
+                                       image_rotary_emb=rope, return_dict=False)[0]
+                loss = torch.nn.functional.mse_loss(pred.float(), target, reduction="mean")
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(params if launch_kind() not in ("fsdp",) else
+                                                            transformer.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_losses.append(loss.detach())
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+            micro_losses = []
+            losses.append(step_loss)
+            now = time.time()
+            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "step_time": now - t_step}
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            t_step = now
+            accelerator.log(logs, step=global_step)
+            if main:
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps({"step": global_step, **logs}) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}", s=f"{logs['step_time']:.2f}")
+            if global_step % cfg.checkpointing_steps == 0 or global_step == max_steps:
+                save_checkpoint(accelerator, transformer, cfg, output_dir, global_step, {"epoch": epoch},
+                                targets, manifest)
+            if global_step >= max_steps:
+                break
+    bar.close()
+
+    # ------------------------------------------------------------ save the LoRA
+    lora_sd = gather_lora(accelerator, transformer)
+    if main:
+        save_lora_files(output_dir, lora_sd, cfg, targets, global_step, manifest)
+        print(f"LoRA written to {output_dir / LORA_FILE} (step {global_step}, rank {cfg.rank}, "
+              f"alpha {cfg.network_alpha}, {len(targets)} modules)")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"global_step": global_step, "losses": losses, "output_dir": str(output_dir)}

@@ -1,0 +1,319 @@
+"""cogfun.lora: target resolution, peft vs own-path parity, diffusers and kohya round trips.
+
+Tolerances: the two injection paths are compared bitwise (`torch.equal`): init, forward, LoRA
+weights after 3 AdamW steps, saved tensors and header; diffusers-loaded vs trained model outputs
+within atol 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cogfun.lora import (
+    LoRALinear,
+    from_kohya,
+    inject_lora,
+    load_lora_file,
+    lora_adapter_config,
+    lora_state_dict,
+    resolve_target_modules,
+    save_kohya_lora,
+    save_lora,
+)
+
+SEED_TARGETS = "to_q,to_k,to_v,ff.0,ff.2"  # the seed doc's --target_name
+RANK, ALPHA = 4, 2.0  # alpha != rank: a lost alpha/rank scale changes the outputs
+
+
+def tiny_transformer():
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=33, out_channels=16, time_embed_dim=32,
+        text_embed_dim=32, num_layers=2, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
+        max_text_seq_length=226)
+
+
+def batch():
+    g = torch.Generator().manual_seed(5)
+    return dict(hidden_states=torch.randn(1, 2, 33, 8, 8, generator=g),
+                encoder_hidden_states=torch.randn(1, 226, 32, generator=g),
+                timestep=torch.tensor([500])), torch.randn(1, 2, 16, 8, 8, generator=g)
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return model(**inputs, return_dict=False)[0]
+
+
+def train(model, steps=3, lr=1e-2):
+    inputs, target = batch()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        out = model(**inputs, return_dict=False)[0]
+        torch.nn.functional.mse_loss(out, target).backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+def lora_model(use_peft, seed=1, **kw):
+    model = tiny_transformer()
+    names = inject_lora(model, rank=RANK, alpha=ALPHA, target_name=SEED_TARGETS, use_peft=use_peft, seed=seed, **kw)
+    return model, names
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def test_seed_targets_resolve_to_attention_and_feed_forward_linears():
+    names = resolve_target_modules(tiny_transformer(), SEED_TARGETS)
+    assert names == sorted(f"transformer_blocks.{i}.{m}" for i in range(2)
+                           for m in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "ff.net.0.proj", "ff.net.2"))
+
+
+def test_literal_diffusers_names_and_spaces_work():
+    model = tiny_transformer()
+    assert resolve_target_modules(model, " ff.net.0.proj , ff.net.2,") == resolve_target_modules(model, "ff.0,ff.2")
+
+
+def test_unknown_suffix_is_an_error_with_examples():
+    with pytest.raises(ValueError) as e:
+        resolve_target_modules(tiny_transformer(), "to_q,to_qq")
+    msg = str(e.value)
+    assert "'to_qq'" in msg and "transformer_blocks.0.attn1.to_q" in msg and "ff.0->ff.net.0.proj" in msg
+
+
+@pytest.mark.parametrize("suffix, named", [("ff.net.0", ["GELU", "transformer_blocks.0.ff.net.0.proj"]),
+                                           ("proj", ["patch_embed.proj", "Conv2d"]),
+                                           ("attn1", ["Attention", "transformer_blocks.1.attn1.to_v"])])
+def test_non_linear_match_is_an_error_naming_it(suffix, named):
+    with pytest.raises(ValueError, match="not nn.Linear") as e:
+        resolve_target_modules(tiny_transformer(), suffix)
+    assert all(s in str(e.value) for s in named)
+
+
+def test_empty_target_name_is_an_error():
+    with pytest.raises(ValueError, match="no module-name suffixes"):
+        resolve_target_modules(tiny_transformer(), " , ")
+
+
+# ----------------------------------------------------------------------------- injection
+
+
+@pytest.mark.parametrize("use_peft", [True, False])
+def test_inject_freezes_base_and_adds_lora_to_exactly_the_targets(use_peft):
+    base_out = run(tiny_transformer(), batch()[0])
+    model, names = lora_model(use_peft)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    suffix = ".lora_{}.default.weight" if use_peft else ".lora_{}.weight"
+    assert trainable == {m + suffix.format(ab) for m in names for ab in "AB"}
+    sd = lora_state_dict(model)
+    assert sorted(sd) == sorted(f"transformer.{m}.lora_{ab}.weight" for m in names for ab in "AB")
+    assert sd["transformer.transformer_blocks.0.ff.net.0.proj.lora_A.weight"].shape == (RANK, 32)
+    assert sd["transformer.transformer_blocks.0.ff.net.0.proj.lora_B.weight"].shape == (128, RANK)
+    assert all(torch.count_nonzero(v) == 0 for k, v in sd.items() if "lora_B" in k)
+    assert type(model).__name__ == "CogVideoXTransformer3DModel"
+    assert torch.equal(run(model, batch()[0]), base_out)  # B = 0: no change at init
+    with pytest.raises(ValueError, match="already has LoRA"):
+        inject_lora(model, rank=RANK, alpha=ALPHA, target_name=SEED_TARGETS, use_peft=use_peft)
+
+
+def test_peft_and_own_paths_are_bitwise_identical(tmp_path):
+    from peft import get_peft_model_state_dict
+
+    peft_model, peft_names = lora_model(use_peft=True)
+    own_model, own_names = lora_model(use_peft=False)
+    assert peft_names == own_names
+    assert isinstance(own_model.transformer_blocks[0].attn1.to_q, LoRALinear)
+    assert type(peft_model.transformer_blocks[0].attn1.to_q).__module__.startswith("peft.")
+
+    init_p, init_o = lora_state_dict(peft_model), lora_state_dict(own_model)
+    assert list(init_p) == list(init_o)
+    assert all(torch.equal(init_p[k], init_o[k]) for k in init_p)  # identical lora_A draws
+    assert any(torch.count_nonzero(v) for k, v in init_p.items() if "lora_A" in k)
+
+    # peft's own extractor agrees with ours (modulo diffusers' "transformer." prefix)
+    reference = get_peft_model_state_dict(peft_model)
+    assert {f"transformer.{k}": v for k, v in reference.items()}.keys() == init_p.keys()
+    assert all(torch.equal(v, init_p[f"transformer.{k}"]) for k, v in reference.items())
+
+    train(peft_model)
+    train(own_model)
+    assert torch.equal(run(peft_model, batch()[0]), run(own_model, batch()[0]))
+    sd_p, sd_o = lora_state_dict(peft_model), lora_state_dict(own_model)
+    assert list(sd_p) == list(sd_o)
+    assert all(torch.equal(sd_p[k], sd_o[k]) for k in sd_p)
+    assert all(torch.count_nonzero(v) for v in sd_p.values())  # lora_B trained away from 0
+
+    files = [save_lora(tmp_path / name, sd, rank=RANK, alpha=ALPHA, target_modules=peft_names,
+                       extra_metadata={"cogfun.step": "3"})
+             for name, sd in (("peft", sd_p), ("own", sd_o))]
+    # Same content. Not byte-identical: safetensors (0.8) writes __metadata__ from a Rust HashMap, so the
+    # header's key order varies from call to call even for one dict; hash tensors, not LoRA file bytes.
+    (t_p, m_p), (t_o, m_o) = load_lora_file(files[0]), load_lora_file(files[1])
+    assert m_p == m_o and list(t_p) == list(t_o) and all(torch.equal(t_p[k], t_o[k]) for k in t_p)
+    assert files[0].stat().st_size == files[1].stat().st_size
+
+
+def test_seed_is_reproducible_and_leaves_global_rng_alone():
+    def seeded(use_peft, seed, global_seed):
+        model = tiny_transformer()
+        torch.manual_seed(global_seed)  # a different global stream must not matter when seed= is given
+        state = torch.get_rng_state()
+        inject_lora(model, rank=RANK, alpha=ALPHA, target_name=SEED_TARGETS, use_peft=use_peft, seed=seed)
+        assert torch.equal(torch.get_rng_state(), state)  # forked RNG: nothing consumed from the global stream
+        return lora_state_dict(model)
+
+    a, b, c = seeded(False, 7, 123), seeded(True, 7, 999), seeded(False, 8, 123)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    key = "transformer.transformer_blocks.0.attn1.to_q.lora_A.weight"
+    assert not torch.equal(a[key], c[key])
+
+
+def test_plain_module_and_wrapped_names():
+    """peft path without diffusers' add_adapter (inject_adapter_in_model); checkpoint-wrapper segments
+    in module names are stripped from the keys."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8)))
+
+    x = torch.randn(3, 8)
+    sds, outs = [], []
+    for use_peft in (True, False):
+        model = net()
+        assert inject_lora(model, rank=2, alpha=4.0, target_name="0.0,0.2", use_peft=use_peft, seed=0) == ["0.0", "0.2"]
+        lora_b = model[0][2].lora_B["default"] if use_peft else model[0][2].lora_B
+        with torch.no_grad():
+            lora_b.weight.fill_(0.5)
+        model[0] = checkpoint_wrapper(model[0])
+        sds.append(lora_state_dict(model))
+        outs.append(model(x))
+    assert list(sds[0]) == ["transformer.0.0.lora_A.weight", "transformer.0.0.lora_B.weight",
+                            "transformer.0.2.lora_A.weight", "transformer.0.2.lora_B.weight"]
+    assert list(sds[0]) == list(sds[1]) and all(torch.equal(sds[0][k], sds[1][k]) for k in sds[0])
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_fp32_lora_on_bf16_base_matches_between_paths():
+    out = []
+    for use_peft in (True, False):
+        model = tiny_transformer().to(torch.bfloat16)
+        inject_lora(model, rank=RANK, alpha=ALPHA, target_name="to_q,ff.2", use_peft=use_peft, seed=1,
+                    lora_dtype=torch.float32)
+        sd = lora_state_dict(model)
+        assert all(v.dtype == torch.float32 for v in sd.values())
+        assert model.transformer_blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+        inputs = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in batch()[0].items()}
+        out.append((sd, run(model, inputs)))
+    (sd_p, y_p), (sd_o, y_o) = out
+    assert all(torch.equal(sd_p[k], sd_o[k]) for k in sd_p) and torch.equal(y_p, y_o) and y_p.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------- diffusers round trip
+
+
+def test_diffusers_pipeline_loads_the_file_with_the_alpha_over_rank_scale(tmp_path):
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    tiny_transformer().save_pretrained(tmp_path / "model" / "transformer")
+    model, names = lora_model(use_peft=False)
+    train(model)
+    inputs = batch()[0]
+    ours = run(model, inputs)
+    run_config = json.dumps({"rank": RANK, "network_alpha": ALPHA})
+    file = save_lora(tmp_path / "out", lora_state_dict(model), rank=RANK, alpha=ALPHA, target_modules=names,
+                     extra_metadata={"cogfun.config": run_config, "cogfun.step": "3"})
+    assert file == tmp_path / "out" / "pytorch_lora_weights.safetensors"
+
+    def fresh_pipeline():
+        transformer = CogVideoXTransformer3DModel.from_pretrained(tmp_path / "model" / "transformer")
+        return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                                 scheduler=CogVideoXDDIMScheduler())
+
+    pipe = fresh_pipeline()
+    base = run(pipe.transformer, inputs)
+    pipe.load_lora_weights(tmp_path / "out")  # a directory; a file path works the same
+    loaded = run(pipe.transformer, inputs)
+    assert torch.allclose(loaded, ours, atol=1e-5, rtol=0)
+    assert (loaded - base).abs().max() > 1e-3  # the LoRA delta is really there
+    assert pipe.transformer.transformer_blocks[0].attn1.to_q.scaling == {"default_0": ALPHA / RANK}
+
+    sd, meta = load_lora_file(file)
+    assert meta["cogfun.config"] == run_config and meta["cogfun.step"] == "3"
+    assert json.loads(meta["lora_adapter_metadata"])["transformer.lora_alpha"] == ALPHA
+    # same adapter header diffusers' own writer produces
+    CogVideoXPipeline.save_lora_weights(
+        tmp_path / "plain", transformer_lora_layers={k.removeprefix("transformer."): v for k, v in sd.items()},
+        transformer_lora_adapter_metadata=lora_adapter_config(rank=RANK, alpha=ALPHA, target_modules=names))
+    plain_sd, plain_meta = load_lora_file(tmp_path / "plain")
+    assert plain_meta["lora_adapter_metadata"] == meta["lora_adapter_metadata"]
+    assert list(plain_sd) == list(sd) and all(torch.equal(plain_sd[k], sd[k]) for k in sd)
+
+    # negative control: without the header diffusers falls back to scale 1.0, and this test would see it
+    CogVideoXPipeline.save_lora_weights(
+        tmp_path / "no_meta", transformer_lora_layers={k.removeprefix("transformer."): v for k, v in sd.items()})
+    pipe = fresh_pipeline()
+    pipe.load_lora_weights(tmp_path / "no_meta" / "pytorch_lora_weights.safetensors")
+    assert not torch.allclose(run(pipe.transformer, inputs), ours, atol=1e-4, rtol=0)
+
+
+def test_save_lora_rejects_bad_input(tmp_path):
+    model, names = lora_model(use_peft=False)
+    sd = lora_state_dict(model)
+    with pytest.raises(ValueError, match="not a diffusers CogVideoX LoRA key"):
+        save_lora(tmp_path, {k.removeprefix("transformer."): v for k, v in sd.items()}, rank=RANK, alpha=ALPHA,
+                  target_modules=names)
+    with pytest.raises(ValueError, match="rank 8"):
+        save_lora(tmp_path, sd, rank=8, alpha=ALPHA, target_modules=names)
+    with pytest.raises(ValueError, match="reserved"):
+        save_lora(tmp_path, sd, rank=RANK, alpha=ALPHA, target_modules=names,
+                  extra_metadata={"lora_adapter_metadata": "{}"})
+    with pytest.raises(TypeError, match="str to str"):
+        save_lora(tmp_path, sd, rank=RANK, alpha=ALPHA, target_modules=names, extra_metadata={"step": 3})
+    assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- kohya / ComfyUI variant
+
+
+def test_kohya_file_round_trips_and_merges_with_alpha_over_rank(tmp_path):
+    model, names = lora_model(use_peft=True)
+    train(model)
+    sd = lora_state_dict(model)
+    file = save_kohya_lora(tmp_path / "lora_kohya.safetensors", sd, rank=RANK, alpha=ALPHA,
+                           extra_metadata={"cogfun.step": "3"})
+    kohya, meta = load_lora_file(file)
+    assert meta["ss_network_dim"] == str(RANK) and meta["ss_network_alpha"] == str(ALPHA)
+    assert meta["cogfun.step"] == "3"
+    stem = "lora_unet__transformer_blocks_0_attn1_to_q"  # CogVideoX-Fun LoRANetwork naming
+    assert torch.equal(kohya[f"{stem}.lora_down.weight"], sd["transformer.transformer_blocks.0.attn1.to_q.lora_A.weight"])
+    assert torch.equal(kohya[f"{stem}.lora_up.weight"], sd["transformer.transformer_blocks.0.attn1.to_q.lora_B.weight"])
+    assert kohya[f"{stem}.alpha"].shape == () and kohya[f"{stem}.alpha"].item() == ALPHA
+    assert len(kohya) == 3 * len(names)
+
+    back, rank, alpha = from_kohya(kohya, names)
+    assert (rank, alpha) == (RANK, ALPHA)
+    assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    single = {k.replace("lora_unet__", "lora_unet_"): v for k, v in kohya.items()}  # kohya's single "_" too
+    assert list(from_kohya(single, names)[0]) == list(sd)
+
+    # merge the way CogVideoX-Fun's merge_lora (and ComfyUI) does: W += alpha / rank * up @ down
+    merged = tiny_transformer()
+    modules = dict(merged.named_modules())
+    with torch.no_grad():
+        for name in names:
+            s = "lora_unet__" + name.replace(".", "_")
+            up, down = kohya[f"{s}.lora_up.weight"], kohya[f"{s}.lora_down.weight"]
+            modules[name].weight += kohya[f"{s}.alpha"].item() / up.shape[1] * up @ down
+    inputs = batch()[0]
+    assert torch.allclose(run(merged, inputs), run(model, inputs), atol=1e-5, rtol=0)
+
+    with pytest.raises(ValueError, match="no module named like"):
+        from_kohya(kohya, names[1:])
