@@ -51,7 +51,7 @@ def read_metadata(meta: str | Path) -> list[dict]:
         raise MetadataError(f"{path}: metadata file not found")
     if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
+            reader = csv.DictReader(fh, strict=True)
             if not reader.fieldnames or "file_path" not in reader.fieldnames:
                 raise MetadataError(f"{path}: line 1: CSV header must name the columns file_path, text, type "
                                     f"(got {reader.fieldnames})")

@@ -29,7 +29,8 @@ def partial_state():
         # cpu=True would make accelerate drop DeepSpeed later in the same process (train after
         # precompute in one launch): with DeepSpeed, only the gloo backend is forced.
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-        state = PartialState(cpu=not deepspeed, backend="gloo")
+        kwargs = {"backend": "gloo"} if expected_world_size() > 1 else {}
+        state = PartialState(cpu=not deepspeed, **kwargs)
     check_world(state.num_processes)
     return state
 

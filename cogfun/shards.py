@@ -48,14 +48,19 @@ def decode_sample(sample: dict) -> tuple[dict, dict]:
     """(meta, tensors) of a raw sample dict (member bytes by extension). Refuses anything else."""
     from safetensors.torch import load
 
+    sample = {k.lstrip(".") if not k.startswith("__") else k: v for k, v in sample.items()}  # wids: ".json"
     extra = [k for k in sample if not k.startswith("__") and k not in ALLOWED_MEMBERS]
     if extra:
         raise ShardError(f"sample {sample.get('__key__')!r} has member(s) {extra}: only .json and "
                          f".safetensors are read (nothing is ever unpickled)")
-    raw_meta, raw_tensors = sample["json"], sample["safetensors"]
-    meta = json.loads(bytes(raw_meta))
-    tensors = load(bytes(raw_tensors))
+    meta = json.loads(_as_bytes(sample["json"]))
+    tensors = load(_as_bytes(sample["safetensors"]))
     return meta, tensors
+
+
+def _as_bytes(member) -> bytes:
+    """Member payload from webdataset (bytes) or wids (a BytesIO over the mmapped tar)."""
+    return member.getvalue() if hasattr(member, "getvalue") else bytes(member)
 
 
 # ---------------------------------------------------------------- writing tars

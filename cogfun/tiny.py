@@ -191,11 +191,13 @@ _SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in real T5
 def train_tokenizer_vocab(vocab_size: int = 400) -> list[tuple[str, float]]:
     """Train a SentencePiece-style Unigram vocabulary on :func:`caption_corpus` with ``tokenizers``.
 
-    The trainer is not bit-reproducible across processes (scores differ in the last float digits,
-    ties come out in hash order, and characters it is told to keep but never sees get scores in
-    hash order), so: scores are rounded to 6 decimals, pieces sorted by (score desc, piece), and
-    the printable ASCII characters the corpus lacks are appended here, all with one low score.
-    The result is identical in every process.
+    The trainer is not reproducible across processes: scores differ in the last float digits,
+    and single characters it keeps without an EM score (rare ones) get tie-break scores in hash
+    order. So multi-character scores are rounded to 6 decimals, every single character except
+    "▁" gets one score below all multi-character pieces (characters are the last resort, as the
+    rare ones are in a trained model anyway), the printable ASCII characters missing from the
+    corpus are added, and pieces are sorted by (score desc, piece). The result is identical in
+    every process.
     """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
@@ -208,15 +210,13 @@ def train_tokenizer_vocab(vocab_size: int = 400) -> list[tuple[str, float]]:
         vocab_size=vocab_size, special_tokens=list(_SPECIAL_TOKENS), unk_token="<unk>", show_progress=False
     )
     tok.train_from_iterator(caption_corpus(800, seed=1234), trainer=trainer)
-    vocab = json.loads(tok.to_str())["model"]["vocab"]
-    pieces = sorted(
-        ((str(p), round(float(s), 6)) for p, s in vocab if p not in _SPECIAL_TOKENS),
-        key=lambda ps: (-ps[1], ps[0]),
-    )
-    known = {p for p, _ in pieces}
-    floor = round(min(s for _, s in pieces) - 2.0, 6)
-    extra = [(c, floor) for c in string.ascii_letters + string.digits + string.punctuation if c not in known]
-    return [(t, 0.0) for t in _SPECIAL_TOKENS] + pieces + extra
+    trained = json.loads(tok.to_str())["model"]["vocab"]
+    multi = {str(p): round(float(s), 6) for p, s in trained if p not in _SPECIAL_TOKENS and (len(p) > 1 or p == "▁")}
+    chars = {str(p) for p, _ in trained if p not in _SPECIAL_TOKENS and len(p) == 1 and p != "▁"}
+    chars |= set(string.ascii_letters + string.digits + string.punctuation)
+    floor = round(min(multi.values()) - 1.0, 6)
+    pieces = sorted([*multi.items(), *((c, floor) for c in chars)], key=lambda ps: (-ps[1], ps[0]))
+    return [(t, 0.0) for t in _SPECIAL_TOKENS] + pieces
 
 
 def build_tiny_tokenizer() -> "T5Tokenizer":
@@ -319,8 +319,27 @@ def synthetic_frames(height: int, width: int, n_frames: int, *, seed: int = 0) -
     return out
 
 
+def _rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+    """RGB uint8 [H, W, 3] -> planar yuv420p [H * 3 / 2, W] (BT.601, limited range, 2x2 chroma mean).
+
+    Done here rather than by FFmpeg's scaler, whose output was not reproducible from call to call.
+    """
+    h, w, _ = frame.shape
+    rgb = frame.astype(np.float32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
+    cb = 128.0 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255.0
+    cr = 128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0
+
+    def sub(c: np.ndarray) -> np.ndarray:
+        return c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+
+    planes = [np.clip(np.rint(p), 0, 255).astype(np.uint8).ravel() for p in (y, sub(cb), sub(cr))]
+    return np.concatenate(planes).reshape(h * 3 // 2, w)
+
+
 def _write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
-    """H.264 / yuv420p mp4 via PyAV; single-threaded so the bytes are reproducible."""
+    """H.264 / yuv420p mp4 via PyAV; single-threaded, own colour conversion: reproducible bytes."""
     import av
 
     n, h, w, _ = frames.shape
@@ -336,7 +355,7 @@ def _write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
         stream.codec_context.thread_count = 1
         stream.options = {"crf": "12", "preset": "veryfast"}
         for i, frame in enumerate(frames):
-            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            vf = av.VideoFrame.from_ndarray(_rgb_to_yuv420p(frame), format="yuv420p")
             vf.pts = i
             for packet in stream.encode(vf):
                 container.mux(packet)

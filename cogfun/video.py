@@ -138,7 +138,7 @@ def _ffmpeg_diagnosis(path: Path) -> str | None:
             if not streams:
                 return "no video stream"
             s = streams[0]
-            return f"FFmpeg sees a {s.codec_context.name} stream of {s.width}x{s.height}"
+            return f"decord cannot open it (FFmpeg sees a {s.codec_context.name} stream, {s.width}x{s.height})"
     except av.error.FFmpegError as e:
         return str(e.strerror or e)
 
@@ -147,16 +147,18 @@ def _open_reader(path: Path, num_threads: int) -> decord.VideoReader:
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=num_threads)
     except _DECORD_ERRORS as e:
-        detail = _ffmpeg_diagnosis(path) or _short(str(e))
+        detail = _ffmpeg_diagnosis(path) or _short(str(e), path)
         raise MediaError(f"cannot decode video: {detail}", path) from e
     if len(reader) <= 0:
         raise MediaError("cannot decode video: no frames", path)
     return reader
 
 
-def _short(message: str, limit: int = 200) -> str:
-    """decord messages carry a source location prefix and can be long; keep the useful tail."""
-    message = " ".join(message.split())
+def _short(message: str, path: Path | None = None, limit: int = 200) -> str:
+    """Tidy a library message: one line, no decord source-location prefix, no repeated path."""
+    if path is not None:
+        message = message.replace(f"'{path}'", "").replace(str(path), "")
+    message = " ".join(message.split()).rstrip(" :")
     if "] " in message and message.startswith("["):
         message = message.split("] ", 1)[1]
     return message if len(message) <= limit else message[: limit - 3] + "..."
@@ -183,7 +185,7 @@ def _probe_video(p: Path, num_threads: int) -> MediaInfo:
         fps = float(reader.get_avg_fps())
         first = _as_numpy(reader.next())  # decord has no size query; one frame is cheap
     except (StopIteration, *_DECORD_ERRORS) as e:
-        raise MediaError(f"cannot decode video: first frame unreadable ({_short(str(e))})", p) from e
+        raise MediaError(f"cannot decode video: first frame unreadable ({_short(str(e), p)})", p) from e
     if first.ndim != 3 or first.shape[2] != 3 or first.shape[0] <= 0 or first.shape[1] <= 0:
         raise MediaError(f"cannot decode video: unexpected frame shape {first.shape}", p)
     if not math.isfinite(fps) or fps < 0:
@@ -195,7 +197,7 @@ def _open_image(p: Path) -> Image.Image:
     try:
         return Image.open(p)
     except _PIL_ERRORS as e:
-        raise MediaError(f"cannot read image: {_short(str(e))}", p) from e
+        raise MediaError(f"cannot read image: {_short(str(e), p)}", p) from e
 
 
 def probe_image(path: PathLike) -> MediaInfo:
@@ -205,14 +207,17 @@ def probe_image(path: PathLike) -> MediaInfo:
 
 
 def _probe_image(p: Path) -> MediaInfo:
-    img = _open_image(p)
-    with img:
+    with _open_image(p) as img:
+        try:
+            img.verify()  # structural check (PNG chunk CRCs etc.) without decoding the pixels
+        except _PIL_ERRORS as e:
+            raise MediaError(f"cannot read image: {_short(str(e), p)}", p) from e
+    with _open_image(p) as img:  # verify() leaves the image unusable: open it again
         try:
             width, height = img.size
             orientation = img.getexif().get(_EXIF_ORIENTATION_TAG, 1)
-            img.verify()  # structural check (chunk CRCs for PNG) without decoding the pixels
         except _PIL_ERRORS as e:
-            raise MediaError(f"cannot read image: {_short(str(e))}", p) from e
+            raise MediaError(f"cannot read image: {_short(str(e), p)}", p) from e
     if width <= 0 or height <= 0:
         raise MediaError(f"cannot read image: invalid size {width}x{height}", p)
     if orientation in _EXIF_TRANSPOSED:
@@ -288,7 +293,7 @@ def _decode_video(
     try:
         batch = _as_numpy(reader.get_batch(idx))
     except _DECORD_ERRORS as e:
-        raise MediaError(f"cannot decode video: {_short(str(e))}", p) from e
+        raise MediaError(f"cannot decode video: {_short(str(e), p)}", p) from e
     if batch.ndim != 4 or batch.shape[0] != len(idx) or batch.shape[3] != 3:
         raise MediaError(f"cannot decode video: unexpected batch shape {batch.shape}", p)
     out = np.stack([_resize_crop(f, resize_hw, crop_box) for f in batch])
@@ -311,7 +316,7 @@ def _decode_image(p: Path, resize_hw: tuple[int, int], crop_box: tuple[int, int,
         try:
             rgb = ImageOps.exif_transpose(img).convert("RGB")
         except _PIL_ERRORS as e:
-            raise MediaError(f"cannot read image: {_short(str(e))}", p) from e
+            raise MediaError(f"cannot read image: {_short(str(e), p)}", p) from e
     return _resize_crop(np.asarray(rgb), resize_hw, crop_box)[None].copy()
 
 

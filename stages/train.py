@@ -58,7 +58,7 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path):
                   log_with=None if cfg.report_to == "none" else cfg.report_to,
                   project_config=ProjectConfiguration(project_dir=str(output_dir),
                                                       logging_dir=str(output_dir / "logs")))
-    handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
+    handlers = [] if cuda or int(os.environ.get("WORLD_SIZE", "1")) == 1 else [InitProcessGroupKwargs(backend="gloo")]
     if kind == "deepspeed":
         # Never cpu=True with DeepSpeed: accelerate would silently drop DeepSpeed and run DDP.
         accelerator = Accelerator(kwargs_handlers=handlers, **common)
@@ -292,10 +292,8 @@ def train(cfg: TrainConfig) -> dict:
 
     transformer.requires_grad_(False)
     targets = inject_lora(transformer, rank=cfg.rank, alpha=cfg.network_alpha, target_name=cfg.target_name,
-                          use_peft=cfg.use_peft_lora, seed=cfg.seed)
+                          use_peft=cfg.use_peft_lora, seed=cfg.seed, lora_dtype=torch.float32)
     params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in params:
-        p.data = p.data.float()
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.to(device)
