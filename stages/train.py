@@ -77,14 +77,23 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path):
         # accelerate will not pick FSDP without a GPU-class device; build it on a CPU state.
         from accelerate.utils import FullyShardedDataParallelPlugin
 
-        accelerator = Accelerator(cpu=True, kwargs_handlers=handlers, **common)
-        os.environ.setdefault("FSDP_VERSION", "2")
+        os.environ["ACCELERATE_USE_FSDP"] = "false"     # let the CPU Accelerator come up as MULTI_CPU
+        try:
+            accelerator = Accelerator(cpu=True, kwargs_handlers=handlers, **common)
+        finally:
+            os.environ["ACCELERATE_USE_FSDP"] = "true"
+        # Every rank loads the same weights and seeds LoRA alike: no module-state sync needed
+        # (it needs a GPU-class device). FSDP1 on CPU diverges on resume and crashes on full
+        # state gathers (measured), so the CPU path is FSDP2, which is exact.
+        os.environ["FSDP_SYNC_MODULE_STATES"] = "false"
+        os.environ["FSDP_VERSION"] = "2"
         plugin = FullyShardedDataParallelPlugin()
-        if plugin.fsdp_version != 2:
-            # FSDP1 on CPU: resume diverges and full-state gathers crash (measured); FSDP2 is exact.
-            plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
         accelerator.state.fsdp_plugin = plugin
         accelerator.state.distributed_type = DistributedType.FSDP
+        from accelerate.state import PartialState
+
+        # AcceleratorState re-reads PartialState's view whenever it is constructed again
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         want = DistributedType.FSDP
     else:
         accelerator = Accelerator(cpu=not cuda, kwargs_handlers=handlers, **common)
@@ -347,8 +356,9 @@ def train(cfg: TrainConfig) -> dict:
         accelerator.init_trackers("cogfun", config={k: v for k, v in to_dict(cfg).items()
                                                     if isinstance(v, (int, float, str, bool))})
     log_path = output_dir / "train_log.jsonl"
-    if main and global_step == 0 and log_path.exists():
-        log_path.unlink()
+    if main and log_path.exists():  # keep the history up to the step we (re)start from
+        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= global_step]
+        log_path.write_text("".join(line + "\n" for line in kept))
     transformer.train()
     unwrapped_config = accelerator.unwrap_model(transformer).config
 

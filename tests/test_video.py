@@ -1,15 +1,17 @@
 """cogfun.video: probing and decoding of the synthetic dataset, and the reasons for bad inputs.
 
 Decoded frames are identified by their nearest source frame (:func:`cogfun.tiny.synthetic_frames`
-regenerates them exactly): consecutive source frames differ by an RMS of > 15 grey levels while
-H.264 at crf 12 leaves < 7, so "nearest" is unambiguous. Resize/crop geometry is checked the same
+regenerates them exactly): distinct source frames differ by an RMS of > 19 grey levels while
+H.264 (crf 12, 4:2:0 chroma) leaves < 8, so "nearest" is unambiguous. Resize/crop geometry is checked the same
 way against PIL-resized source frames, where a crop shifted by 4 px is clearly farther.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -117,7 +119,7 @@ def test_decode_returns_the_requested_frames(dataset: Path, name: str) -> None:
     for got, want in zip(frames, indices):
         errors = [_rmse(got, s) for s in source]
         assert int(np.argmin(errors)) == want
-        assert errors[want] < 7.0, errors[want]
+        assert errors[want] < 10.0 and sorted(errors)[1] > 15.0, (errors[want], sorted(errors)[1])
     assert np.array_equal(frames[2], frames[4])
     assert _rmse(frames[0], frames[1]) > 15.0
 
@@ -133,11 +135,11 @@ def test_decode_resize_and_crop_geometry(dataset: Path) -> None:
         ref = _resize(source[i], resize_hw)
         right = _rmse(got, ref[8:72, 20:84])
         shifted = _rmse(got, ref[8:72, 24:88])
-        assert right < 7.0 and shifted > 2 * right, (right, shifted)
+        assert right < 10.0 and shifted > 2 * right, (right, shifted)
     # upscaling to a cover size larger than the source works too
     up = decode_video(dataset / clip.file_path, [0], (192, 320), (32, 0, 128, 320))
     assert up.shape == (1, 128, 320, 3)
-    assert _rmse(up[0], _resize(source[0], (192, 320))[32:160]) < 7.0
+    assert _rmse(up[0], _resize(source[0], (192, 320))[32:160]) < 10.0
 
 
 def test_decode_image_geometry(dataset: Path) -> None:
@@ -151,7 +153,7 @@ def test_decode_image_geometry(dataset: Path) -> None:
     assert np.array_equal(out[0], _resize(source, (96, 64))[16:80])
     jpeg = synthetic_images()[1]
     out = decode_image(dataset / jpeg.file_path, (jpeg.height, jpeg.width), (0, 0, jpeg.height, jpeg.width))
-    assert _rmse(out[0], synthetic_frames(jpeg.height, jpeg.width, 1, seed=jpeg.seed)[0]) < 7.0
+    assert _rmse(out[0], synthetic_frames(jpeg.height, jpeg.width, 1, seed=jpeg.seed)[0]) < 10.0
 
 
 def test_image_exif_orientation(tmp_path: Path) -> None:
@@ -163,7 +165,7 @@ def test_image_exif_orientation(tmp_path: Path) -> None:
     assert probe_image(path) == MediaInfo(frames=1, fps=0.0, height=60, width=40)
     out = decode_image(path, (60, 40), (0, 0, 60, 40))
     assert out.shape == (1, 60, 40, 3)
-    assert _rmse(out[0], np.rot90(pixels, k=-1)) < 7.0
+    assert _rmse(out[0], np.rot90(pixels, k=-1)) < 10.0
 
 
 def test_rgba_and_grey_images_become_rgb(tmp_path: Path) -> None:
@@ -262,15 +264,29 @@ def test_truncated_files(bad: Path, tmp_path: Path) -> None:
         decode_image(tmp_path / "half.png", (64, 64), (0, 0, 64, 64))
 
 
-@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs POSIX interval timers")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses glibc pthread mutexes via ctypes")
 def test_a_signal_interrupts_a_stuck_decode(dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While the decode work is stuck, the calling thread still runs its SIGALRM handler."""
+    """While the decode work is stuck in C, the calling thread still runs its SIGALRM handler.
+
+    The stand-in for a hung decord call blocks in pthread_mutex_lock, which (unlike sleep or
+    read) does not return on a signal: called on the main thread it would hold the handler back
+    until the mutex is released 3 s later.
+    """
     import cogfun.video as video
 
-    release = threading.Event()
+    libc = ctypes.CDLL(None)
+    mutex = ctypes.create_string_buffer(64)  # all zero == PTHREAD_MUTEX_INITIALIZER on glibc
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        libc.pthread_mutex_lock(mutex)
+        held.set()
+        release.wait(3.0)
+        libc.pthread_mutex_unlock(mutex)
 
     def stuck(*args: object) -> None:
-        release.wait(10)  # stands in for a C call that never returns
+        libc.pthread_mutex_lock(mutex)  # ctypes releases the GIL; blocks until holder() lets go
+        libc.pthread_mutex_unlock(mutex)
 
     class Timeout(Exception):
         pass
@@ -279,14 +295,19 @@ def test_a_signal_interrupts_a_stuck_decode(dataset: Path, monkeypatch: pytest.M
         raise Timeout
 
     monkeypatch.setattr(video, "_decode_video", stuck)
+    owner = threading.Thread(target=holder)
+    owner.start()
+    held.wait(5.0)
     previous = signal.signal(signal.SIGALRM, on_alarm)
     start = time.monotonic()
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.2)
         with pytest.raises(Timeout):
             decode_video(dataset / "videos/short.mp4", [0], (64, 112), (0, 0, 64, 112))
+        elapsed = time.monotonic() - start
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         release.set()
-    assert time.monotonic() - start < 5
+        owner.join()
+    assert elapsed < 1.5, f"the handler ran only after {elapsed:.1f} s"
