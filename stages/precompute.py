@@ -262,7 +262,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
                            "prompt_embeds": prompt_embedding(text)}
                 for policy in policies:
                     tensors[f"masked_latents.{policy}"] = masked[policy][b]
-                tensors = {k: v.to("cpu", torch.bfloat16) for k, v in tensors.items()}
+                tensors = {k: v.to("cpu", torch.bfloat16).clone() for k, v in tensors.items()}  # own storage each
                 meta = {"source": plan.source, "caption": text, "kind": plan.kind, "bucket": plan.bucket,
                         "view": plan.view, "base": plan.base, "frame_indices": list(plan.frame_indices),
                         "frames": plan.frames, "height": plan.height, "width": plan.width,

@@ -1,0 +1,488 @@
+"""Shared helpers for the benchmarks in bench/.
+
+Import this module first: it pins the thread count (OMP_NUM_THREADS, default 1) before torch is
+imported, so every side of every comparison runs with the same threads. The rest:
+
+- `Args`: the common command line (--quick, --threads, --keep) plus a script's own options.
+- `interleave`: time several callables round-robin (warm-up, then repeats side by side), so that
+  load from other users of this shared machine hits every side alike; `median`, `ratio`.
+- `tiny_model`, `clip_dataset`, `shards_for`: a tiny InP model folder (optionally with a larger
+  transformer), a synthetic clip dataset of one bucket, and its precomputed shards, cached under
+  bench/out/ (git-ignored) by their parameters.
+- `real_sample`, `write_real_shards`: random bf16 samples of real CogVideoX shapes written with the
+  product's `encode_sample` + `BucketWriters`, plus the index/manifest the train loader reads.
+- `measure_process`: run a command, return its peak RSS (own and whole process tree) and output.
+- `table`, `save_figure`, `machine`: reporting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+OUT = BENCH / "out"            # caches and scratch (git-ignored)
+FIGURES = BENCH / "figures"    # committed PNGs
+PYTHON = sys.executable
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# ------------------------------------------------------------------ command line
+
+
+def parse_args(description: str, add=None) -> argparse.Namespace:
+    """--quick (< 2 min here), --threads N (sets OMP_NUM_THREADS for this run and its children)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (< 2 min on 2 CPU cores)")
+    p.add_argument("--threads", type=int, default=int(os.environ["OMP_NUM_THREADS"]),
+                   help="torch threads on every side (default: $OMP_NUM_THREADS or 1)")
+    if add:
+        add(p)
+    args = p.parse_args()
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(f"# {machine(args.threads)}")
+    return args
+
+
+def machine(threads: int | None = None) -> str:
+    import platform
+
+    import torch
+
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()}-core CPU"
+    return (f"{dev}, torch {torch.__version__}, python {platform.python_version()}, "
+            f"threads {threads or torch.get_num_threads()}")
+
+
+# ------------------------------------------------------------------ timing
+
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs) -> str:
+    """'median (min-max)' of a list of numbers."""
+    return f"{median(xs):.3g} ({min(xs):.3g}-{max(xs):.3g})"
+
+
+def interleave(fns: dict, *, repeat: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each callable, run round-robin: warm-up rounds, then `repeat` rounds.
+
+    A callable may return a number, which is then used instead of its wall time (for callables
+    that time their own inner part, e.g. steps after a set-up).
+    """
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(warmup + repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            got = fn()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[name].append(float(got) if isinstance(got, (int, float)) else dt)
+    return times
+
+
+def per_round_ratio(num: list[float], den: list[float]) -> list[float]:
+    """Ratios of values measured in the same round (num[i] / den[i])."""
+    return [a / b for a, b in zip(num, den)]
+
+
+# ------------------------------------------------------------------ tiny model + clips + shards
+
+BIG_TINY = {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 32, "time_embed_dim": 64}
+
+
+def tiny_model(transformer: dict | None = None, *, variant: str = "inp") -> Path:
+    """A tiny model folder (bench/out/models/...), the transformer optionally overridden."""
+    from cogfun.tiny import transformer_config, write_tiny_model
+
+    transformer = dict(transformer or {})
+    tag = variant + "".join(f"-{k[:6]}{v}" for k, v in sorted(transformer.items()))
+    path = OUT / "models" / tag
+    if (path / "model_index.json").exists():
+        return path
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_tiny_model(tmp, variant, seed=0)
+    if transformer:
+        import torch
+        from diffusers import CogVideoXTransformer3DModel
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = CogVideoXTransformer3DModel(**{**transformer_config(variant), **transformer})
+        shutil.rmtree(tmp / "transformer")
+        model.save_pretrained(tmp / "transformer", safe_serialization=True)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
+def clip_dataset(n_clips: int, *, frames: int = 24, scale: int = 1) -> Path:
+    """metadata.json of `n_clips` videos (the synthetic dataset's four long clips, hard-linked
+    under distinct names, each with its own caption): one bucket when center-cropped."""
+    from cogfun.tiny import caption_corpus, write_synthetic_dataset
+
+    root = OUT / "data" / f"clips{n_clips}-f{frames}-s{scale}"
+    meta = root / "clips.json"
+    if meta.exists():
+        return meta
+    shutil.rmtree(root, ignore_errors=True)
+    write_synthetic_dataset(root / "src", seed=0, n_frames=frames, scale=scale)
+    long = ["landscape", "portrait", "square", "wide"]
+    captions = caption_corpus(n_clips, seed=1)
+    (root / "videos").mkdir(parents=True)
+    rows = []
+    for i in range(n_clips):
+        dst = root / "videos" / f"c{i:04d}.mp4"
+        os.link(root / "src" / "videos" / f"{long[i % 4]}.mp4", dst)
+        rows.append({"file_path": f"videos/{dst.name}", "text": captions[i], "type": "video"})
+    meta.write_text(json.dumps(rows, indent=1))
+    return meta
+
+
+def data_flags(meta: Path, *, size: int, frames: int, train_mode: str = "inpaint") -> dict:
+    """Data settings that put every clip of `clip_dataset` in one size x size x frames bucket."""
+    return dict(train_data_dir=str(meta.parent), train_data_meta=str(meta), video_sample_size=size,
+                image_sample_size=size, token_sample_size=size, video_sample_n_frames=frames,
+                video_sample_stride=1, train_mode=train_mode, mask_policies="i2v,first_last", seed=42)
+
+
+def precompute_config(model: Path, meta: Path, shard_dir: Path, *, size: int, frames: int, **over):
+    from cogfun.config import PrecomputeConfig
+
+    kw = dict(pretrained_model_name_or_path=str(model), shard_dir=str(shard_dir), mixed_precision="no",
+              dataloader_num_workers=1, **data_flags(meta, size=size, frames=frames))
+    kw.update(over)
+    return PrecomputeConfig(**kw)
+
+
+def train_config(model: Path, shard_dir: Path, output_dir: Path, *, steps: int, **over):
+    from cogfun.config import TrainConfig
+
+    kw = dict(pretrained_model_name_or_path=str(model), shard_dir=str(shard_dir), output_dir=str(output_dir),
+              train_mode="inpaint", mixed_precision="no", max_train_steps=steps, checkpointing_steps=10**9,
+              rank=16, network_alpha=8.0, learning_rate=1e-4, report_to="none", dataloader_num_workers=1,
+              seed=42)
+    kw.update(over)
+    return TrainConfig(**kw)
+
+
+def shards_for(model: Path, meta: Path, *, size: int, frames: int) -> Path:
+    """Precomputed shards (cached by model, data and shape)."""
+    from stages.precompute import precompute
+
+    shard_dir = OUT / "shards" / f"{model.name}--{meta.parent.name}--{size}x{frames}"
+    if not (shard_dir / "manifest.json").exists():
+        precompute(precompute_config(model, meta, shard_dir, size=size, frames=frames, overwrite=True),
+                   progress=False)
+    return shard_dir
+
+
+def scratch(name: str) -> Path:
+    """An empty folder bench/out/tmp/<name>."""
+    path = OUT / "tmp" / name
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def read_step_times(output_dir: Path, skip: int) -> list[float]:
+    """step_time of `cogfun train`'s train_log.jsonl, first `skip` steps left out."""
+    rows = [json.loads(line) for line in (Path(output_dir) / "train_log.jsonl").read_text().splitlines()]
+    return [r["step_time"] for r in rows[skip:]]
+
+
+# ------------------------------------------------------------------ the three ways to take a step
+
+
+class TrainSetup:
+    """What `cogfun train` sets up around its loop, rebuilt from the same product functions:
+    scheduler, scaling, mask policies, null prompt, the loader's batches, `batch_inputs`."""
+
+    def __init__(self, cfg):
+        import torch
+        from safetensors.torch import load_file
+
+        from cogfun import models, shards
+
+        self.cfg, self.shard_dir = cfg, Path(cfg.shard_dir)
+        self.manifest = shards.require_manifest(self.shard_dir)
+        self.scheduler = models.load_scheduler(cfg.pretrained_model_name_or_path)
+        self.scaling = float(self.manifest["model"]["scaling_factor"])
+        self.policies = list(self.manifest["mask_policies"])
+        self.null_prompt = load_file(str(self.shard_dir / shards.NULL_PROMPT))["prompt_embeds"].float()
+        self.torch = torch
+
+    def batches(self, n: int, epoch: int = 0) -> list[dict]:
+        """The first `n` batches `cogfun train` draws (same dataset, sampler, collate), no workers."""
+        from cogfun.loader import BucketBatchSampler, CachedSamples, collate, index_rows
+
+        dataset = CachedSamples(self.shard_dir, self.manifest)
+        sampler = BucketBatchSampler(index_rows(self.shard_dir, dataset), batch_size=self.cfg.train_batch_size,
+                                     world=1, rank=0, accumulation=1, seed=self.cfg.seed)
+        sampler.set_epoch(epoch)
+        loader = self.torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+        out = []
+        for batch in loader:
+            out.append(batch)
+            if len(out) == n:
+                break
+        return out
+
+    def inputs(self, batch: dict, epoch: int = 0):
+        from stages.train import batch_inputs
+
+        return batch_inputs(batch, epoch=epoch, cfg=self.cfg, scheduler=self.scheduler, scaling=self.scaling,
+                            policies=self.policies, null_prompt=self.null_prompt, device="cpu",
+                            dtype=self.torch.float32)
+
+
+class LoraStep:
+    """The bare step: LoRA-injected transformer (as `cogfun train` injects it), fwd + MSE + bwd +
+    clip + AdamW, on inputs already in memory."""
+
+    def __init__(self, cfg):
+        import torch
+
+        from cogfun import models
+        from cogfun.lora import inject_lora
+
+        self.torch = torch
+        self.model = models.load_transformer(cfg.pretrained_model_name_or_path, torch.float32)
+        self.model.requires_grad_(False)
+        inject_lora(self.model, rank=cfg.rank, alpha=cfg.network_alpha, target_name=cfg.target_name,
+                    use_peft=cfg.use_peft_lora, seed=cfg.seed, lora_dtype=torch.float32)
+        if cfg.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                     weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+        self.max_grad_norm = cfg.max_grad_norm
+        self.model.train()
+
+    def __call__(self, model_in, prompts, timesteps, target) -> float:
+        torch = self.torch
+        pred = self.model(hidden_states=model_in, encoder_hidden_states=prompts, timestep=timesteps,
+                          return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+
+class OnlineEncoder:
+    """CogVideoX-Fun's per-step work before the LoRA step: decode the clip, VAE-encode it and a
+    masked copy (inpaint), T5-encode the caption; with the product's own encode functions.
+    `__call__` turns a cached batch's metas into the same batch dict the loader yields (so that
+    `batch_inputs` and the step are shared), and returns the seconds spent per part."""
+
+    PARTS = ("decode", "vae", "t5")
+
+    def __init__(self, pcfg):
+        import torch
+
+        from cogfun import models
+        from cogfun.buckets import Sampling
+        from cogfun.dataset import load_sources, probe_and_plan
+
+        self.torch = torch
+        model = pcfg.pretrained_model_name_or_path
+        self.vae = models.load_vae(model, torch.float32, "cpu")
+        self.tokenizer, self.t5 = models.load_text_encoder(model, torch.float32, "cpu")
+        sources, _ = load_sources(pcfg.train_data_meta, pcfg.train_data_dir)
+        plans, _, by_key = probe_and_plan(sources, Sampling.from_config(pcfg), workers=1, progress=False)
+        self.plans = {p.key: p for p in plans}
+        self.sources = by_key
+        from cogfun.config import mask_policy_list
+
+        self.policies = mask_policy_list(pcfg)
+
+    def __call__(self, batch: dict, step: int) -> tuple[dict, dict]:
+        import random
+
+        from cogfun import models, video
+        from cogfun.buckets import sample_key
+        from cogfun.masks import masked_clip
+
+        torch = self.torch
+        t: dict[str, float] = dict.fromkeys(self.PARTS, 0.0)
+        tensors: dict[str, list] = {}
+        for meta in batch["metas"]:
+            plan = self.plans[sample_key(meta["source"], meta["view"])]
+            src = self.sources[plan.key]
+            t0 = time.perf_counter()
+            pixels = video.frames_to_tensor(video.decode_video(src.path, plan.frame_indices, plan.resize_hw,
+                                                               plan.crop_box))[None]
+            t1 = time.perf_counter()
+            mean, logvar = models.encode_clips(self.vae, pixels)
+            policy = random.Random(step).choice(self.policies)   # one random mask per step
+            masked = models.encode_clips(self.vae, masked_clip(pixels, policy))[0]
+            t2 = time.perf_counter()
+            prompt = models.encode_prompts(self.tokenizer, self.t5, [src.text])
+            t3 = time.perf_counter()
+            t["decode"] += t1 - t0
+            t["vae"] += t2 - t1
+            t["t5"] += t3 - t2
+            parts = {"latent_mean": mean[0], "latent_logvar": logvar[0], "prompt_embeds": prompt[0]}
+            parts.update({f"masked_latents.{p}": masked[0] for p in self.policies})
+            for k, v in parts.items():
+                tensors.setdefault(k, []).append(v)
+        out = {"tensors": {k: torch.stack(v) for k, v in tensors.items()}, "metas": batch["metas"],
+               "batch_id": batch["batch_id"]}
+        return out, t
+
+
+# ------------------------------------------------------------------ real-shape samples
+
+REAL_TEXT = (226, 4096)      # T5-XXL, 226 tokens
+REAL_POLICIES = ("i2v", "first_last")
+
+
+def real_sample(frames: int, height: int, width: int, *, policies=REAL_POLICIES, seed: int = 0) -> dict:
+    """Random bf16 tensors of one real sample: latents [F', 16, H/8, W/8] (mean, logvar, one per
+    mask policy) and the T5 prompt embedding."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    lat = ((frames - 1) // 4 + 1, 16, height // 8, width // 8)
+    names = ["latent_mean", "latent_logvar"] + [f"masked_latents.{p}" for p in policies]
+    out = {n: torch.randn(lat, generator=g).to(torch.bfloat16) for n in names}
+    out["prompt_embeds"] = torch.randn(REAL_TEXT, generator=g).to(torch.bfloat16)
+    return out
+
+
+def payload_bytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def write_real_shards(shard_dir: Path, n: int, *, frames: int, height: int, width: int,
+                      per_tar: int = 16, policies=REAL_POLICIES) -> dict:
+    """Write `n` real-shape samples with the product's writer; index.parquet + a manifest with what
+    the train loader reads. Returns the manifest. A few distinct random samples are reused (the
+    bytes of random bf16 do not compress either way)."""
+    from cogfun import shards
+
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    writers = shards.BucketWriters(shard_dir, 0, "bench", per_tar)
+    bucket = f"{height}x{width}x{frames}"
+    pool = [real_sample(frames, height, width, policies=policies, seed=s) for s in range(4)]
+    for i in range(n):
+        meta = {"source": f"videos/c{i:05d}.mp4", "caption": f"caption {i}", "kind": "video", "bucket": bucket,
+                "view": 0, "base": height, "frame_indices": list(range(frames)), "frames": frames,
+                "height": height, "width": width, "latent_frames": (frames - 1) // 4 + 1,
+                "tokens": ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)}
+        writers.write(bucket, shards.encode_sample(f"c{i:05d}", meta, pool[i % len(pool)]))
+    writers.close()
+    rows = shards.scan_shards(shard_dir)
+    shards.write_index(shard_dir, rows)
+    counts = shards.tar_sample_counts(shard_dir)
+    manifest = {"format_version": shards.FORMAT_VERSION, "shards": counts, "num_samples": len(rows),
+                "mask_policies": list(policies)}
+    shards.write_json_atomic(shard_dir / shards.MANIFEST, manifest)
+    return manifest
+
+
+# ------------------------------------------------------------------ processes
+
+
+def measure_process(cmd: list[str], *, env: dict | None = None, interval: float = 0.02) -> dict:
+    """Run `cmd`; return rc, wall seconds, output, peak RSS of the process itself (ru_maxrss via
+    wait4) and the peak of the summed RSS of its whole tree (sampled every `interval` s)."""
+    import psutil
+
+    full_env = {**os.environ, **(env or {})}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ps = psutil.Process(proc.pid)
+    out_chunks: list[bytes] = []
+    import threading
+
+    reader = threading.Thread(target=lambda: out_chunks.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    tree_peak = 0
+    while proc.poll() is None:
+        try:
+            procs = [ps] + ps.children(recursive=True)
+            tree_peak = max(tree_peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            pass
+        time.sleep(interval)
+    wall = time.perf_counter() - t0
+    reader.join()
+    # the child has been reaped by poll(); its own peak comes from RUSAGE_CHILDREN deltas below
+    return {"rc": proc.returncode, "wall": wall, "output": b"".join(out_chunks).decode(errors="replace"),
+            "tree_peak_rss": tree_peak}
+
+
+def run_child(args: list[str], *, env: dict | None = None) -> dict:
+    """Run `python <args>` whose last stdout line is a JSON object; return it plus peak RSS:
+    `rss` = the child's own ru_maxrss (via RUSAGE_CHILDREN before/after: children run one at a
+    time, so the max grows to this child's peak if it is the largest so far) - the child also
+    reports its own getrusage(RUSAGE_SELF) peak, which is what is used."""
+    res = measure_process([PYTHON, *args], env=env)
+    if res["rc"] != 0:
+        raise RuntimeError(f"{' '.join(args)} failed (rc {res['rc']}):\n{res['output'][-4000:]}")
+    last = [line for line in res["output"].splitlines() if line.startswith("{")][-1]
+    return {**json.loads(last), "wall": res["wall"], "tree_peak_rss": res["tree_peak_rss"]}
+
+
+def self_peak_rss() -> int:
+    """Peak RSS of this process in bytes."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ------------------------------------------------------------------ reporting
+
+
+def table(rows: list[list], headers: list[str]) -> str:
+    """A GitHub-markdown table (also readable on a terminal)."""
+    cells = [[str(c) for c in r] for r in [headers] + rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    lines = [fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    return "\n".join([lines[0], lines[1], *map(fmt, cells[1:])])
+
+
+def goal(name: str, value: float, op: str, target: float) -> str:
+    met = value <= target if op == "<=" else value >= target
+    line = f"GOAL {name}: {value:.3g} (goal {op} {target:g}) -> {'MET' if met else 'NOT MET'}"
+    print(line)
+    return line
+
+
+def save_figure(fig, name: str) -> Path:
+    """bench/figures/<name>.png, kept under 200 KB."""
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    path = FIGURES / f"{name}.png"
+    for dpi in (100, 80, 60):
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        if path.stat().st_size < 200_000:
+            break
+    print(f"figure: {path.relative_to(ROOT)} ({path.stat().st_size // 1000} KB)")
+    return path
+
+
+def mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"

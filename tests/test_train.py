@@ -1,0 +1,263 @@
+"""`cogfun train` for real: tiny InP model, real shards, DDP / ZeRO-2 / FSDP2 over gloo, exact resume."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cogfun.config import PrecomputeConfig, TrainConfig
+from cogfun.dist import LaunchError, check_world
+from cogfun.shards import ShardError
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".venv" / "bin"
+DATA = dict(video_sample_size=64, image_sample_size=64, token_sample_size=64, video_sample_n_frames=9,
+            video_sample_stride=2, enable_bucket=True, train_mode="inpaint", mask_policies="i2v,first_last",
+            num_views=2, seed=42)
+TRAIN_FLAGS = ["--train_mode", "inpaint", "--mixed_precision", "no", "--rank", "4", "--network_alpha", "2",
+               "--learning_rate", "1e-3", "--dataloader_num_workers", "0", "--report_to", "none",
+               "--max_grad_norm", "0.05", "--random_frame_crop", "--seed", "42"]
+FSDP_LAUNCH = ["--use_fsdp", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap",
+               "CogVideoXBlock", "--fsdp_sharding_strategy", "FULL_SHARD", "--fsdp_state_dict_type=SHARDED_STATE_DICT",
+               "--fsdp_backward_prefetch", "BACKWARD_PRE", "--fsdp_cpu_ram_efficient_loading", "False"]
+LAUNCHES = {
+    "ddp": (["--multi_gpu", "--num_processes", "2"], {"ACCELERATE_USE_CPU": "true"}),
+    "deepspeed": (["--use_deepspeed", "--deepspeed_config_file", str(ROOT / "config/zero_stage2_config.json"),
+                   "--deepspeed_multinode_launcher", "standard", "--num_processes", "2"], {}),
+    "fsdp": (FSDP_LAUNCH + ["--num_processes", "2"], {}),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_env(extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=str(ROOT / ".venv" / "torch_extensions"))
+    for key in ("ACCELERATE_USE_CPU", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "WORLD_SIZE"):
+        env.pop(key, None)
+    env.update(extra or {})
+    return env
+
+
+def run_cli(args, launch=None, env=None, timeout=400):
+    if launch is None:
+        cmd = [str(VENV / "python"), str(ROOT / "cli.py"), *args]
+    else:
+        cmd = [str(VENV / "accelerate"), "launch", *launch, "--main_process_port", str(free_port()),
+               str(ROOT / "cli.py"), *args]
+    out = subprocess.run(cmd, cwd=ROOT, env=cli_env(env), capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(cmd)}\nSTDOUT:\n{out.stdout[-3000:]}\nSTDERR:\n{out.stderr[-6000:]}"
+    return out
+
+
+def losses(out_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def lora(out_dir: Path) -> dict:
+    return load_file(str(out_dir / "pytorch_lora_weights.safetensors"))
+
+
+def assert_same_lora(a: dict, b: dict, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from cogfun.tiny import write_synthetic_dataset, write_tiny_model
+    from stages.precompute import precompute
+
+    root = tmp_path_factory.mktemp("train")
+    model = write_tiny_model(root / "model", "inp", seed=0)
+    t2v = write_tiny_model(root / "model_t2v", "t2v", seed=0)
+    meta = write_synthetic_dataset(root / "data", seed=0)
+    shards = root / "shards"
+    precompute(PrecomputeConfig(pretrained_model_name_or_path=str(model), train_data_meta=str(meta),
+                                train_data_dir=str(meta.parent), shard_dir=str(shards), mixed_precision="no",
+                                dataloader_num_workers=0, **DATA), progress=False)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    return {"root": root, "model": model, "t2v": t2v, "meta": meta, "shards": shards}
+
+
+def base_args(setup, out, steps=4, ckpt=2, accumulation=1):
+    return ["train", "--pretrained_model_name_or_path", str(setup["model"]), "--shard_dir", str(setup["shards"]),
+            "--output_dir", str(out), "--max_train_steps", str(steps), "--checkpointing_steps", str(ckpt),
+            "--gradient_accumulation_steps", str(accumulation), *TRAIN_FLAGS]
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """One process, accumulation 2: the same global batches as 2 ranks x accumulation 1."""
+    out = setup["root"] / "ref"
+    run_cli(base_args(setup, out, accumulation=2))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["ddp", "deepspeed", "fsdp"])
+def test_two_processes_match_one_and_resume_exactly(setup, reference, kind):
+    launch, env = LAUNCHES[kind]
+    out = setup["root"] / kind
+    run_cli(base_args(setup, out), launch=launch, env=env)
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["world_size"] == 2 and run_config["launch"] == ("ddp" if kind == "ddp" else kind)
+    assert losses(out) == pytest.approx(losses(reference), rel=1e-5)
+    assert_same_lora(lora(out), lora(reference), atol=1e-5)
+    assert (out / "checkpoint-2" / "cogfun_state.json").is_file()
+    full = lora(out)
+    # resume from step 2 into the same output dir: steps 3-4 and the LoRA come out the same
+    run_cli(base_args(setup, out) + ["--resume_from_checkpoint", str(out / "checkpoint-2")], launch=launch, env=env)
+    assert losses(out) == pytest.approx(losses(reference), rel=1e-5)
+    assert_same_lora(lora(out), full, atol=1e-6)
+
+
+def test_kill_and_resume_latest_single_process(setup, tmp_path):
+    steps, every = 120, 10
+    ref = tmp_path / "ref"
+    run_cli(base_args(setup, ref, steps=steps, ckpt=every))
+    out = tmp_path / "killed"
+    args = base_args(setup, out, steps=steps, ckpt=every)
+    proc = subprocess.Popen([str(VENV / "python"), str(ROOT / "cli.py"), *args], cwd=ROOT, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / f"checkpoint-{every}" / "cogfun_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before its first checkpoint"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "pytorch_lora_weights.safetensors").exists(), "killed too late to test a resume"
+    res = run_cli(args + ["--resume_from_checkpoint", "latest"])
+    assert "resumed from" in res.stdout
+    assert losses(out) == pytest.approx(losses(ref), rel=1e-6)
+    assert_same_lora(lora(out), lora(ref), atol=0)
+
+
+def test_latest_skips_incomplete_checkpoints(tmp_path):
+    from stages.train import CHECKPOINT_STATE, find_checkpoint
+
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / CHECKPOINT_STATE).write_text(json.dumps({"global_step": step}))
+    (tmp_path / ".checkpoint-6.tmp").mkdir()          # killed while saving
+    (tmp_path / "checkpoint-8").mkdir()                # no state file: not complete
+    assert find_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-4"
+    assert find_checkpoint(tmp_path, None) is None
+    with pytest.raises(Exception, match="not a complete"):
+        find_checkpoint(tmp_path, str(tmp_path / "checkpoint-8"))
+
+
+def test_pinned_loss_curve_and_no_vae_or_t5(setup, tmp_path, monkeypatch):
+    """In-process: the VAE and T5 classes are never constructed, and the first losses are pinned."""
+    import diffusers
+    import transformers
+
+    from stages.train import train
+
+    def forbidden(self, *a, **k):
+        raise AssertionError(f"{type(self).__name__} constructed in the training process")
+
+    monkeypatch.setattr(diffusers.AutoencoderKLCogVideoX, "__init__", forbidden)
+    monkeypatch.setattr(transformers.T5EncoderModel, "__init__", forbidden)
+    cfg = TrainConfig(pretrained_model_name_or_path=str(setup["model"]), shard_dir=str(setup["shards"]),
+                      output_dir=str(tmp_path / "out"), max_train_steps=6, checkpointing_steps=100,
+                      mixed_precision="no", rank=4, network_alpha=2.0, learning_rate=1e-3, dataloader_num_workers=0,
+                      report_to="none", max_grad_norm=0.05, random_frame_crop=True, **DATA)
+    result = train(cfg)
+    got = result["losses"]
+    print("losses", got)
+    assert got == pytest.approx(PINNED, rel=1e-4)
+    assert len(json.loads((tmp_path / "out" / "run_config.json").read_text())["lora_targets"]) == 10
+
+
+PINNED = [1.425904631614685, 1.845109462738037, 1.7184699773788452, 1.5701414346694946, 1.263187289237976,
+          1.746039867401123]
+
+
+def test_shards_that_do_not_fit_are_refused(setup, tmp_path):
+    from stages.train import train
+
+    common = dict(shard_dir=str(setup["shards"]), output_dir=str(tmp_path / "o"), max_train_steps=1,
+                  mixed_precision="no", report_to="none", dataloader_num_workers=0)
+    with pytest.raises(ShardError, match="in_channels"):
+        train(TrainConfig(pretrained_model_name_or_path=str(setup["t2v"]), **{**DATA, "train_mode": "inpaint"}, **common))
+    with pytest.raises(ShardError, match="in_channels"):
+        train(TrainConfig(pretrained_model_name_or_path=str(setup["model"]), **{**DATA, "train_mode": "normal"}, **common))
+
+
+def test_trained_lora_loads_in_diffusers_with_its_scale(setup, reference):
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    from cogfun.lora import inject_lora
+
+    base = CogVideoXTransformer3DModel.from_pretrained(setup["model"] / "transformer")
+    ours = CogVideoXTransformer3DModel.from_pretrained(setup["model"] / "transformer")
+    trained = lora(reference)
+    targets = inject_lora(ours, rank=4, alpha=2.0, target_name="to_q,to_k,to_v,ff.0,ff.2", use_peft=False)
+    missing = ours.load_state_dict({k.removeprefix("transformer."): v for k, v in trained.items()}, strict=False)
+    assert not missing.unexpected_keys and len(targets) == 10
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=base,
+                             scheduler=CogVideoXDDIMScheduler())
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 33, 8, 8)
+    text = torch.randn(1, 226, 32)
+    t = torch.tensor([500])
+    with torch.no_grad():
+        before = base(hidden_states=x, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
+        pipe.load_lora_weights(str(reference))
+        after = base(hidden_states=x, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
+        expected = ours(hidden_states=x, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
+    assert (after - before).abs().max() > 1e-4          # the LoRA does something
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-4)   # exactly our LoRA, alpha/rank applied
+
+
+def test_seed_form_precompute_then_train_with_seed_flags(setup, tmp_path):
+    """The seed's plain-accelerate line, flags unchanged in name (values shrunk for the CPU)."""
+    out = tmp_path / "seed_out"
+    flags = ["train", f"--pretrained_model_name_or_path={setup['model']}", f"--train_data_dir={setup['meta'].parent}",
+             f"--train_data_meta={setup['meta']}", "--image_sample_size=64", "--video_sample_size=64",
+             "--token_sample_size=64", "--video_sample_stride=2", "--video_sample_n_frames=9", "--train_batch_size=1",
+             "--video_repeat=1", "--gradient_accumulation_steps=1", "--dataloader_num_workers=1",
+             "--num_train_epochs=100", "--max_train_steps=3", "--checkpointing_steps=50", "--learning_rate=1e-04",
+             "--seed=42", f"--output_dir={out}", "--gradient_checkpointing", "--mixed_precision=bf16",
+             "--adam_weight_decay=3e-2", "--adam_epsilon=1e-10", "--vae_mini_batch=1", "--max_grad_norm=0.05",
+             "--random_hw_adapt", "--training_with_video_token_length", "--enable_bucket", "--rank=64",
+             "--network_alpha=32", "--target_name=to_q,to_k,to_v,ff.0,ff.2", "--use_peft_lora", "--low_vram",
+             "--train_mode=inpaint", "--report_to=none"]
+    res = run_cli(flags, launch=["--mixed_precision=bf16", "--num_processes", "1"])
+    assert (out / "shards" / "manifest.json").is_file()
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert len(losses(out)) == 3 and all(l == l for l in losses(out))
+    again = run_cli(flags, launch=["--mixed_precision=bf16", "--num_processes", "1"])
+    assert "up to date" in again.stdout
+
+
+def test_launch_guard(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LaunchError, match="independent copies"):
+        check_world(1)
+    check_world(2)
