@@ -11,7 +11,7 @@ imported, so every side of every comparison runs with the same threads. The rest
   bench/out/ (git-ignored) by their parameters.
 - `real_sample`, `write_real_shards`: random bf16 samples of real CogVideoX shapes written with the
   product's `encode_sample` + `BucketWriters`, plus the index/manifest the train loader reads.
-- `measure_process`: run a command, return its peak RSS (own and whole process tree) and output.
+- `measure_process`, `run_child`, `self_peak_rss`: a command's output and peak RSS.
 - `table`, `save_figure`, `machine`: reporting.
 """
 
@@ -105,6 +105,11 @@ def per_round_ratio(num: list[float], den: list[float]) -> list[float]:
 
 
 # ------------------------------------------------------------------ tiny model + clips + shards
+
+def n_clips(quick: bool) -> int:
+    """Clips in the shared benchmark dataset (one epoch is longer than any measured run)."""
+    return 12 if quick else 32
+
 
 BIG_TINY = {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 32, "time_embed_dim": 64}
 
@@ -287,7 +292,7 @@ class LoraStep:
         torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.detach().item()
 
 
 class OnlineEncoder:
@@ -406,39 +411,43 @@ def write_real_shards(shard_dir: Path, n: int, *, frames: int, height: int, widt
 
 
 def measure_process(cmd: list[str], *, env: dict | None = None, interval: float = 0.02) -> dict:
-    """Run `cmd`; return rc, wall seconds, output, peak RSS of the process itself (ru_maxrss via
-    wait4) and the peak of the summed RSS of its whole tree (sampled every `interval` s)."""
-    import psutil
+    """Run `cmd`; return rc, wall seconds, output and `tree_peak_rss`, the peak of the summed RSS
+    of its whole process tree (sampled every `interval` s).
 
-    full_env = {**os.environ, **(env or {})}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    ps = psutil.Process(proc.pid)
-    out_chunks: list[bytes] = []
+    Not ru_maxrss (getrusage RUSAGE_CHILDREN / wait4): Linux carries the high-water mark of the
+    process that forked the child across exec (signal->maxrss), so every child of a big parent
+    reports at least the parent's size. The child's own peak is its VmHWM (`self_peak_rss`)."""
     import threading
 
-    reader = threading.Thread(target=lambda: out_chunks.append(proc.stdout.read()), daemon=True)
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
     reader.start()
+    ps = psutil.Process(proc.pid)
     tree_peak = 0
-    while proc.poll() is None:
+    while True:
+        pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        if pid:
+            break
         try:
-            procs = [ps] + ps.children(recursive=True)
-            tree_peak = max(tree_peak, sum(p.memory_info().rss for p in procs if p.is_running()))
-        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            tree_peak = max(tree_peak, sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]))
+        except psutil.Error:
             pass
         time.sleep(interval)
     wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
     reader.join()
-    # the child has been reaped by poll(); its own peak comes from RUSAGE_CHILDREN deltas below
-    return {"rc": proc.returncode, "wall": wall, "output": b"".join(out_chunks).decode(errors="replace"),
+    return {"rc": proc.returncode, "wall": wall, "output": b"".join(chunks).decode(errors="replace"),
             "tree_peak_rss": tree_peak}
 
 
 def run_child(args: list[str], *, env: dict | None = None) -> dict:
-    """Run `python <args>` whose last stdout line is a JSON object; return it plus peak RSS:
-    `rss` = the child's own ru_maxrss (via RUSAGE_CHILDREN before/after: children run one at a
-    time, so the max grows to this child's peak if it is the largest so far) - the child also
-    reports its own getrusage(RUSAGE_SELF) peak, which is what is used."""
+    """Run `python <args>` whose last stdout line starting with "{" is a JSON report; return it
+    with `measure_process`'s wall time and peak RSS figures added."""
     res = measure_process([PYTHON, *args], env=env)
     if res["rc"] != 0:
         raise RuntimeError(f"{' '.join(args)} failed (rc {res['rc']}):\n{res['output'][-4000:]}")
@@ -446,8 +455,20 @@ def run_child(args: list[str], *, env: dict | None = None) -> dict:
     return {**json.loads(last), "wall": res["wall"], "tree_peak_rss": res["tree_peak_rss"]}
 
 
+def quiet(fn, *args, **kwargs):
+    """Call fn with stdout/stderr (progress bars, prints) discarded."""
+    import contextlib
+
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), contextlib.redirect_stderr(null):
+        return fn(*args, **kwargs)
+
+
 def self_peak_rss() -> int:
-    """Peak RSS of this process in bytes."""
+    """Peak RSS of this process in bytes: VmHWM, the high-water mark of its own address space
+    (see `measure_process` for why not ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -34,12 +34,11 @@ def main() -> None:
     args = C.parse_args(__doc__.splitlines()[0], add_args)
     steps = args.steps or (8 if args.quick else 20)
     rounds = args.rounds or (2 if args.quick else 4)
-    n_clips = max(8, steps + args.skip) if args.quick else 32  # one epoch covers a run: no epoch restarts
 
     from stages.train import train
 
     model = C.tiny_model(C.BIG_TINY)
-    meta = C.clip_dataset(n_clips)
+    meta = C.clip_dataset(C.n_clips(args.quick))  # one epoch covers a run: no epoch restarts
     shard_dir = C.shards_for(model, meta, size=args.size, frames=args.frames)
     out = C.scratch("step_cost")
     cfg = C.train_config(model, shard_dir, out / "run", steps=steps + args.skip,
@@ -58,7 +57,7 @@ def main() -> None:
         import shutil
 
         shutil.rmtree(cfg.output_dir, ignore_errors=True)
-        train(cfg)
+        C.quiet(train, cfg)
         return C.median(C.read_step_times(cfg.output_dir, args.skip))
 
     def bare_side():

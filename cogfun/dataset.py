@@ -8,6 +8,7 @@ row or line); a bad row or a bad clip is skipped with a reason that ends up in t
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ class Source:
     path: str            # resolved path on disk
     size: int = -1       # bytes on disk (-1: missing)
     mtime_ns: int = -1
+    fps: float = 0.0     # average frame rate, known after probing (0 for images)
 
     def digest_fields(self) -> tuple:
         """What identifies this input for the precompute fingerprint."""
@@ -93,7 +95,7 @@ def load_sources(meta: str | Path, data_dir: str | Path | None) -> tuple[list[So
             continue
         text = row.get("text")
         if text is None or not isinstance(text, str):
-            skipped.append(Skipped(file_path, "row has no text (caption)"))
+            skipped.append(Skipped(file_path, f"row {i} has no text (caption)"))
             continue
         kind = (row.get("type") or "video")
         if kind not in ("video", "image"):
@@ -130,7 +132,7 @@ def probe_and_plan(sources: list[Source], sampling: Sampling, *, workers: int = 
                    progress: bool = True) -> tuple[list[SamplePlan], list[Skipped], dict[str, Source]]:
     """Probe every source in parallel and plan its samples.
 
-    Returns (plans sorted by key, skipped sorted by file_path, key -> source).
+    Returns (plans sorted by key, skipped sorted by file_path, key -> source with its probed fps).
     """
     from tqdm import tqdm
 
@@ -152,6 +154,7 @@ def probe_and_plan(sources: list[Source], sampling: Sampling, *, workers: int = 
             except PlanSkip as exc:
                 skipped.append(Skipped(src.file_path, str(exc)))
                 continue
+            src = dataclasses.replace(src, fps=info.fps)
             for p in clip_plans:
                 plans.append(p)
                 by_key[p.key] = src

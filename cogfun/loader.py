@@ -30,9 +30,11 @@ class CachedSamples:
         self.shards = sorted(manifest["shards"])           # relative paths
         self.counts = [manifest["shards"][s] for s in self.shards]
         self.offsets = {}
+        self.starts = []
         total = 0
         for s, n in zip(self.shards, self.counts):
             self.offsets[s] = total
+            self.starts.append(total)
             total += n
         self.total = total
         self.lru_size = lru_size
@@ -44,9 +46,8 @@ class CachedSamples:
     def locate(self, index: int) -> tuple[str, int]:
         import bisect
 
-        starts = [self.offsets[s] for s in self.shards]
-        i = bisect.bisect_right(starts, index) - 1
-        return self.shards[i], index - starts[i]
+        i = bisect.bisect_right(self.starts, index) - 1
+        return self.shards[i], index - self.starts[i]
 
     def _tar(self, shard: str):
         from wids.wids import IndexedTarSamples

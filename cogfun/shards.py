@@ -5,9 +5,11 @@
     S/index.parquet          one row per sample (key, bucket, shard, position, source, ...)
     S/null_prompt.safetensors  the empty-caption T5 embedding
     S/.precompute.json       the settings+model fingerprint of the run that is filling S
+    S/.work/                 scratch of a running precompute (T5 spill files)
 
-A sample is `<key>.json` (metadata) + `<key>.safetensors` (bf16 tensors). Nothing here
-unpickles: a member with any other extension is refused.
+A sample is `<key>.json` (metadata: source, caption, view, frame indices, fps, resize/crop,
+bucket sizes, and `input`, the digest of the source it was made from) + `<key>.safetensors`
+(bf16 tensors). Nothing here unpickles: a member with any other extension is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ INDEX = "index.parquet"
 NULL_PROMPT = "null_prompt.safetensors"
 INTENT = ".precompute.json"
 HASH_CACHE = ".model-hash-cache.json"
+WORK = ".work"                      # per-run scratch (T5 spill files), emptied by the next run
 ALLOWED_MEMBERS = ("json", "safetensors")
 
 
@@ -106,14 +109,29 @@ class BucketWriters:
 
 
 def remove_partial(shard_dir: Path) -> list[Path]:
-    """Delete `.tmp` leftovers of an interrupted run (never complete, never listed)."""
+    """Delete `.tmp` leftovers and T5 spill files of an interrupted run (never complete, never listed).
+
+    Call before any rank of the new run starts writing."""
     removed = []
-    for p in Path(shard_dir).glob("*/*.tar.tmp"):
-        p.unlink()
-        removed.append(p)
-    for p in Path(shard_dir).glob("*.tmp"):
-        p.unlink()
-        removed.append(p)
+    for pattern in ("*/*.tar.tmp", "*.tmp", f"{WORK}/*"):
+        for p in Path(shard_dir).glob(pattern):
+            p.unlink()
+            removed.append(p)
+    return removed
+
+
+def remove_stale(shard_dir: Path, inputs: dict[str, str], keep: set[str] = frozenset()) -> list[Path]:
+    """Delete complete tars (other than the committed ones in `keep`) holding a sample whose source
+    is no longer an input or has changed (size, mtime, caption) since it was written: the leftovers
+    of an interrupted run must not be trusted blindly. Their other samples are simply encoded again."""
+    removed = []
+    for path in sorted(Path(shard_dir).glob("*/*.tar")):
+        rel = str(path.relative_to(shard_dir))
+        if rel in keep:
+            continue
+        if any(inputs.get(r.meta.get("source")) != r.meta.get("input") for r in scan_tar(path, rel)):
+            path.unlink()
+            removed.append(path)
     return removed
 
 

@@ -10,6 +10,7 @@ with complete tars and no manifest (a crash) -> those samples are kept and the r
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 import uuid
@@ -99,8 +100,6 @@ def check_existing(shard_dir: Path, parts: dict, fp: str, inputs: dict, overwrit
         problems = diffs + [f"source removed: {p}" for p in removed[:20]] + \
             [f"source changed (size, mtime or caption): {p}" for p in changed[:20]]
     elif intent_path.exists():
-        import json
-
         intent = json.loads(intent_path.read_text())
         problems = shards.describe_differences(intent["fingerprint_parts"], parts)
         if not problems:
@@ -177,6 +176,13 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         return summary
     if main:
         shards.remove_partial(shard_dir)
+        if decision in ("resume", "incremental"):
+            # complete tars of an interrupted run whose sources changed since: not reused
+            committed = set(shards.require_manifest(shard_dir)["shards"]) if decision == "incremental" else set()
+            stale = shards.remove_stale(shard_dir, inputs, keep=committed)
+            if stale:
+                print(f"{shard_dir}: removed {len(stale)} unfinished tar(s) holding samples of sources that "
+                      f"changed or were removed since they were written; their samples are encoded again")
         if decision != "incremental":
             shards.write_json_atomic(shard_dir / shards.INTENT, {"fingerprint_parts": parts})
     state.wait_for_everyone()
@@ -197,7 +203,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     # ------------------------------------------------------------ T5: captions of my work, then free it
     device = state.device
     dtype = models.dtype_of(cfg.mixed_precision)
-    spill_dir = shard_dir / ".work"
+    spill_dir = shard_dir / shards.WORK
     spill_dir.mkdir(exist_ok=True)
     run_id = uuid.uuid4().hex[:8]
     captions = sorted({caption_of[p.key] for p in work} | ({""} if main else set()))
@@ -265,8 +271,11 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
                 tensors = {k: v.to("cpu", torch.bfloat16).clone() for k, v in tensors.items()}  # own storage each
                 meta = {"source": plan.source, "caption": text, "kind": plan.kind, "bucket": plan.bucket,
                         "view": plan.view, "base": plan.base, "frame_indices": list(plan.frame_indices),
+                        "fps": by_key[plan.key].fps, "resize_hw": list(plan.resize_hw),
+                        "crop_box": list(plan.crop_box),
                         "frames": plan.frames, "height": plan.height, "width": plan.width,
-                        "latent_frames": plan.latent_frames, "tokens": plan.tokens}
+                        "latent_frames": plan.latent_frames, "tokens": plan.tokens,
+                        "input": inputs[plan.source]}  # the source's digest: stale leftovers are spotted
                 writers.write(plan.bucket, shards.encode_sample(plan.key, meta, tensors))
 
         bar = tqdm(total=n_work_total, desc="precompute", unit="clip", disable=not (progress and main),
@@ -346,6 +355,10 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         }
         shards.write_json_atomic(shard_dir / shards.MANIFEST, manifest)
         (shard_dir / shards.INTENT).unlink(missing_ok=True)
+        try:
+            spill_dir.rmdir()  # every rank removed its spills before the gathers above
+        except OSError:
+            pass
         seconds = time.time() - t_start
         summary = {"status": decision, "fingerprint": fp, "samples": len(rows), "encoded": n_encoded_total,
                    "buckets": {k: v["count"] for k, v in sorted(buckets.items())},

@@ -25,7 +25,7 @@ DATA = dict(video_sample_size=64, image_sample_size=64, token_sample_size=64, vi
             num_views=2, seed=42)
 TRAIN_FLAGS = ["--train_mode", "inpaint", "--mixed_precision", "no", "--rank", "4", "--network_alpha", "2",
                "--learning_rate", "1e-3", "--dataloader_num_workers", "0", "--report_to", "none",
-               "--max_grad_norm", "0.05", "--random_frame_crop", "--seed", "42"]
+               "--max_grad_norm", "0.001", "--random_frame_crop", "--seed", "42"]  # clipping active every step
 FSDP_LAUNCH = ["--use_fsdp", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_transformer_layer_cls_to_wrap",
                "CogVideoXBlock", "--fsdp_sharding_strategy", "FULL_SHARD", "--fsdp_state_dict_type=SHARDED_STATE_DICT",
                "--fsdp_backward_prefetch", "BACKWARD_PRE", "--fsdp_cpu_ram_efficient_loading", "False"]
@@ -122,6 +122,8 @@ def reference(setup):
 @pytest.mark.parametrize("kind", ["ddp", "deepspeed", "fsdp"])
 def test_two_processes_match_one_and_resume_exactly(setup, reference, kind):
     launch, env = LAUNCHES[kind]
+    norms = [json.loads(line)["grad_norm"] for line in (reference / "train_log.jsonl").read_text().splitlines()]
+    assert min(norms) > 0.001 * 2, "the gradients must exceed --max_grad_norm for this test to check clipping"
     out = setup["root"] / kind
     run_cli(base_args(setup, out), launch=launch, env=env)
     run_config = json.loads((out / "run_config.json").read_text())
@@ -235,8 +237,17 @@ def test_trained_lora_loads_in_diffusers_with_its_scale(setup, reference):
     torch.testing.assert_close(after, expected, atol=1e-5, rtol=1e-4)   # exactly our LoRA, alpha/rank applied
 
 
-def test_seed_form_precompute_then_train_with_seed_flags(setup, tmp_path):
-    """The seed's plain-accelerate line, flags unchanged in name (values shrunk for the CPU)."""
+SEED_LAUNCH = {  # the seed's accelerate flags, verbatim (+ 2 processes for the distributed ones)
+    "plain": ['--mixed_precision=bf16'],
+    "deepspeed": ["--use_deepspeed", "--deepspeed_config_file", str(ROOT / "config/zero_stage2_config.json"),
+                  "--deepspeed_multinode_launcher", "standard", "--num_processes", "2"],
+    "fsdp": ["--mixed_precision=bf16"] + FSDP_LAUNCH + ["--num_processes", "2"],
+}
+
+
+@pytest.mark.parametrize("line", ["plain", "deepspeed", "fsdp"])
+def test_seed_launch_lines_precompute_then_train(setup, tmp_path, line):
+    """The seed's three launch lines with `cli.py train`, flags unchanged in name (values shrunk for the CPU)."""
     out = tmp_path / "seed_out"
     flags = ["train", f"--pretrained_model_name_or_path={setup['model']}", f"--train_data_dir={setup['meta'].parent}",
              f"--train_data_meta={setup['meta']}", "--image_sample_size=64", "--video_sample_size=64",
@@ -248,12 +259,16 @@ def test_seed_form_precompute_then_train_with_seed_flags(setup, tmp_path):
              "--random_hw_adapt", "--training_with_video_token_length", "--enable_bucket", "--rank=64",
              "--network_alpha=32", "--target_name=to_q,to_k,to_v,ff.0,ff.2", "--use_peft_lora", "--low_vram",
              "--train_mode=inpaint", "--report_to=none"]
-    res = run_cli(flags, launch=["--mixed_precision=bf16", "--num_processes", "1"])
-    assert (out / "shards" / "manifest.json").is_file()
+    run_cli(flags, launch=SEED_LAUNCH[line])
+    manifest = json.loads((out / "shards" / "manifest.json").read_text())
+    assert manifest["num_samples"] > 0 and manifest["config"]["mixed_precision"] == "bf16"
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["launch"] == ("single" if line == "plain" else line)
     assert len(losses(out)) == 3 and all(l == l for l in losses(out))
-    again = run_cli(flags, launch=["--mixed_precision=bf16", "--num_processes", "1"])
-    assert "up to date" in again.stdout
+    if line == "plain":
+        again = run_cli(flags, launch=SEED_LAUNCH[line])
+        assert "up to date" in again.stdout
 
 
 def test_launch_guard(monkeypatch):
