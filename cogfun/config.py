@@ -52,7 +52,7 @@ class DataArgs:
     training_with_video_token_length: bool = opt(False, "Trade frames for resolution: a video at base s gets the largest 4k+1 <= N*T^2/s^2 frames; bases range from video_sample_size to image_sample_size.", fingerprint=True)
     enable_bucket: bool = opt(False, "Keep each clip's aspect ratio (nearest ratio bucket) instead of center-cropping a square.", fingerprint=True)
     random_frame_crop: bool = opt(False, "At train time, keep a random-length prefix of the latent frames (full length ~90% of the time).")
-    video_repeat: int = opt(1, "Videos weigh this many times more than images when batches are drawn (>= 1).")
+    video_repeat: int = opt(1, "Videos weigh this many times more than images when batches are drawn (0 counts as 1, as in CogVideoX-Fun).")
     train_mode: str = opt("normal", "normal: text-to-video (in_channels 16); inpaint / i2v: InP models (in_channels 33), masked-clip latents are cached.", choices=TRAIN_MODES, fingerprint=True)
     seed: int = opt(42, "Seed of every random choice (base sizes, frame windows, batch order, noise).", fingerprint=True)
     num_views: int = opt(1, "Independent draws (base size, frame window) stored per clip, so augmentation survives caching.", fingerprint=True)
@@ -65,7 +65,7 @@ class EncodeArgs:
     """How the precompute stage encodes and writes shards."""
     shard_dir: Optional[str] = opt(None, "Folder of the cached shards (manifest.json, index.parquet, <bucket>/*.tar).")
     vae_mini_batch: int = opt(1, "Samples per VAE encode call.")
-    low_vram: bool = opt(False, "Keep each encoder on the CPU between uses; also enables VAE slicing/tiling.")
+    low_vram: bool = opt(False, "Precompute on a small GPU: T5 stays on the CPU and streams its layers to the GPU (accelerate cpu_offload); VAE batch slicing. Same bytes.")
     dataloader_num_workers: int = opt(2, "DataLoader worker processes (decoding in precompute, shard reading in train).")
     mixed_precision: str = opt("bf16", "Compute dtype of the encoders (precompute) and of the frozen transformer (train).", choices=MIXED_PRECISION, fingerprint=True)
     overwrite: bool = opt(False, "Precompute: replace a shard dir made with different settings, model or sources.")
@@ -99,7 +99,6 @@ class TrainArgs:
     use_peft_lora: bool = opt(False, "Inject LoRA with peft (otherwise cogfun's own layers; same maths, same file).")
     caption_dropout: float = opt(0.1, "Probability of training a sample on the empty-caption embedding.")
     report_to: str = opt("tensorboard", "Tracker for accelerate: tensorboard or none.", choices=("tensorboard", "none"))
-    uniform_sampling: bool = opt(False, "Accepted for CogVideoX-Fun compatibility; timesteps are always uniform in [0, 1000).", hidden=True)
 
 
 @dataclass

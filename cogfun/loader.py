@@ -91,10 +91,11 @@ class BucketBatchSampler:
     def __init__(self, rows: list[tuple[int, str, str]], *, batch_size: int, world: int, rank: int,
                  accumulation: int, seed: int, video_repeat: int = 1):
         """rows: (global index, bucket, kind) per sample."""
-        if video_repeat < 1:
-            raise ValueError(f"--video_repeat must be >= 1, got {video_repeat}")
+        if video_repeat < 0:
+            raise ValueError(f"--video_repeat must be >= 0, got {video_repeat}")
         self.rows, self.batch_size, self.world, self.rank = rows, batch_size, world, rank
-        self.accumulation, self.seed, self.video_repeat = accumulation, seed, video_repeat
+        self.accumulation, self.seed = accumulation, seed
+        self.video_repeat = max(1, video_repeat)  # CogVideoX-Fun: 0 means "no extra repeats"
         self.epoch = 0
         n = len(self.global_batches(0))
         if n == 0:

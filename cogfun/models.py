@@ -92,12 +92,20 @@ def _hash_small_dir(folder: Path) -> str:
 
 # ---------------------------------------------------------------- text encoder
 
-def load_text_encoder(model: str | Path, dtype, device):
+def load_text_encoder(model: str | Path, dtype, device, *, offload: bool = False):
+    """Tokenizer + T5 encoder; with `offload` the weights stay on the CPU and each layer is moved
+    to `device` only while it runs (T5-XXL on a small GPU)."""
     from transformers import AutoTokenizer, T5EncoderModel
 
     tokenizer = AutoTokenizer.from_pretrained(component_dir(model, "tokenizer"))
     encoder = T5EncoderModel.from_pretrained(component_dir(model, "text_encoder"), torch_dtype=dtype)
-    encoder.requires_grad_(False).eval().to(device)
+    encoder.requires_grad_(False).eval()
+    if offload and device.type != "cpu":
+        from accelerate import cpu_offload
+
+        cpu_offload(encoder, execution_device=device)
+    else:
+        encoder.to(device)
     return tokenizer, encoder
 
 
@@ -107,8 +115,10 @@ def encode_prompts(tokenizer, encoder, texts: list[str]):
 
     ids = tokenizer(texts, padding="max_length", max_length=TEXT_LEN, truncation=True,
                     add_special_tokens=True, return_tensors="pt").input_ids
+    device = getattr(encoder, "_hf_hook", None)
+    device = device.execution_device if device is not None else encoder.device
     with torch.no_grad():
-        return encoder(ids.to(encoder.device))[0]
+        return encoder(ids.to(device))[0]
 
 
 # ---------------------------------------------------------------- VAE

@@ -212,7 +212,8 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     if captions:
         from safetensors.torch import save_file
 
-        tokenizer, encoder = models.load_text_encoder(cfg.pretrained_model_name_or_path, dtype, device)
+        tokenizer, encoder = models.load_text_encoder(cfg.pretrained_model_name_or_path, dtype, device,
+                                                      offload=cfg.low_vram)
         pending: dict[str, torch.Tensor] = {}
         for i in range(0, len(captions), T5_BATCH):
             chunk = captions[i:i + T5_BATCH]
