@@ -64,7 +64,7 @@ class DataArgs:
 class EncodeArgs:
     """How the precompute stage encodes and writes shards."""
     shard_dir: Optional[str] = opt(None, "Folder of the cached shards (manifest.json, index.parquet, <bucket>/*.tar).")
-    vae_mini_batch: int = opt(1, "Samples per VAE encode call.")
+    vae_mini_batch: int = opt(1, "Samples per VAE encode call (same-bucket samples only). Batched encodes differ from single ones in the last bits, so this is part of the fingerprint, and only 1 gives shards that are bit-identical on any number of ranks.")
     low_vram: bool = opt(False, "Precompute on a small GPU: T5 stays on the CPU and streams its layers to the GPU (accelerate cpu_offload); VAE batch slicing. Same bytes.")
     dataloader_num_workers: int = opt(2, "DataLoader worker processes (decoding in precompute, shard reading in train).")
     mixed_precision: str = opt("bf16", "Compute dtype of the encoders (precompute) and of the frozen transformer (train).", choices=MIXED_PRECISION, fingerprint=True)

@@ -33,8 +33,8 @@ class Source:
     fps: float = 0.0     # average frame rate, known after probing (0 for images)
 
     def digest_fields(self) -> tuple:
-        """What identifies this input for the precompute fingerprint."""
-        return (self.file_path, self.size, self.mtime_ns, self.text)
+        """What identifies this input for the precompute fingerprint (the type decides how it is decoded)."""
+        return (self.file_path, self.size, self.mtime_ns, self.text, self.kind)
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,23 @@ def decode_sample(sample: dict) -> tuple[dict, dict]:
     return meta, tensors
 
 
+def save_tensors(tensors: dict, path: Path) -> None:
+    """safetensors' save_file, with I/O failures (disk full, permissions) raised as OSError:
+    safetensors raises its own SafetensorError, which the CLI would show as a traceback."""
+    import re
+
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path))
+    except Exception as exc:
+        found = re.search(r"os error (\d+)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
 def _as_bytes(member) -> bytes:
     """Member payload from webdataset (bytes) or wids (a BytesIO over the mmapped tar)."""
     return member.getvalue() if hasattr(member, "getvalue") else bytes(member)
@@ -104,8 +121,28 @@ class BucketWriters:
         self.done.append(final)
 
     def close(self) -> None:
-        for bucket in list(self.open):
-            self._finish(bucket)
+        try:
+            for bucket in list(self.open):
+                self._finish(bucket)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """After a failure (disk full, a crash while encoding): close the unfinished tars without
+        flushing anything more and delete them. Left to the garbage collector, tarfile would retry
+        the writes at exit and print 'Exception ignored' tracebacks after the real error."""
+        for writer, tmp, _, _ in self.open.values():
+            for close in (writer.tarstream.fileobj.close, getattr(writer.own_fileobj, "close", None)):
+                try:
+                    if close is not None:
+                        close()
+                except (OSError, ValueError):
+                    pass
+            writer.tarstream.closed = True
+            writer.own_fileobj = None
+            tmp.unlink(missing_ok=True)
+        self.open.clear()
 
 
 def remove_partial(shard_dir: Path) -> list[Path]:

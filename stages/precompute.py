@@ -46,22 +46,27 @@ class DecodeDataset:
         plan = self.plans[i]
         path = self.paths[plan.key]
         use_alarm = self.timeout > 0 and hasattr(signal, "SIGALRM")
-        if use_alarm:
-            previous = signal.signal(signal.SIGALRM, _on_alarm)
-            signal.setitimer(signal.ITIMER_REAL, self.timeout)
+        previous = signal.signal(signal.SIGALRM, _on_alarm) if use_alarm else None
         try:
-            if plan.kind == "image":
-                frames = video.decode_image(path, plan.resize_hw, plan.crop_box)
-            else:
-                frames = video.decode_video(path, list(plan.frame_indices), plan.resize_hw, plan.crop_box)
-            return i, video.frames_to_tensor(frames), None
-        except video.MediaError as exc:
+            # The timer is disarmed inside the outer try: an alarm that fires just as the decode
+            # finishes (even in the inner finally) is caught below, never escapes the worker.
+            try:
+                if use_alarm:
+                    signal.setitimer(signal.ITIMER_REAL, self.timeout)
+                if plan.kind == "image":
+                    frames = video.decode_image(path, plan.resize_hw, plan.crop_box)
+                else:
+                    frames = video.decode_video(path, list(plan.frame_indices), plan.resize_hw, plan.crop_box)
+                return i, video.frames_to_tensor(frames), None
+            finally:
+                if use_alarm:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+        except (video.MediaError, ValueError) as exc:  # ValueError: the file changed since it was probed
             return i, None, f"decode failed: {exc}"
         except DecodeTimeout:
             return i, None, f"decode timed out after {self.timeout:g} s"
         finally:
             if use_alarm:
-                signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, previous)
 
 
@@ -74,10 +79,15 @@ def _collate_one(batch):
 
 
 def settings_of(cfg: PrecomputeConfig) -> dict:
+    """The byte-relevant settings, normalised so that equal bytes mean equal settings."""
     settings = {k: getattr(cfg, k) for k in fingerprint_keys(PrecomputeConfig)}
     settings["mask_policies"] = mask_policy_list(cfg)
-    if cfg.train_mode == "normal":
-        settings["mask_policies"] = []
+    # inpaint and i2v cache the same tensors (they differ only at train time)
+    settings["train_mode"] = "normal" if cfg.train_mode == "normal" else "inpaint"
+    # A batched VAE encode differs from one-at-a-time in the last bits (bf16 values move), and a
+    # rank's batches depend on its share of the work: the effective VAE batch is part of the bytes.
+    # VAE slicing (--low_vram) encodes one sample at a time whatever the batch.
+    settings["vae_batch"] = 1 if cfg.low_vram else cfg.vae_mini_batch
     return settings
 
 
@@ -91,6 +101,10 @@ def check_existing(shard_dir: Path, parts: dict, fp: str, inputs: dict, overwrit
     intent_path = shard_dir / shards.INTENT
     if manifest is not None:
         if manifest["fingerprint"] == fp:
+            missing = [s for s in manifest["shards"] if not (shard_dir / s).is_file()]
+            if missing:
+                raise ShardError(f"{shard_dir}: the manifest lists {len(missing)} tar(s) that are gone "
+                                 f"(e.g. {missing[0]}); re-run with --overwrite to rebuild the shard dir")
             return "up_to_date"
         old_parts = manifest["fingerprint_parts"]
         diffs = shards.describe_differences(old_parts, parts)
@@ -98,7 +112,7 @@ def check_existing(shard_dir: Path, parts: dict, fp: str, inputs: dict, overwrit
         if not diffs and not removed and not changed:
             return "incremental"
         problems = diffs + [f"source removed: {p}" for p in removed[:20]] + \
-            [f"source changed (size, mtime or caption): {p}" for p in changed[:20]]
+            [f"source changed (size, mtime, caption or type): {p}" for p in changed[:20]]
     elif intent_path.exists():
         intent = json.loads(intent_path.read_text())
         problems = shards.describe_differences(intent["fingerprint_parts"], parts)
@@ -210,8 +224,6 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     caption_loc: dict[str, tuple[str, str]] = {}
     null_prompt = None
     if captions:
-        from safetensors.torch import save_file
-
         tokenizer, encoder = models.load_text_encoder(cfg.pretrained_model_name_or_path, dtype, device,
                                                       offload=cfg.low_vram)
         pending: dict[str, torch.Tensor] = {}
@@ -224,7 +236,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
                     null_prompt = emb[j].clone()
             if len(pending) >= T5_SPILL or i + T5_BATCH >= len(captions):
                 spill = spill_dir / f"t5-{rank:03d}-{run_id}-{i:07d}.safetensors"
-                save_file(pending, str(spill))
+                shards.save_tensors(pending, spill)
                 for name in pending:
                     caption_loc[captions[int(name[1:])]] = (str(spill), name)
                 pending = {}
@@ -282,22 +294,28 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         bar = tqdm(total=n_work_total, desc="precompute", unit="clip", disable=not (progress and main),
                    dynamic_ncols=True)
         batch: list = []
-        for i, pixels, reason in loader:
-            plan = work[i]
-            if pixels is None:
-                decode_skips.append(Skipped(plan.source, reason))
-            else:
-                if batch and batch[0][0].bucket != plan.bucket:
-                    flush(batch)
-                    batch = []
-                batch.append((plan, pixels))
-                if len(batch) >= cfg.vae_mini_batch:
-                    flush(batch)
-                    batch = []
-                n_encoded += 1
-            bar.update(world)  # ranks progress at about the same rate
-        if batch:
-            flush(batch)
+        try:
+            for i, pixels, reason in loader:
+                plan = work[i]
+                if pixels is None:
+                    decode_skips.append(Skipped(plan.source, reason))
+                else:
+                    if batch and batch[0][0].bucket != plan.bucket:
+                        flush(batch)
+                        batch = []
+                    batch.append((plan, pixels))
+                    if len(batch) >= cfg.vae_mini_batch:
+                        flush(batch)
+                        batch = []
+                    n_encoded += 1
+                bar.update(world)  # ranks progress at about the same rate
+            if batch:
+                flush(batch)
+        except BaseException:
+            writers.abort()  # e.g. disk full: drop the unfinished tars and the spills now, quietly
+            for spill in spill_dir.glob(f"t5-{rank:03d}-{run_id}-*.safetensors"):
+                spill.unlink(missing_ok=True)
+            raise
         bar.close()
         del vae
     writers.close()
@@ -328,9 +346,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         if missing:
             raise ShardError(f"{shard_dir}: {len(missing)} planned samples were not written (e.g. {missing[0]}); "
                              f"re-run the same command to finish them")
-        from safetensors.torch import save_file
-
-        save_file({"prompt_embeds": null_prompt}, str(shard_dir / (shards.NULL_PROMPT + ".tmp")))
+        shards.save_tensors({"prompt_embeds": null_prompt}, shard_dir / (shards.NULL_PROMPT + ".tmp"))
         (shard_dir / (shards.NULL_PROMPT + ".tmp")).replace(shard_dir / shards.NULL_PROMPT)
         shards.write_index(shard_dir, rows)
         buckets: dict[str, dict] = {}

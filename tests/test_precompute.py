@@ -69,7 +69,7 @@ def cli_args(cfg: PrecomputeConfig) -> list[str]:
 
 def read_tars(shard_dir: Path) -> dict[str, dict]:
     """Every sample of every complete tar on disk, read with plain webdataset iteration:
-    key -> {"json": bytes, "safetensors": bytes, "tar": relative path, "position": i}.
+    key -> {"json": bytes, "safetensors": bytes, "tar": relative path, "position": i, "raw": sample}.
     Fails on a key stored twice."""
     import webdataset as wds
 
@@ -116,6 +116,16 @@ def expected_keys(cfg: PrecomputeConfig) -> set[str]:
     sources, _ = load_sources(cfg.train_data_meta, cfg.train_data_dir)
     plans, _, _ = probe_and_plan(sources, Sampling.from_config(cfg), workers=1, progress=False)
     return {p.key for p in plans}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reset_accelerate_state():
+    """In-process runs create accelerate's process state; leave none behind for other modules."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -299,10 +309,16 @@ def test_reuse_incremental_and_mismatch(tiny_model_inp, synthetic_data, tmp_path
     assert mtimes(shard_dir) == before
 
     # settings that do not change the bytes do not invalidate the shards
-    same = precompute(dataclasses.replace(cfg, vae_mini_batch=2, dataloader_num_workers=1, probe_workers=1,
+    same = precompute(dataclasses.replace(cfg, dataloader_num_workers=1, probe_workers=1,
                                           decode_timeout=30.0, shard_max_samples=3), progress=False)
     assert same["status"] == "up to date" and same["encoded"] == 0
+    # VAE slicing (--low_vram) encodes one sample at a time: the same bytes as vae_mini_batch=1
+    sliced = precompute(dataclasses.replace(cfg, vae_mini_batch=4, low_vram=True), progress=False)
+    assert sliced["status"] == "up to date"
     assert mtimes(shard_dir) == before
+    # a batched VAE encode moves the last bits: it is a different cache
+    with pytest.raises(ShardError, match=re.escape("settings.vae_batch: 1 -> 2")):
+        precompute(dataclasses.replace(cfg, vae_mini_batch=2), progress=False)
 
     # a byte-relevant setting: refused, naming the key and both values; nothing touched
     with pytest.raises(ShardError, match=re.escape("settings.video_sample_size: 64 -> 96")):
@@ -331,10 +347,16 @@ def test_reuse_incremental_and_mismatch(tiny_model_inp, synthetic_data, tmp_path
     assert set(index["key"]) == expected_keys(cfg)
     assert precompute(cfg, progress=False)["status"] == "up to date"
 
+    manifest_bytes = (shard_dir / shards.MANIFEST).read_bytes()
+    # the type of an existing source changed (it decides how the file is decoded): refused
+    retyped = [dict(r, type="video") if r["file_path"] == "images/square.png" else r for r in rows]
+    meta.write_text(json.dumps(retyped))
+    with pytest.raises(ShardError, match=r"source changed.*images/square\.png"):
+        precompute(cfg, progress=False)
+
     # the caption of an existing source changed: refused, naming the source
     rows[1]["text"] = "A different caption for the portrait clip."
     meta.write_text(json.dumps(rows))
-    manifest_bytes = (shard_dir / shards.MANIFEST).read_bytes()
     with pytest.raises(ShardError, match=r"source changed.*videos/portrait\.mp4"):
         precompute(cfg, progress=False)
     assert (shard_dir / shards.MANIFEST).read_bytes() == manifest_bytes
@@ -349,6 +371,14 @@ def test_reuse_incremental_and_mismatch(tiny_model_inp, synthetic_data, tmp_path
     assert not (shard_dir / "64x64x9").exists()      # the old buckets were removed
     assert "A different caption for the portrait clip." in shards.read_index(shard_dir)["caption"]
     assert set(read_tars(shard_dir)) == set(shards.read_index(shard_dir)["key"])
+
+    # inpaint and i2v cache the same tensors: one shard dir serves both
+    i2v = dataclasses.replace(cfg, video_sample_size=96, image_sample_size=96, train_mode="i2v")
+    assert precompute(i2v, progress=False)["status"] == "up to date"
+    # a tar the manifest lists has gone: refused, never "up to date"
+    next(shard_dir.glob("*/*.tar")).unlink()
+    with pytest.raises(ShardError, match="gone"):
+        precompute(i2v, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------- 4. kill + resume
@@ -516,37 +546,51 @@ def test_decode_timeout_skips_the_clip(tiny_model_inp, synthetic_data, tmp_path,
 # ---------------------------------------------------------------------------------------------- 7. disk full
 
 def test_disk_full_keeps_the_previous_manifest(tiny_model_inp, synthetic_data, tmp_path, monkeypatch):
+    import safetensors.torch
     import webdataset
+    from safetensors import SafetensorError
 
     meta = copy_dataset(synthetic_data, tmp_path / "data")
     cfg = make_cfg(tiny_model_inp, meta, tmp_path / "shards")
     precompute(cfg, progress=False)
     shard_dir = Path(cfg.shard_dir)
-    manifest_bytes = (shard_dir / shards.MANIFEST).read_bytes()
-    index_bytes = (shard_dir / shards.INDEX).read_bytes()
+    committed = {name: (shard_dir / name).read_bytes() for name in (shards.MANIFEST, shards.INDEX, shards.NULL_PROMPT)}
+    old_tars = {k: v for k, v in mtimes(shard_dir).items() if k.endswith(".tar")}
 
     shutil.copy(meta.parent / "images/square.png", meta.parent / "images/square2.png")
     rows = json.loads(meta.read_text()) + [{"file_path": "images/square2.png", "text": "A second square.",
                                             "type": "image"}]
     meta.write_text(json.dumps(rows))
 
-    def no_space(self, obj):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    def tar_write_fails(code, text):
+        def write(self, obj):
+            raise OSError(code, text)
+        return webdataset.TarWriter, "write", write
 
-    with monkeypatch.context() as m:
-        m.setattr(webdataset.TarWriter, "write", no_space)
-        result = CliRunner().invoke(cli.main, ["precompute", *cli_args(cfg)])
-    assert result.exit_code == 1, (result.output, result.exception)
-    assert isinstance(result.exception, SystemExit)
-    assert "No space left on device" in result.output and "Traceback" not in result.output
-    assert (shard_dir / shards.MANIFEST).read_bytes() == manifest_bytes
-    assert (shard_dir / shards.INDEX).read_bytes() == index_bytes
+    def spill_fails(tensors, filename, metadata=None):   # what safetensors raises on a full disk
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    # space again: the same command completes the incremental run and cleans the partial tar
+    failures = [(tar_write_fails(errno.ENOSPC, "No space left on device"), "No space left on device"),
+                (tar_write_fails(errno.EACCES, "Permission denied"), "Permission denied"),
+                ((safetensors.torch, "save_file", spill_fails), "No space left on device")]
+    for (owner, name, fake), message in failures:
+        with monkeypatch.context() as m:
+            m.setattr(owner, name, fake)
+            result = CliRunner().invoke(cli.main, ["precompute", *cli_args(cfg)])
+        assert result.exit_code == 1, (message, result.output, result.exception)
+        assert isinstance(result.exception, SystemExit), result.exception   # a clean click error
+        assert message in result.output and "Traceback" not in result.output, result.output
+        for name, data in committed.items():
+            assert (shard_dir / name).read_bytes() == data, name          # the previous commit stands
+        assert {k: v for k, v in mtimes(shard_dir).items() if k.endswith(".tar")} == old_tars
+        assert not list(shard_dir.rglob("*.tmp")), list(shard_dir.rglob("*.tmp"))  # the open tar was dropped
+        assert not list((shard_dir / shards.WORK).glob("*")), "T5 spill files left behind"
+
+    # space again: the same command completes the incremental run
     result = CliRunner().invoke(cli.main, ["precompute", *cli_args(cfg)])
     assert result.exit_code == 0, (result.output, result.exception)
+    assert ": incremental:" in result.output and "encoded 1 now" in result.output
     assert shards.read_manifest(shard_dir)["num_samples"] == 8
-    assert not list(shard_dir.rglob("*.tmp"))
 
 
 # ---------------------------------------------------------------------------------------------- 8. no pickles

@@ -87,22 +87,18 @@ def fresh_accelerate_state():
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from cogfun.tiny import write_synthetic_dataset, write_tiny_model
+def setup(tmp_path_factory, tiny_model_inp, tiny_model_t2v, synthetic_data):
     from stages.precompute import precompute
 
     root = tmp_path_factory.mktemp("train")
-    model = write_tiny_model(root / "model", "inp", seed=0)
-    t2v = write_tiny_model(root / "model_t2v", "t2v", seed=0)
-    meta = write_synthetic_dataset(root / "data", seed=0)
     shards = root / "shards"
-    precompute(PrecomputeConfig(pretrained_model_name_or_path=str(model), train_data_meta=str(meta),
-                                train_data_dir=str(meta.parent), shard_dir=str(shards), mixed_precision="no",
+    precompute(PrecomputeConfig(pretrained_model_name_or_path=str(tiny_model_inp), train_data_meta=str(synthetic_data),
+                                train_data_dir=str(synthetic_data.parent), shard_dir=str(shards), mixed_precision="no",
                                 dataloader_num_workers=0, **DATA), progress=False)
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(True)
-    return {"root": root, "model": model, "t2v": t2v, "meta": meta, "shards": shards}
+    return {"root": root, "model": tiny_model_inp, "t2v": tiny_model_t2v, "meta": synthetic_data, "shards": shards}
 
 
 def base_args(setup, out, steps=4, ckpt=2, accumulation=1):
