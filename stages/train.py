@@ -223,16 +223,10 @@ def save_lora_files(folder: Path, lora_sd: dict, cfg: TrainConfig, targets: list
 
 
 def gather_lora(accelerator, model) -> dict:
-    """Full LoRA tensors on every rank (FSDP2 DTensors are gathered; others are already whole)."""
+    """Full fp32 LoRA tensors on every rank (a collective under FSDP2: call it on all ranks)."""
     from cogfun.lora import lora_state_dict
 
-    sd = lora_state_dict(accelerator.unwrap_model(model))
-    out = {}
-    for k, v in sd.items():
-        if hasattr(v, "full_tensor"):
-            v = v.full_tensor()
-        out[k] = v.detach().to("cpu").float().contiguous()
-    return out
+    return {k: v.float().contiguous() for k, v in lora_state_dict(accelerator.unwrap_model(model)).items()}
 
 
 def save_checkpoint(accelerator, model, cfg: TrainConfig, output_dir: Path, step: int, epoch_state: dict,
