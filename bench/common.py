@@ -3,9 +3,12 @@
 Import this module first: it pins the thread count (OMP_NUM_THREADS, default 1) before torch is
 imported, so every side of every comparison runs with the same threads. The rest:
 
-- `Args`: the common command line (--quick, --threads, --keep) plus a script's own options.
+- `parse_args`: the common command line (--quick, --threads) plus a script's own options.
 - `interleave`: time several callables round-robin (warm-up, then repeats side by side), so that
-  load from other users of this shared machine hits every side alike; `median`, `ratio`.
+  load from other users of this shared machine hits every side alike; `median`, `spread`,
+  `per_round_ratio`.
+- `TrainSetup`, `LoraStep`, `OnlineEncoder`: the three ways to take a step (cogfun's batches and
+  `batch_inputs`; the bare LoRA step; CogVideoX-Fun's per-step encoding), built from product code.
 - `tiny_model`, `clip_dataset`, `shards_for`: a tiny InP model folder (optionally with a larger
   transformer), a synthetic clip dataset of one bucket, and its precomputed shards, cached under
   bench/out/ (git-ignored) by their parameters.
@@ -30,12 +33,12 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TQDM_DISABLE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 OUT = BENCH / "out"            # caches and scratch (git-ignored)
-FIGURES = BENCH / "figures"    # committed PNGs
+FIGURES = BENCH / "figures"    # committed PNGs (full runs; --quick ones go to bench/out/figures)
+QUICK = False
 PYTHON = sys.executable
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -52,6 +55,8 @@ def parse_args(description: str, add=None) -> argparse.Namespace:
     if add:
         add(p)
     args = p.parse_args()
+    global QUICK
+    QUICK = args.quick
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     import torch
 
@@ -190,6 +195,30 @@ def train_config(model: Path, shard_dir: Path, output_dir: Path, *, steps: int, 
     return TrainConfig(**kw)
 
 
+def cli_flags(cfg) -> list[str]:
+    """The `cli.py` flags that reproduce a config (every non-default setting)."""
+    import dataclasses
+
+    flags = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == f.default:
+            continue
+        if isinstance(value, bool):
+            flags.append(f"--{f.name}")
+        else:
+            flags += [f"--{f.name}", str(value)]
+    return flags
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def shards_for(model: Path, meta: Path, *, size: int, frames: int) -> Path:
     """Precomputed shards (cached by model, data and shape)."""
     from stages.precompute import precompute
@@ -261,38 +290,51 @@ class TrainSetup:
 
 
 class LoraStep:
-    """The bare step: LoRA-injected transformer (as `cogfun train` injects it), fwd + MSE + bwd +
-    clip + AdamW, on inputs already in memory."""
+    """The bare step: LoRA-injected transformer (injected as `cogfun train` does), fwd + MSE + bwd
+    + clip + AdamW, on inputs already in memory. `model`: a transformer to use instead of loading
+    the one of `cfg`; `autocast`: a dtype to run the forward under (bf16 as `--mixed_precision
+    bf16`), on `device`."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, *, model=None, device="cpu", autocast=None):
         import torch
 
         from cogfun import models
         from cogfun.lora import inject_lora
 
-        self.torch = torch
-        self.model = models.load_transformer(cfg.pretrained_model_name_or_path, torch.float32)
-        self.model.requires_grad_(False)
-        inject_lora(self.model, rank=cfg.rank, alpha=cfg.network_alpha, target_name=cfg.target_name,
+        self.torch, self.device, self.autocast = torch, torch.device(device), autocast
+        if model is None:
+            model = models.load_transformer(cfg.pretrained_model_name_or_path, torch.float32)
+        self.model = model
+        model.requires_grad_(False)
+        inject_lora(model, rank=cfg.rank, alpha=cfg.network_alpha, target_name=cfg.target_name,
                     use_peft=cfg.use_peft_lora, seed=cfg.seed, lora_dtype=torch.float32)
         if cfg.gradient_checkpointing:
-            self.model.enable_gradient_checkpointing()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+            model.enable_gradient_checkpointing()
+        model.to(self.device)
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
         self.max_grad_norm = cfg.max_grad_norm
-        self.model.train()
+        model.train()
 
-    def __call__(self, model_in, prompts, timesteps, target) -> float:
+    def run(self, model_in, prompts, timesteps, target):
+        """One step; returns (loss, grad norm) as tensors (no host sync)."""
+        import contextlib
+
         torch = self.torch
-        pred = self.model(hidden_states=model_in, encoder_hidden_states=prompts, timestep=timesteps,
-                          return_dict=False)[0]
+        ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+        with ctx:
+            pred = self.model(hidden_states=model_in, encoder_hidden_states=prompts, timestep=timesteps,
+                              return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), target)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return loss.detach().item()
+        return loss.detach(), norm
+
+    def __call__(self, *inputs) -> float:
+        return self.run(*inputs)[0].item()
 
 
 class OnlineEncoder:
@@ -363,7 +405,8 @@ REAL_TEXT = (226, 4096)      # T5-XXL, 226 tokens
 REAL_POLICIES = ("i2v", "first_last")
 
 
-def real_sample(frames: int, height: int, width: int, *, policies=REAL_POLICIES, seed: int = 0) -> dict:
+def real_sample(frames: int, height: int, width: int, *, policies=REAL_POLICIES, seed: int = 0,
+                text: tuple[int, int] = REAL_TEXT) -> dict:
     """Random bf16 tensors of one real sample: latents [F', 16, H/8, W/8] (mean, logvar, one per
     mask policy) and the T5 prompt embedding."""
     import torch
@@ -372,7 +415,7 @@ def real_sample(frames: int, height: int, width: int, *, policies=REAL_POLICIES,
     lat = ((frames - 1) // 4 + 1, 16, height // 8, width // 8)
     names = ["latent_mean", "latent_logvar"] + [f"masked_latents.{p}" for p in policies]
     out = {n: torch.randn(lat, generator=g).to(torch.bfloat16) for n in names}
-    out["prompt_embeds"] = torch.randn(REAL_TEXT, generator=g).to(torch.bfloat16)
+    out["prompt_embeds"] = torch.randn(text, generator=g).to(torch.bfloat16)
     return out
 
 
@@ -488,15 +531,16 @@ def table(rows: list[list], headers: list[str]) -> str:
 
 def goal(name: str, value: float, op: str, target: float) -> str:
     met = value <= target if op == "<=" else value >= target
-    line = f"GOAL {name}: {value:.3g} (goal {op} {target:g}) -> {'MET' if met else 'NOT MET'}"
+    line = f"GOAL {name}: {value:.4g} (goal {op} {target:g}) -> {'MET' if met else 'NOT MET'}"
     print(line)
     return line
 
 
 def save_figure(fig, name: str) -> Path:
-    """bench/figures/<name>.png, kept under 200 KB."""
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    path = FIGURES / f"{name}.png"
+    """bench/figures/<name>.png (bench/out/figures/ for --quick runs), kept under 200 KB."""
+    folder = OUT / "figures" if QUICK else FIGURES
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
     for dpi in (100, 80, 60):
         fig.savefig(path, dpi=dpi, bbox_inches="tight")
         if path.stat().st_size < 200_000:

@@ -35,7 +35,8 @@ def add_args(p):
 
 
 def census() -> dict:
-    """Parameter bytes of live encoder / transformer instances; encoder modules imported or not."""
+    """Parameter bytes of live encoder / transformer instances; encoder (and deepspeed) modules
+    imported or not."""
     import gc
 
     import torch
@@ -46,9 +47,9 @@ def census() -> dict:
             n = sum(p.numel() * p.element_size() for p in obj.parameters())
             alive[type(obj).__name__] = alive.get(type(obj).__name__, 0) + n
     imported = [m for m in ("transformers.models.t5.modeling_t5",
-                            "diffusers.models.autoencoders.autoencoder_kl_cogvideox") if m in sys.modules]
+                            "diffusers.models.autoencoders.autoencoder_kl_cogvideox", "deepspeed") if m in sys.modules]
     return {"param_bytes": alive, "encoder_param_bytes": sum(alive.get(k, 0) for k in ENCODERS),
-            "encoder_code_imported": imported}
+            "modules_imported": imported, "peak_rss_at_census": C.self_peak_rss()}
 
 
 def child(args) -> None:
@@ -64,7 +65,7 @@ def child(args) -> None:
         report = census()
     else:
         model = C.tiny_model(C.BIG_TINY)
-        meta = C.clip_dataset(steps)
+        meta = C.clip_dataset(C.n_clips(args.quick))
         shard_dir = C.shards_for(model, meta, size=args.size, frames=args.frames)
         cfg = C.train_config(model, shard_dir, C.scratch(f"memory-{args.child}"), steps=steps,
                              dataloader_num_workers=0)
@@ -117,10 +118,11 @@ def main() -> None:
         return child(args)
     rounds = args.rounds or (1 if args.quick else 3)
     model = C.tiny_model(C.BIG_TINY)
-    C.shards_for(model, C.clip_dataset(C.n_clips(args.quick)), size=args.size, frames=args.frames)  # before measuring
+    # the shards exist before any child is measured
+    C.shards_for(model, C.clip_dataset(C.n_clips(args.quick)), size=args.size, frames=args.frames)
     sides = ("imports", "cogfun", "bare", "online")
-    common_args = ["--steps", str(args.steps), *(["--quick"] if args.quick else []), "--frames", str(args.frames), "--size", str(args.size),
-                   "--threads", str(args.threads)]
+    common_args = ["--steps", str(args.steps), "--frames", str(args.frames), "--size", str(args.size),
+                   "--threads", str(args.threads), *(["--quick"] if args.quick else [])]
     runs: dict[str, list[dict]] = {s: [] for s in sides}
     for _ in range(rounds):
         for side in sides:
@@ -134,10 +136,10 @@ def main() -> None:
         pb = last[s]["param_bytes"]
         rows.append([s, C.mb(peak[s]), C.mb(tree[s]), f"{peak[s] / peak['bare']:.3f}",
                      C.mb(peak[s] - peak["imports"]), f"{last[s]['encoder_param_bytes']:,}",
-                     f"{pb.get(TRANSFORMER, 0):,}", ", ".join(m.split(".")[-1] for m in last[s]["encoder_code_imported"])
+                     f"{pb.get(TRANSFORMER, 0):,}", ", ".join(m.split(".")[-1] for m in last[s]["modules_imported"])
                      or "-"])
     print(C.table(rows, ["process", "peak RSS", "tree peak", "/ bare", "above imports",
-                         "VAE+T5 param bytes alive", "transformer param bytes", "encoder code imported"]))
+                         "VAE+T5 param bytes alive", "transformer param bytes", "modules imported"]))
     print("\nratios (same run):")
     print(f"  cogfun / bare  = {peak['cogfun'] / peak['bare']:.3f}   (above the import floor: "
           f"{(peak['cogfun'] - peak['imports']) / (peak['bare'] - peak['imports']):.3f})")
@@ -150,8 +152,9 @@ def main() -> None:
     enc = real["VAE (CogVideoX)"] + real["T5-XXL encoder"]
     print(f"  -> online holds {enc / 1e9:.2f} GB of encoder weights = {enc / real['transformer (2b-InP)']:.2f}x "
           f"the 2b transformer's; cogfun train holds none of it")
-    C.goal("VAE+T5 parameter bytes alive in cogfun train", last["cogfun"]["encoder_param_bytes"], "<=", 0)
-    C.goal("peak RSS cogfun / bare", peak["cogfun"] / peak["bare"], "<=", 1.05)
+    C.goal("VAE+T5 parameter bytes alive in cogfun train (every round)",
+           max(r["encoder_param_bytes"] for r in runs["cogfun"]), "<=", 0)
+    print(f"cogfun train's peak RSS above the transformer-only process: {C.mb(peak['cogfun'] - peak['bare'])}")
 
 
 if __name__ == "__main__":

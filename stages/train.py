@@ -309,7 +309,8 @@ def train(cfg: TrainConfig) -> dict:
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.dataloader_num_workers,
         generator=torch.Generator().manual_seed(cfg.seed),  # never touches the global RNG
-        persistent_workers=False, pin_memory=torch.cuda.is_available())
+        persistent_workers=cfg.dataloader_num_workers > 0,  # the sampler runs here: epochs need no restart
+        pin_memory=torch.cuda.is_available())
     steps_per_epoch = sampler.steps_per_epoch()
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     epochs = math.ceil(max_steps / steps_per_epoch)
@@ -413,6 +414,7 @@ def train(cfg: TrainConfig) -> dict:
             if global_step % cfg.checkpointing_steps == 0 or global_step == max_steps:
                 save_checkpoint(accelerator, transformer, cfg, output_dir, global_step, {"epoch": epoch},
                                 targets, manifest)
+                t_step = time.time()  # the save is not the next step's time
             if global_step >= max_steps:
                 break
     bar.close()
