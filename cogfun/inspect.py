@@ -109,6 +109,7 @@ def _human(n: float) -> str:
 
 def plot(report: dict, path: str) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -120,6 +121,7 @@ def plot(report: dict, path: str) -> None:
     ax1.bar(names, [b["images"] for b in buckets], bottom=[b["videos"] for b in buckets], label="images",
             color="#ef8636")
     ax1.set_ylabel("samples")
+    ax1.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax1.legend()
     t = report["total"]
     ax1.set_title(f"{t['samples']} samples in {t['buckets']} buckets, {t['skipped']} sources skipped, "
