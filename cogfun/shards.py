@@ -157,19 +157,18 @@ def remove_partial(shard_dir: Path) -> list[Path]:
     return removed
 
 
-def remove_stale(shard_dir: Path, inputs: dict[str, str], keep: set[str] = frozenset()) -> list[Path]:
+def remove_stale(shard_dir: Path, rows: list["ShardRow"], inputs: dict[str, str],
+                 keep: set[str] = frozenset()) -> set[str]:
     """Delete complete tars (other than the committed ones in `keep`) holding a sample whose source
     is no longer an input or has changed (size, mtime, caption) since it was written: the leftovers
-    of an interrupted run must not be trusted blindly. Their other samples are simply encoded again."""
-    removed = []
-    for path in sorted(Path(shard_dir).glob("*/*.tar")):
-        rel = str(path.relative_to(shard_dir))
-        if rel in keep:
-            continue
-        if any(inputs.get(r.meta.get("source")) != r.meta.get("input") for r in scan_tar(path, rel)):
-            path.unlink()
-            removed.append(path)
-    return removed
+    of an interrupted run must not be trusted blindly. Their other samples are simply encoded again.
+
+    `rows` is what `scan_shards` found; returns the relative paths of the tars removed."""
+    stale = {r.shard for r in rows
+             if r.shard not in keep and inputs.get(r.meta.get("source")) != r.meta.get("input")}
+    for rel in stale:
+        (Path(shard_dir) / rel).unlink()
+    return stale
 
 
 # ---------------------------------------------------------------- reading what is on disk
@@ -199,12 +198,14 @@ def scan_tar(path: Path, rel: str) -> list[ShardRow]:
     return rows
 
 
-def scan_shards(shard_dir: Path) -> list[ShardRow]:
-    """Every sample of every complete tar in the shard dir."""
+def scan_shards(shard_dir: Path, skip: set[str] = frozenset()) -> list[ShardRow]:
+    """Every sample of every complete tar in the shard dir (but the tars named in `skip`)."""
     shard_dir = Path(shard_dir)
     rows: list[ShardRow] = []
     for path in sorted(shard_dir.glob("*/*.tar")):
-        rows.extend(scan_tar(path, str(path.relative_to(shard_dir))))
+        rel = str(path.relative_to(shard_dir))
+        if rel not in skip:
+            rows.extend(scan_tar(path, rel))
     return rows
 
 
@@ -218,6 +219,7 @@ def tar_sample_counts(shard_dir: Path) -> dict[str, int]:
 
 # ---------------------------------------------------------------- index + manifest
 
+ROW_FIELDS = ("key", "bucket", "shard", "position")     # from the ShardRow; the rest from the sample json
 INDEX_COLUMNS = ("key", "bucket", "shard", "position", "source", "caption", "kind", "frames",
                  "height", "width", "latent_frames", "tokens", "view")
 
@@ -227,15 +229,7 @@ def write_index(shard_dir: Path, rows: list[ShardRow]) -> None:
     import pyarrow.parquet as pq
 
     rows = sorted(rows, key=lambda r: (r.bucket, r.shard, r.position))
-    cols = {
-        "key": [r.key for r in rows], "bucket": [r.bucket for r in rows],
-        "shard": [r.shard for r in rows], "position": [r.position for r in rows],
-        "source": [r.meta["source"] for r in rows], "caption": [r.meta["caption"] for r in rows],
-        "kind": [r.meta["kind"] for r in rows], "frames": [r.meta["frames"] for r in rows],
-        "height": [r.meta["height"] for r in rows], "width": [r.meta["width"] for r in rows],
-        "latent_frames": [r.meta["latent_frames"] for r in rows],
-        "tokens": [r.meta["tokens"] for r in rows], "view": [r.meta["view"] for r in rows],
-    }
+    cols = {c: [getattr(r, c) if c in ROW_FIELDS else r.meta[c] for r in rows] for c in INDEX_COLUMNS}
     table = pa.table(cols)
     tmp = Path(shard_dir) / (INDEX + ".tmp")
     pq.write_table(table, tmp)

@@ -14,6 +14,7 @@ import json
 import signal
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import cogfun
@@ -188,12 +189,15 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         if main:
             print(f"{shard_dir}: up to date (fingerprint {fp[:12]}), {manifest['num_samples']} samples; nothing to encode")
         return summary
+    on_disk: list = []  # rank 0: the samples of the complete tars, scanned once per run
     if main:
         shards.remove_partial(shard_dir)
+        on_disk = shards.scan_shards(shard_dir)
         if decision in ("resume", "incremental"):
             # complete tars of an interrupted run whose sources changed since: not reused
             committed = set(shards.require_manifest(shard_dir)["shards"]) if decision == "incremental" else set()
-            stale = shards.remove_stale(shard_dir, inputs, keep=committed)
+            stale = shards.remove_stale(shard_dir, on_disk, inputs, keep=committed)
+            on_disk = [r for r in on_disk if r.shard not in stale]
             if stale:
                 print(f"{shard_dir}: removed {len(stale)} unfinished tar(s) holding samples of sources that "
                       f"changed or were removed since they were written; their samples are encoded again")
@@ -209,7 +213,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     caption_of = {k: src.text for k, src in by_key.items()}
     all_plans = sorted(dist.gather(plans, state), key=lambda p: p.key)
     all_skips = dist.gather(probe_skips, state)
-    present = dist.broadcast({r.key for r in shards.scan_shards(shard_dir)} if main else None, state)
+    present = dist.broadcast({r.key for r in on_disk} if main else None, state)
     # my work: the planned samples of my own slice that are not on disk yet
     work = sorted((p for p in plans if p.key not in present), key=lambda p: (p.bucket, p.key))
     n_work_total = sum(dist.gather([len(work)], state))
@@ -220,6 +224,11 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     spill_dir = shard_dir / shards.WORK
     spill_dir.mkdir(exist_ok=True)
     run_id = uuid.uuid4().hex[:8]
+
+    def drop_spills():
+        for spill in spill_dir.glob(f"t5-{rank:03d}-{run_id}-*.safetensors"):
+            spill.unlink(missing_ok=True)
+
     captions = sorted({caption_of[p.key] for p in work} | ({""} if main else set()))
     caption_loc: dict[str, tuple[str, str]] = {}
     null_prompt = None
@@ -313,14 +322,12 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
                 flush(batch)
         except BaseException:
             writers.abort()  # e.g. disk full: drop the unfinished tars and the spills now, quietly
-            for spill in spill_dir.glob(f"t5-{rank:03d}-{run_id}-*.safetensors"):
-                spill.unlink(missing_ok=True)
+            drop_spills()
             raise
         bar.close()
         del vae
     writers.close()
-    for spill in spill_dir.glob(f"t5-{rank:03d}-{run_id}-*.safetensors"):
-        spill.unlink()
+    drop_spills()
     all_decode_skips = dist.gather(decode_skips, state)
     n_encoded_total = sum(dist.gather([n_encoded], state))
     bytes_total = sum(dist.gather([writers.bytes_written], state))
@@ -333,16 +340,16 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             raise RuntimeError("internal error: rank 0 did not encode the empty caption")
         planned = {p.key for p in all_plans}
         failed = {s.file_path for s in all_decode_skips}
-        rows_all = shards.scan_shards(shard_dir)
+        rows_all = on_disk + shards.scan_shards(shard_dir, skip={r.shard for r in on_disk})  # + this run's tars
         nsamples: dict[str, int] = {}
         for r in rows_all:
             nsamples[r.shard] = max(nsamples.get(r.shard, 0), r.position + 1)
         rows = [r for r in rows_all if r.key in planned]
-        keys = [r.key for r in rows]
-        if len(keys) != len(set(keys)):
-            dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
+        counts = Counter(r.key for r in rows)
+        dup = sorted(k for k, n in counts.items() if n > 1)[:5]
+        if dup:
             raise ShardError(f"{shard_dir}: samples stored twice ({', '.join(dup)}); re-run with --overwrite")
-        missing = sorted(planned - set(keys) - {p.key for p in all_plans if p.source in failed})
+        missing = sorted(planned - set(counts) - {p.key for p in all_plans if p.source in failed})
         if missing:
             raise ShardError(f"{shard_dir}: {len(missing)} planned samples were not written (e.g. {missing[0]}); "
                              f"re-run the same command to finish them")
@@ -365,7 +372,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             "format_version": shards.FORMAT_VERSION, "fingerprint": fp, "fingerprint_parts": parts,
             "inputs": inputs, "config": config, "model": identity, "mask_policies": policies,
             "text_len": models.TEXT_LEN, "buckets": buckets,
-            "shards": {s: n for s, n in sorted(nsamples.items()) if any(s in b["shards"] for b in buckets.values())},
+            "shards": {s: nsamples[s] for s in sorted({r.shard for r in rows})},
             "num_samples": len(rows), "num_sources": len(sources) + len(row_skips),
             "skipped": [{"file_path": f, "reason": r} for f, r in skipped],
             "cogfun_version": cogfun.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
