@@ -97,8 +97,8 @@ class BucketBatchSampler:
         self.accumulation, self.seed = accumulation, seed
         self.video_repeat = max(1, video_repeat)  # CogVideoX-Fun: 0 means "no extra repeats"
         self.epoch = 0
-        n = len(self.global_batches(0))
-        if n == 0:
+        self.n_batches = len(self.global_batches(0))  # the same every epoch (per-bucket counts are fixed)
+        if self.n_batches == 0:
             raise ValueError(
                 f"not enough samples for one step: {len(rows)} cached samples give fewer than "
                 f"{world} ranks x {accumulation} accumulation batches of {batch_size} from one bucket each")
@@ -123,10 +123,10 @@ class BucketBatchSampler:
         return batches[: len(batches) // per_step * per_step]
 
     def steps_per_epoch(self) -> int:
-        return len(self.global_batches(0)) // (self.world * self.accumulation)
+        return self.n_batches // (self.world * self.accumulation)
 
     def __len__(self) -> int:
-        return len(self.global_batches(self.epoch)) // self.world
+        return self.n_batches // self.world
 
     def __iter__(self):
         batches = self.global_batches(self.epoch)
