@@ -18,6 +18,12 @@ from __future__ import annotations
 # Policies whose conditioning stays valid when a latent-frame prefix is kept (random_frame_crop):
 PREFIX_SAFE = ("t2v", "i2v", "first_k")
 
+# CogVideoX-Fun's reference-video noise (`add_noise_in_inpaint_model: true` in a transformer config):
+# in training, sigma = exp(N(-3, 0.5)) per sample; at inference a fixed `noise_aug_strength`.
+REFERENCE_NOISE_LOG_MEAN = -3.0
+REFERENCE_NOISE_LOG_STD = 0.5
+INFERENCE_NOISE_AUG_STRENGTH = 0.0563
+
 
 def known_frames(policy: str, frames: int) -> list[bool]:
     """Per pixel frame: is it given to the model (True) or masked (False)?"""
@@ -46,6 +52,30 @@ def masked_clip(pixels, policy: str):
     keep = torch.tensor(known_frames(policy, pixels.shape[-3]), dtype=torch.bool, device=pixels.device)
     keep = keep.view(*([1] * (pixels.dim() - 3)), -1, 1, 1)
     return torch.where(keep, pixels, torch.full_like(pixels, -1.0))
+
+
+def draw_reference_sigma(batch: int, *, generator=None, device=None):
+    """Per-sample training sigma of the reference noise: exp(N(-3, 0.5)), shape [batch]."""
+    import torch
+
+    z = torch.randn(batch, generator=generator, device=device)
+    return torch.exp(REFERENCE_NOISE_LOG_MEAN + REFERENCE_NOISE_LOG_STD * z)
+
+
+def add_reference_noise(pixels, sigma, *, generator=None):
+    """CogVideoX-Fun's `add_noise_to_reference_video`: masked clip [B, 3, F, H, W] (masked pixels are
+    exactly -1) + N(0, sigma_b^2) noise on the known pixels only; masked pixels stay -1.
+
+    `sigma`: a float or a [B] tensor (one value per sample).
+    """
+    import torch
+
+    sigma = torch.as_tensor(sigma, dtype=pixels.dtype, device=pixels.device)
+    if sigma.dim() == 0:
+        sigma = sigma.expand(pixels.shape[0])
+    noise = torch.randn(pixels.shape, generator=generator, device=pixels.device, dtype=pixels.dtype)
+    noise = noise * sigma.view(-1, *([1] * (pixels.dim() - 1)))
+    return pixels + torch.where(pixels == -1, torch.zeros_like(noise), noise)
 
 
 def is_identity(policy: str, frames: int) -> bool:
