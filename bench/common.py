@@ -375,11 +375,11 @@ class OnlineEncoder:
         t: dict[str, float] = dict.fromkeys(self.PARTS, 0.0)
         tensors: dict[str, list] = {}
         for meta in batch["metas"]:
-            plan = self.plans[sample_key(meta["source"], meta["view"])]
+            plan = self.plans[sample_key(meta.get("identity", meta["source"]), meta["view"])]
             src = self.sources[plan.key]
             t0 = time.perf_counter()
             pixels = video.frames_to_tensor(video.decode_video(src.path, plan.frame_indices, plan.resize_hw,
-                                                               plan.crop_box))[None]
+                                                               plan.crop_box, media=src.media))[None]
             t1 = time.perf_counter()
             mean, logvar = models.encode_clips(self.vae, pixels)
             policy = random.Random(step).choice(self.policies)   # one random mask per step

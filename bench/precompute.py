@@ -53,7 +53,8 @@ def main() -> None:
     sources, _ = load_sources(cfg.train_data_meta, cfg.train_data_dir)
     plans, _, by_key = probe_and_plan(sources, Sampling.from_config(cfg), workers=1, progress=False)
     policies = [p for p in mask_policy_list(cfg) if not is_identity(p, plans[0].frames)]
-    clips = [frames_to_tensor(decode_video(by_key[p.key].path, p.frame_indices, p.resize_hw, p.crop_box))[None]
+    clips = [frames_to_tensor(decode_video(by_key[p.key].path, p.frame_indices, p.resize_hw, p.crop_box,
+                                           media=by_key[p.key].media))[None]
              for p in plans]
     inputs = [x for px in clips for x in (px, *(masked_clip(px, pol) for pol in policies))]
     vae = models.load_vae(cfg.pretrained_model_name_or_path, torch.float32, "cpu")

@@ -9,8 +9,10 @@ Pure and torch-free. Every rule here is DESIGN.md §3:
 * token-length budget: a video at base s gets F(s) = largest 4k+1 <= min(N, N*T^2/s^2);
 * frames: N (or fewer for short clips, 4k+1) source frames `stride` apart from a seeded start.
 
-Every random choice comes from an RNG seeded by (seed, file_path, view), so a clip's plan does
-not depend on which rank plans it, on the order of the metadata, or on the other clips.
+Every random choice comes from an RNG seeded by (seed, identity, view), so a clip's plan does
+not depend on which rank plans it, on the order of the metadata, or on the other clips. A sample's
+identity is its file_path, or `file_path#k` for the k-th caption variant (k >= 2) of a file listed
+with several captions (see cogfun.dataset).
 """
 
 from __future__ import annotations
@@ -37,10 +39,16 @@ VAE_SPATIAL = 8       # 8x spatial compression
 PATCH = 2             # transformer patch size on latents -> 16 px per token side
 BASE_STEP = 128       # grid of base sizes between the min and max base (CogVideoX-Fun's step)
 LATENT_CHANNELS = 16
+MIN_SOURCE_SIDE = VAE_SPATIAL * PATCH  # a source smaller than one transformer token is not trained on
 
 
 class PlanSkip(Exception):
-    """A clip that cannot become a sample; the message is the reason shown to the user."""
+    """A clip that cannot become a sample; the message is the reason shown to the user, the
+    category groups reasons in reports ("too short", "too small", ...)."""
+
+    def __init__(self, reason: str, category: str = "bad row") -> None:
+        super().__init__(reason)
+        self.category = category
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,7 @@ class SamplePlan:
     frame_indices: tuple[int, ...]
     resize_hw: tuple[int, int]             # cover-resize size before the crop
     crop_box: tuple[int, int, int, int]    # top, left, height, width
+    identity: str = ""     # the sample's source identity (file_path, or file_path#k for caption variant k)
 
     @property
     def bucket(self) -> str:
@@ -187,30 +196,36 @@ def cover_crop(src_h: int, src_w: int, height: int, width: int) -> tuple[tuple[i
     return (rh, rw), (top, left, height, width)
 
 
-def sample_key(source: str, view: int) -> str:
-    """Stable, dot-free sample key: a hash of the source path plus the view number."""
-    digest = hashlib.sha1(source.encode("utf-8")).hexdigest()[:16]
+def sample_key(identity: str, view: int) -> str:
+    """Stable, dot-free sample key: a hash of the source identity plus the view number."""
+    digest = hashlib.sha1(identity.encode("utf-8")).hexdigest()[:16]
     return f"{digest}_v{view}"
 
 
-def clip_rng(seed: int, source: str, view: int) -> random.Random:
+def clip_rng(seed: int, identity: str, view: int) -> random.Random:
     # str seeds are hashed with SHA-512 by `random`: deterministic across processes.
-    return random.Random(f"{seed}:{source}:{view}")
+    return random.Random(f"{seed}:{identity}:{view}")
 
 
-def plan_clip(s: Sampling, source: str, kind: str, *, frames: int, height: int, width: int) -> list[SamplePlan]:
-    """All views of one probed clip. Raises PlanSkip with the reason when it cannot be used."""
+def plan_clip(s: Sampling, source: str, kind: str, *, frames: int, height: int, width: int,
+              identity: str | None = None) -> list[SamplePlan]:
+    """All views of one probed clip (`identity`: the sample's source identity, default the
+    file_path). Raises PlanSkip with the reason when it cannot be used."""
     if kind not in ("video", "image"):
         raise PlanSkip(f"type must be 'video' or 'image', got {kind!r}")
     if height < 1 or width < 1:
-        raise PlanSkip(f"invalid size {width}x{height}")
+        raise PlanSkip(f"invalid size {width}x{height}", "corrupt")
+    if min(height, width) < MIN_SOURCE_SIDE:
+        raise PlanSkip(f"too small to train on: {width}x{height} px (each side must be at least "
+                       f"{MIN_SOURCE_SIDE} px, one transformer token)", "too small")
+    identity = identity or source
     plans = []
     for view in range(s.num_views):
-        rng = clip_rng(s.seed, source, view)
+        rng = clip_rng(s.seed, identity, view)
         base = rng.choice(base_sizes(s, kind))
         h, w = bucket_hw(height, width, base, s.enable_bucket)
         if h < 16 or w < 16:
-            raise PlanSkip(f"bucket {h}x{w} at base {base} is smaller than 16 px")
+            raise PlanSkip(f"bucket {h}x{w} at base {base} is smaller than 16 px", "too small")
         if kind == "image":
             indices: tuple[int, ...] = (0,)
         else:
@@ -222,12 +237,13 @@ def plan_clip(s: Sampling, source: str, kind: str, *, frames: int, height: int, 
             if n < need:
                 raise PlanSkip(
                     f"video too short: {frames} source frames give {available} frame(s) at stride "
-                    f"{stride}; need at least {need} (one 4-frame latent group after the first frame)")
+                    f"{stride}; need at least {need} (one 4-frame latent group after the first frame)",
+                    "too short")
             window = (n - 1) * stride + 1
             start = rng.randint(0, frames - window)
             indices = tuple(start + i * stride for i in range(n))
         resize_hw, crop_box = cover_crop(height, width, h, w)
-        plans.append(SamplePlan(key=sample_key(source, view), source=source, kind=kind, view=view,
+        plans.append(SamplePlan(key=sample_key(identity, view), source=source, kind=kind, view=view,
                                 base=base, height=h, width=w, frames=len(indices), frame_indices=indices,
-                                resize_hw=resize_hw, crop_box=crop_box))
+                                resize_hw=resize_hw, crop_box=crop_box, identity=identity))
     return plans

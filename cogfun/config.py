@@ -58,6 +58,7 @@ class DataArgs:
     num_views: int = opt(1, "Independent draws (base size, frame window) stored per clip, so augmentation survives caching.", fingerprint=True)
     mask_policies: str = opt("i2v,first_last", "Inpaint/i2v only: masked-clip policies to cache (comma-separated of i2v, first_k, first_last); t2v (everything masked, conditioning zeroed) needs no cache and is always available.", fingerprint=True)
     probe_workers: int = opt(8, "Threads probing clips (inspect-buckets and precompute).")
+    max_image_pixels: int = opt(89_478_485, "Decompression-bomb limit: images (and animation frames) with more pixels are skipped, with their size in the report. The default is Pillow's.")
 
 
 @dataclass

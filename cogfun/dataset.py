@@ -2,7 +2,15 @@
 
 The metadata is a JSON list (or a CSV) of rows with `file_path`, `text` and `type`
 ("video" / "image"). A malformed metadata file is fatal (MetadataError naming the file and the
-row or line); a bad row or a bad clip is skipped with a reason that ends up in the report.
+row or line); a bad row or a bad clip is skipped with a reason (and a category, for the counts)
+that ends up in the report.
+
+One sample source per (file_path, text, type), as CogVideoX-Fun trains every row: a file listed
+with two captions gives two sources. Their identities are `file_path` for the first and
+`file_path#k` for the k-th distinct (text, type) of that file in metadata order, so a dataset
+without caption variants keeps the identities (and sample keys) it always had, adding a variant is
+an added source, and changing one is a changed source. A row repeating an earlier one exactly is
+reported as a duplicate and gives no second sample.
 """
 
 from __future__ import annotations
@@ -15,7 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from cogfun.buckets import PlanSkip, SamplePlan, Sampling, plan_clip
+
+if TYPE_CHECKING:
+    from cogfun.video import MediaInfo
 
 
 class MetadataError(ValueError):
@@ -30,7 +43,18 @@ class Source:
     path: str            # resolved path on disk
     size: int = -1       # bytes on disk (-1: missing)
     mtime_ns: int = -1
-    fps: float = 0.0     # average frame rate, known after probing (0 for images)
+    variant: int = 1     # k-th distinct (text, type) listed for this file_path
+    media: "MediaInfo | None" = None  # the probe's result (frames, fps, size, decoder), once probed
+
+    @property
+    def identity(self) -> str:
+        """The sample source's name: file_path, or file_path#k for caption variant k >= 2."""
+        return self.file_path if self.variant == 1 else f"{self.file_path}#{self.variant}"
+
+    @property
+    def fps(self) -> float:
+        """Average frame rate, known after probing (0 for images)."""
+        return self.media.fps if self.media is not None else 0.0
 
     def digest_fields(self) -> tuple:
         """What identifies this input for the precompute fingerprint (the type decides how it is decoded)."""
@@ -41,9 +65,18 @@ class Source:
 class Skipped:
     file_path: str
     reason: str
+    category: str = "bad row"   # groups reasons for the counts in reports
 
     def to_json(self) -> dict:
-        return {"file_path": self.file_path, "reason": self.reason}
+        return {"file_path": self.file_path, "reason": self.reason, "category": self.category}
+
+
+def count_by_category(skipped: list[dict]) -> dict[str, int]:
+    """{category: how many} of skipped entries (as in a manifest or report), most frequent first."""
+    from collections import Counter
+
+    counts = Counter(s.get("category", "other") for s in skipped)
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def read_metadata(meta: str | Path) -> list[dict]:
@@ -82,12 +115,15 @@ def read_metadata(meta: str | Path) -> list[dict]:
 
 
 def load_sources(meta: str | Path, data_dir: str | Path | None) -> tuple[list[Source], list[Skipped]]:
-    """Validate rows and resolve paths (no decoding). Duplicate file_paths keep the first row."""
+    """Validate rows and resolve paths (no decoding): one source per distinct (file_path, text,
+    type); an exact repeat of a row is skipped as a duplicate."""
     rows = read_metadata(meta)
     root = Path(data_dir) if data_dir else Path(meta).parent
     sources: list[Source] = []
     skipped: list[Skipped] = []
-    seen: set[str] = set()
+    seen: dict[tuple[str, str, str], int] = {}      # (file_path, text, type) -> first row
+    variants: dict[str, int] = {}                    # file_path -> variants so far
+    file_paths = {row.get("file_path") for row in rows}
     for i, row in enumerate(rows):
         file_path = row.get("file_path")
         if not file_path or not isinstance(file_path, str):
@@ -101,63 +137,94 @@ def load_sources(meta: str | Path, data_dir: str | Path | None) -> tuple[list[So
         if kind not in ("video", "image"):
             skipped.append(Skipped(file_path, f"type must be 'video' or 'image', got {kind!r}"))
             continue
-        if file_path in seen:
-            skipped.append(Skipped(file_path, f"duplicate row {i} (the first row with this file_path is used)"))
+        first = seen.setdefault((file_path, text, kind), i)
+        if first != i:
+            skipped.append(Skipped(file_path, f"row {i} repeats row {first} (same file_path, text and type): "
+                                              f"one sample", "duplicate row"))
             continue
-        seen.add(file_path)
+        variant = variants[file_path] = variants.get(file_path, 0) + 1
+        if variant > 1 and f"{file_path}#{variant}" in file_paths:
+            skipped.append(Skipped(file_path, f"row {i}: caption variant {variant} of this file would be named "
+                                              f"like the file {file_path}#{variant}; rename one of them"))
+            continue
         path = Path(file_path) if os.path.isabs(file_path) else root / file_path
         try:
             st = path.stat()
             size, mtime = st.st_size, st.st_mtime_ns
         except FileNotFoundError:
             size, mtime = -1, -1
-        sources.append(Source(file_path=file_path, text=text, kind=kind, path=str(path), size=size, mtime_ns=mtime))
+        sources.append(Source(file_path=file_path, text=text, kind=kind, path=str(path), size=size, mtime_ns=mtime,
+                              variant=variant))
     return sources, skipped
 
 
-def _probe_one(src: Source):
+def _probe_one(path_kind: tuple[str, str], max_pixels: int):
     from cogfun.video import MediaError, probe
 
-    if src.size < 0:
-        return None, "file not found"
-    if src.size == 0:
-        return None, "empty file (0 bytes)"
     try:
-        return probe(src.path, src.kind), None
+        return probe(path_kind[0], path_kind[1], max_pixels=max_pixels), None
     except MediaError as exc:
-        return None, str(exc)
+        return None, exc
 
 
-def probe_and_plan(sources: list[Source], sampling: Sampling, *, workers: int = 8,
-                   progress: bool = True) -> tuple[list[SamplePlan], list[Skipped], dict[str, Source]]:
-    """Probe every source in parallel and plan its samples.
+def probe_and_plan(sources: list[Source], sampling: Sampling, *, workers: int = 8, progress: bool = True,
+                   max_pixels: int | None = None) -> tuple[list[SamplePlan], list[Skipped], dict[str, Source]]:
+    """Probe every file in parallel (once per file and type, whatever its captions) and plan the
+    samples of every source.
 
-    Returns (plans sorted by key, skipped sorted by file_path, key -> source with its probed fps).
+    Returns (plans sorted by key, skipped sorted by file_path, key -> source with its probe).
+    A file that cannot be used is skipped once, with the reason and its category.
     """
+    from functools import partial
+
     from tqdm import tqdm
+
+    from cogfun.video import MAX_IMAGE_PIXELS
 
     sampling.validate()
     plans: list[SamplePlan] = []
-    skipped: list[Skipped] = []
+    skipped: dict[tuple[str, str], Skipped] = {}
     by_key: dict[str, Source] = {}
+    files = sorted({(src.path, src.kind) for src in sources})
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = pool.map(_probe_one, sources)
-        bar = tqdm(results, total=len(sources), desc="probe", unit="clip",
-                   disable=not progress or len(sources) < 50, leave=False)
-        for src, (info, reason) in zip(sources, bar):
-            if info is None:
-                skipped.append(Skipped(src.file_path, reason))
-                continue
-            try:
-                clip_plans = plan_clip(sampling, src.file_path, src.kind, frames=info.frames,
-                                       height=info.height, width=info.width)
-            except PlanSkip as exc:
-                skipped.append(Skipped(src.file_path, str(exc)))
-                continue
-            src = dataclasses.replace(src, fps=info.fps)
-            for p in clip_plans:
-                plans.append(p)
-                by_key[p.key] = src
+        results = pool.map(partial(_probe_one, max_pixels=max_pixels or MAX_IMAGE_PIXELS), files)
+        bar = tqdm(results, total=len(files), desc="probe", unit="clip",
+                   disable=not progress or len(files) < 50, leave=False)
+        probed = dict(zip(files, bar))
+    for src in sources:
+        info, error = probed[(src.path, src.kind)]
+        if info is None:
+            skipped.setdefault((src.file_path, src.kind), Skipped(src.file_path, str(error), error.category))
+            continue
+        try:
+            clip_plans = plan_clip(sampling, src.file_path, src.kind, frames=info.frames,
+                                   height=info.height, width=info.width, identity=src.identity)
+        except PlanSkip as exc:
+            skipped.setdefault((src.file_path, src.kind), Skipped(src.file_path, str(exc), exc.category))
+            continue
+        src = dataclasses.replace(src, media=info)
+        for p in clip_plans:
+            plans.append(p)
+            by_key[p.key] = src
     plans.sort(key=lambda p: p.key)
-    skipped.sort(key=lambda s: s.file_path)
-    return plans, skipped, by_key
+    return plans, sorted(skipped.values(), key=lambda s: s.file_path), by_key
+
+
+def media_report(sources) -> dict:
+    """{"decoders": {decoder: [file_path, ...]} for sources not read by their kind's default
+    decoder (decord for videos, Pillow for images), "warnings": [{file_path, warning}] for damaged
+    files that still loaded}, from probed sources (each file once)."""
+    from cogfun.video import DEFAULT_DECODER
+
+    decoders: dict[str, set[str]] = {}
+    warnings: dict[str, str] = {}
+    for src in sources:
+        media = src.media
+        if media is None:
+            continue
+        if media.decoder != DEFAULT_DECODER[src.kind]:
+            decoders.setdefault(media.decoder, set()).add(src.file_path)
+        if media.note:
+            warnings[src.file_path] = media.note
+    return {"decoders": {k: sorted(v) for k, v in sorted(decoders.items())},
+            "warnings": [{"file_path": f, "warning": w} for f, w in sorted(warnings.items())]}

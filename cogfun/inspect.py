@@ -1,8 +1,10 @@
 """`cogfun inspect-buckets`: what a dataset becomes, before any GPU time is spent.
 
 From a dataset (probe only: no decoding beyond one frame per clip, no model) or from a finished
-shard dir (its manifest): the buckets (H x W x F), samples, tokens per sample, bytes, share, and
-the skipped sources with their reasons. `--json` prints one object; `--plot` draws a PNG.
+shard dir (its manifest): the buckets (H x W x F), samples, tokens per sample, bytes, share, the
+sources read by a decoder other than the default (decord for videos, Pillow for images) and the
+warnings about damaged files that still loaded, and the skipped sources with their reasons and how
+many each reason skipped. `--json` prints one object; `--plot` draws a PNG.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ from pathlib import Path
 
 from cogfun.buckets import Sampling, parse_bucket, sample_bytes, tokens_per_sample
 from cogfun.config import InspectConfig, ConfigError, mask_policy_list
+from cogfun.dataset import count_by_category
 
 # tar headers (2 members + padding) + json member + safetensors header, per sample (measured ~2-3 KB)
 SAMPLE_OVERHEAD = 3072
 
 
 def report_from_dataset(cfg: InspectConfig) -> dict:
-    from cogfun.dataset import load_sources, probe_and_plan
+    from cogfun.dataset import load_sources, media_report, probe_and_plan
 
     if not cfg.train_data_meta:
         raise ConfigError("give --train_data_meta (a dataset to probe) or --shard_dir (a finished precompute)")
@@ -30,7 +33,8 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
         text_dim = read_component_config(cfg.pretrained_model_name_or_path, "text_encoder")["d_model"]
     n_policies = len(mask_policy_list(cfg))
     sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir)
-    plans, skips, _ = probe_and_plan(sources, Sampling.from_config(cfg), workers=cfg.probe_workers)
+    plans, skips, by_key = probe_and_plan(sources, Sampling.from_config(cfg), workers=cfg.probe_workers,
+                                          max_pixels=cfg.max_image_pixels)
     counts = Counter(p.bucket for p in plans)
     kinds: dict[str, Counter] = {}
     for p in plans:
@@ -44,7 +48,7 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
                         "tokens": tokens_per_sample(f, h, w), "bytes": per * count})
     skipped = [s.to_json() for s in sorted(row_skips + skips, key=lambda s: s.file_path)]
     return _finish(buckets, skipped, sources=len(sources) + len(row_skips), estimated=True,
-                   video_repeat=cfg.video_repeat)
+                   video_repeat=cfg.video_repeat, **media_report(by_key.values()))
 
 
 def report_from_shards(cfg: InspectConfig) -> dict:
@@ -65,11 +69,12 @@ def report_from_shards(cfg: InspectConfig) -> dict:
                         "count": b["count"], "videos": kinds[(name, "video")], "images": kinds[(name, "image")],
                         "tokens": b["tokens"], "bytes": size})
     return _finish(buckets, manifest["skipped"], sources=manifest["num_sources"], estimated=False,
-                   video_repeat=manifest["config"].get("video_repeat", 1), fingerprint=manifest["fingerprint"])
+                   video_repeat=manifest["config"].get("video_repeat", 1), fingerprint=manifest["fingerprint"],
+                   decoders=manifest.get("decoders", {}), warnings=manifest.get("warnings", []))
 
 
 def _finish(buckets: list[dict], skipped: list[dict], *, sources: int, estimated: bool, video_repeat: int,
-            fingerprint: str | None = None) -> dict:
+            fingerprint: str | None = None, decoders: dict | None = None, warnings: list | None = None) -> dict:
     buckets.sort(key=lambda b: (b["frames"], b["height"] * b["width"], b["height"]))
     samples = sum(b["count"] for b in buckets)
     weight = sum(b["videos"] * video_repeat + b["images"] for b in buckets) or 1
@@ -80,7 +85,8 @@ def _finish(buckets: list[dict], skipped: list[dict], *, sources: int, estimated
              "bytes_estimated": estimated}
     if fingerprint:
         total["fingerprint"] = fingerprint
-    return {"buckets": buckets, "skipped": skipped, "total": total}
+    return {"buckets": buckets, "skipped": skipped, "skipped_by_reason": count_by_category(skipped),
+            "decoders": decoders or {}, "warnings": warnings or [], "total": total}
 
 
 def format_table(report: dict) -> str:
@@ -94,9 +100,25 @@ def format_table(report: dict) -> str:
     lines.append(f"{'total':>16} {t['samples']:>8} {'':>7} {'':>7} {t['tokens']:>14,} {_human(t['bytes']):>11}"
                  f"{est}")
     lines.append(f"{t['sources']} sources -> {t['samples']} samples in {t['buckets']} buckets; {t['skipped']} skipped")
-    for s in report["skipped"]:
-        lines.append(f"  skipped {s['file_path']}: {s['reason']}")
+    lines.extend(media_lines(report))
     return "\n".join(lines)
+
+
+def media_lines(report: dict) -> list[str]:
+    """Decoders other than the default, warnings, skip counts per reason, then each skip: the
+    report's text form, shared with the precompute summary."""
+    lines = []
+    for decoder, paths in sorted(report.get("decoders", {}).items()):
+        lines.append(f"  read with {decoder}: {len(paths)} source(s): {', '.join(paths[:8])}"
+                     + (" ..." if len(paths) > 8 else ""))
+    for w in report.get("warnings", []):
+        lines.append(f"  warning {w['file_path']}: {w['warning']}")
+    if report["skipped"]:
+        counts = ", ".join(f"{k} {n}" for k, n in count_by_category(report["skipped"]).items())
+        lines.append(f"  skipped {len(report['skipped'])} source(s) ({counts}):")
+        for s in report["skipped"]:
+            lines.append(f"    {s['file_path']}: {s['reason']}")
+    return lines
 
 
 def _human(n: float) -> str:

@@ -160,12 +160,13 @@ def remove_partial(shard_dir: Path) -> list[Path]:
 def remove_stale(shard_dir: Path, rows: list["ShardRow"], inputs: dict[str, str],
                  keep: set[str] = frozenset()) -> set[str]:
     """Delete complete tars (other than the committed ones in `keep`) holding a sample whose source
-    is no longer an input or has changed (size, mtime, caption) since it was written: the leftovers
+    (its identity: file_path, or file_path#k for a caption variant; `inputs` is keyed by it) is no
+    longer an input or has changed (size, mtime, caption) since it was written: the leftovers
     of an interrupted run must not be trusted blindly. Their other samples are simply encoded again.
 
     `rows` is what `scan_shards` found; returns the relative paths of the tars removed."""
     stale = {r.shard for r in rows
-             if r.shard not in keep and inputs.get(r.meta.get("source")) != r.meta.get("input")}
+             if r.shard not in keep and inputs.get(r.meta.get("identity", r.meta.get("source"))) != r.meta.get("input")}
     for rel in stale:
         (Path(shard_dir) / rel).unlink()
     return stale
@@ -302,7 +303,7 @@ def describe_differences(old: dict, new: dict) -> list[str]:
 
 
 def input_changes(old_inputs: dict[str, str], new_inputs: dict[str, str]) -> tuple[list, list, list]:
-    """(added, removed, changed) source file_paths."""
+    """(added, removed, changed) source identities (file_path, or file_path#k for caption variant k)."""
     added = sorted(set(new_inputs) - set(old_inputs))
     removed = sorted(set(old_inputs) - set(new_inputs))
     changed = sorted(k for k in set(old_inputs) & set(new_inputs) if old_inputs[k] != new_inputs[k])

@@ -17,6 +17,7 @@ need them.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -50,6 +51,9 @@ __all__ = [
     "synthetic_images",
     "write_synthetic_dataset",
     "write_bad_dataset",
+    "write_video",
+    "write_audio",
+    "write_media_zoo",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -338,28 +342,89 @@ def _rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
 
 def _write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
     """H.264 / yuv420p mp4 via PyAV, byte-reproducible."""
+    # Reproducible bytes: x264's threads and its macroblock-tree rate control (SIMD reads of
+    # uninitialised padding, it seems) both made the output vary between identical calls.
+    write_video(path, frames, fps, options={"crf": "12", "preset": "veryfast", "threads": "1",
+                                            "x264-params": "mbtree=0"})
+
+
+def write_video(path: PathLike, frames: np.ndarray, fps: int, *, codec: str = "libx264", fmt: str = "mp4",
+                pix_fmt: str = "yuv420p", options: dict[str, str] | None = None, rotation: int | None = None,
+                hflip: bool = False, extra_streams: list[np.ndarray] = ()) -> None:
+    """Encode RGB frames [F, H, W, 3] with PyAV's FFmpeg (`codec` into container `fmt`).
+
+    `rotation` (degrees counter-clockwise) and `hflip` write a display matrix, as a phone does;
+    `extra_streams`: more video streams (same codec, muxed before the main one: e.g. a
+    thumbnail track), each [F, h, w, 3]. yuv420p frames are converted by :func:`_rgb_to_yuv420p`
+    (our bytes), others by FFmpeg. libx265 needs a width of at least 64 (narrower frames corrupt
+    its heap in this build)."""
     import av
 
-    n, h, w, _ = frames.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"yuv420p needs even sizes, got {h}x{w}")
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.time_base = Fraction(1, fps)
-        # Reproducible bytes: x264's threads and its macroblock-tree rate control (SIMD reads of
-        # uninitialised padding, it seems) both made the output vary between identical calls.
-        stream.codec_context.thread_type = "NONE"
-        stream.codec_context.thread_count = 1
-        stream.options = {"crf": "12", "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
-        for i, frame in enumerate(frames):
-            vf = av.VideoFrame.from_ndarray(_rgb_to_yuv420p(frame), format="yuv420p")
-            vf.pts = i
-            for packet in stream.encode(vf):
+    with av.open(str(path), mode="w", format=fmt) as container:
+        streams = []
+        for clip in [*extra_streams, frames]:
+            n, h, w, _ = clip.shape
+            if pix_fmt.startswith("yuv420") and (h % 2 or w % 2):
+                raise ValueError(f"{pix_fmt} needs even sizes, got {h}x{w}")
+            stream = container.add_stream(codec, rate=fps)
+            stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+            stream.time_base = Fraction(1, fps)
+            stream.codec_context.thread_type = "NONE"
+            stream.codec_context.thread_count = 1
+            stream.options = dict(options or {})
+            streams.append((stream, clip))
+        if rotation is not None or hflip:
+            streams[-1][0].set_display_rotation(rotation or 0, hflip=hflip)
+        for i in range(len(frames)):
+            for stream, clip in streams:
+                if pix_fmt == "yuv420p":
+                    vf = av.VideoFrame.from_ndarray(_rgb_to_yuv420p(clip[i]), format="yuv420p")
+                else:
+                    vf = av.VideoFrame.from_ndarray(clip[i], format="rgb24").reformat(format=pix_fmt)
+                vf.pts = i
+                for packet in stream.encode(vf):
+                    container.mux(packet)
+        for stream, _ in streams:
+            for packet in stream.encode():
+                container.mux(packet)
+
+
+def write_audio(path: PathLike, seconds: float = 0.5, *, codec: str = "aac", fmt: str = "mp4",
+                cover: np.ndarray | None = None, empty_video: bool = False) -> None:
+    """A sine tone (an audio-only file); `cover`: an RGB image muxed as attached cover art;
+    `empty_video`: plus a video track holding no frame (Matroska keeps such a track, mp4 drops it)."""
+    import av
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rate = 16000
+    with av.open(str(path), mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.layout = "mono"
+        art = None
+        if empty_video:
+            empty = container.add_stream("libx264", rate=12)
+            empty.width, empty.height, empty.pix_fmt = 64, 32, "yuv420p"
+        if cover is not None:
+            art = container.add_stream("mjpeg", rate=1)
+            art.width, art.height, art.pix_fmt = cover.shape[1], cover.shape[0], "yuvj420p"
+            art.disposition = av.stream.Disposition.attached_pic
+        tone = np.sin(np.arange(int(seconds * rate), dtype=np.float32) * (2 * np.pi * 440 / rate))
+        size = stream.codec_context.frame_size or 1024
+        for start in range(0, len(tone), size):
+            frame = av.AudioFrame.from_ndarray(tone[None, start:start + size].copy(), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+        if art is not None:
+            vf = av.VideoFrame.from_ndarray(cover, format="rgb24").reformat(format="yuvj420p")
+            vf.pts = 0
+            for packet in [*art.encode(vf), *art.encode()]:
+                container.mux(packet)
 
 
 @dataclass(frozen=True)
@@ -481,6 +546,91 @@ def write_bad_dataset(root: PathLike) -> Path:
         {"file_path": "videos/good.mp4", "type": "video"},
         {"text": "A row without a file path.", "type": "video"},
     ]
+    meta = root / "metadata.json"
+    meta.write_text(json.dumps(rows, indent=2) + "\n")
+    return meta
+
+
+# An Ultra HDR JPEG's XMP names the gain-map version (what Pillow looks for to read such a file as a JPEG).
+ULTRA_HDR_XMP = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+                 b'<rdf:Description xmlns:hdrgm="http://ns.adobe.com/hdr-gain-map/1.0/" hdrgm:Version="1.0"/>'
+                 b'</rdf:RDF></x:xmpmeta>')
+
+
+def write_media_zoo(root: PathLike, *, height: int = 32, width: int = 64, frames: int = 12, seed: int = 5) -> Path:
+    """Write one small real file of each kind real datasets hold, and ``root/metadata.json``.
+
+    Every video and animation shows ``synthetic_frames(height, width, frames, seed=seed)`` (the
+    MPEG-1 clip at 24 fps, the others at 12 fps or 80 ms a frame; the Matroska clip has twice the
+    frames, B-frames and a keyframe every 8); every photo shows its first frame. Files (rows; a
+    ``type`` of ``video`` unless it says image):
+
+    h264.mp4 · rot90.mp4 (display matrix: 90 degrees counter-clockwise) · rot90_hflip.mp4 (and
+    mirrored) · av1.mp4 (SVT-AV1) · vp9.webm · h264.mkv · mpeg1.mpg · hevc10.mp4 (x265, 10 bit;
+    needs width >= 64) · two_streams.mp4 (a half-size thumbnail track first, then the picture) ·
+    anim.gif, anim.png (APNG), anim.webp (Pillow, 80 ms a frame; the GIF also as an image) ·
+    photo.heic (EXIF orientation 6: shown rotated 90 degrees clockwise) · photo.avif (orientation 8) ·
+    ultrahdr.jpg (a JPEG + a gain-map JPEG, MPF and hdrgm XMP as Android writes) · appended.jpg (a
+    JPEG with a second JPEG appended) · cut_marker.jpg (its last byte cut: every row present) ·
+    cut_scan.jpg (cut inside the scan data) · audio.mp4 (AAC only) · cover_audio.mp4 (AAC + cover
+    art) · no_frames.mkv (AAC + a video track without frames) · tiny.png (8x8).
+    """
+    import pillow_heif
+    from PIL import Image
+
+    pillow_heif.register_heif_opener()  # HEIF saving
+    root = Path(root)
+    zoo = root / "zoo"
+    zoo.mkdir(parents=True, exist_ok=True)
+    clip = synthetic_frames(height, width, frames, seed=seed)
+    quality = {"libx264": {"crf": "12", "preset": "veryfast"}, "libsvtav1": {"crf": "20", "preset": "12"},
+               "libvpx-vp9": {"crf": "10", "b": "0", "deadline": "realtime", "cpu-used": "8"},
+               "mpeg1video": {"b": "2M"}, "libx265": {"crf": "12", "x265-params": "log-level=error"}}
+    for name, codec, fmt, pix_fmt, extra in [
+        ("h264.mp4", "libx264", "mp4", "yuv420p", {}),
+        ("rot90.mp4", "libx264", "mp4", "yuv420p", {"rotation": 90}),
+        ("rot90_hflip.mp4", "libx264", "mp4", "yuv420p", {"rotation": 90, "hflip": True}),
+        ("av1.mp4", "libsvtav1", "mp4", "yuv420p", {}),
+        ("vp9.webm", "libvpx-vp9", "webm", "yuv420p", {}),
+        ("hevc10.mp4", "libx265", "mp4", "yuv420p10le", {}),
+        ("two_streams.mp4", "libx264", "mp4", "yuv420p",
+         {"extra_streams": [synthetic_frames(height // 2, width // 2, frames, seed=seed + 1)]}),
+    ]:
+        write_video(zoo / name, clip, 12, codec=codec, fmt=fmt, pix_fmt=pix_fmt, options=quality[codec], **extra)
+    write_video(zoo / "mpeg1.mpg", clip, 24, codec="mpeg1video", fmt="mpeg", options=quality["mpeg1video"])
+    write_video(zoo / "h264.mkv", synthetic_frames(height, width, 2 * frames, seed=seed), 12, fmt="matroska",
+                options={"crf": "12", "preset": "veryfast", "g": "8", "bf": "2"})
+    images = [Image.fromarray(f) for f in clip]
+    for name in ("anim.gif", "anim.png", "anim.webp"):
+        images[0].save(zoo / name, save_all=True, append_images=images[1:], duration=80, loop=0,
+                       **({"lossless": True} if name.endswith("webp") else {}))
+    for name, fmt, orientation in [("photo.heic", "HEIF", 6), ("photo.avif", "AVIF", 8)]:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        images[0].save(zoo / name, fmt, exif=exif.tobytes(), quality=95)
+    gain_map = Image.fromarray(clip[-1]).convert("L").resize((width // 4, height // 4))
+    images[0].save(zoo / "ultrahdr.jpg", "MPO", save_all=True, append_images=[gain_map], xmp=ULTRA_HDR_XMP,
+                   quality=95)
+    jpeg = io.BytesIO()
+    images[0].save(jpeg, "JPEG", quality=95)
+    second = io.BytesIO()
+    gain_map.save(second, "JPEG")
+    (zoo / "appended.jpg").write_bytes(jpeg.getvalue() + second.getvalue())
+    (zoo / "cut_marker.jpg").write_bytes(jpeg.getvalue()[:-1])
+    (zoo / "cut_scan.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) * 3 // 5])
+    write_audio(zoo / "audio.mp4")
+    write_audio(zoo / "cover_audio.mp4", cover=clip[0])
+    write_audio(zoo / "no_frames.mkv", fmt="matroska", empty_video=True)
+    Image.fromarray(clip[0][:8, :8]).save(zoo / "tiny.png")
+    images_rows = {"photo.heic", "photo.avif", "ultrahdr.jpg", "appended.jpg", "cut_marker.jpg", "cut_scan.jpg",
+                   "tiny.png"}
+    names = ["h264.mp4", "rot90.mp4", "rot90_hflip.mp4", "av1.mp4", "vp9.webm", "h264.mkv", "mpeg1.mpg",
+             "hevc10.mp4", "two_streams.mp4", "anim.gif", "anim.png", "anim.webp", "audio.mp4", "cover_audio.mp4",
+             "no_frames.mkv",
+             *sorted(images_rows)]
+    rows = [{"file_path": f"zoo/{n}", "text": f"The zoo's {n}.", "type": "image" if n in images_rows else "video"}
+            for n in names]
+    rows.append({"file_path": "zoo/anim.gif", "text": "The GIF's first frame.", "type": "image"})
     meta = root / "metadata.json"
     meta.write_text(json.dumps(rows, indent=2) + "\n")
     return meta

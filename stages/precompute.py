@@ -21,7 +21,7 @@ import cogfun
 from cogfun import shards
 from cogfun.buckets import SamplePlan, Sampling
 from cogfun.config import PrecomputeConfig, fingerprint_keys, mask_policy_list, to_dict
-from cogfun.dataset import Skipped, load_sources, probe_and_plan
+from cogfun.dataset import Skipped, count_by_category, load_sources, media_report, probe_and_plan
 from cogfun.shards import ShardError
 
 T5_BATCH = 16
@@ -33,10 +33,11 @@ class DecodeTimeout(Exception):
 
 
 class DecodeDataset:
-    """Map-style dataset: plan i -> decoded pixels [3, F, H, W] in [-1, 1] (runs in workers)."""
+    """Map-style dataset: plan i -> (i, decoded pixels [3, F, H, W] in [-1, 1] or None, Skipped or
+    None, warnings) (runs in workers). Each source carries its probe, which names the decoder."""
 
-    def __init__(self, plans: list[SamplePlan], paths: dict[str, str], timeout: float):
-        self.plans, self.paths, self.timeout = plans, paths, timeout
+    def __init__(self, plans: list[SamplePlan], sources: dict, timeout: float, max_pixels: int):
+        self.plans, self.sources, self.timeout, self.max_pixels = plans, sources, timeout, max_pixels
 
     def __len__(self) -> int:
         return len(self.plans)
@@ -45,7 +46,8 @@ class DecodeDataset:
         from cogfun import video
 
         plan = self.plans[i]
-        path = self.paths[plan.key]
+        src = self.sources[plan.key]
+        notes: list[str] = []
         use_alarm = self.timeout > 0 and hasattr(signal, "SIGALRM")
         previous = signal.signal(signal.SIGALRM, _on_alarm) if use_alarm else None
         try:
@@ -54,18 +56,16 @@ class DecodeDataset:
             try:
                 if use_alarm:
                     signal.setitimer(signal.ITIMER_REAL, self.timeout)
-                if plan.kind == "image":
-                    frames = video.decode_image(path, plan.resize_hw, plan.crop_box)
-                else:
-                    frames = video.decode_video(path, list(plan.frame_indices), plan.resize_hw, plan.crop_box)
-                return i, video.frames_to_tensor(frames), None
+                frames = video.decode(src.path, plan.kind, list(plan.frame_indices), plan.resize_hw, plan.crop_box,
+                                      media=src.media, max_pixels=self.max_pixels, notes=notes)
+                return i, video.frames_to_tensor(frames), None, notes
             finally:
                 if use_alarm:
                     signal.setitimer(signal.ITIMER_REAL, 0)
         except (video.MediaError, ValueError) as exc:  # ValueError: the file changed since it was probed
-            return i, None, f"decode failed: {exc}"
+            return i, None, Skipped(plan.source, f"decode failed: {exc}", "decode failed"), notes
         except DecodeTimeout:
-            return i, None, f"decode timed out after {self.timeout:g} s"
+            return i, None, Skipped(plan.source, f"decode timed out after {self.timeout:g} s", "timeout"), notes
         finally:
             if use_alarm:
                 signal.signal(signal.SIGALRM, previous)
@@ -166,7 +166,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     policies = mask_policy_list(cfg)
     sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir)
 
-    inputs = {s.file_path: shards.digest(s.digest_fields()) for s in sources}
+    inputs = {s.identity: shards.digest(s.digest_fields()) for s in sources}
     if main:
         shard_dir.mkdir(parents=True, exist_ok=True)
         identity = models.model_identity(cfg.pretrained_model_name_or_path, shard_dir / shards.HASH_CACHE)
@@ -208,11 +208,11 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     # ------------------------------------------------------------ plan: each rank probes a slice
     mine = sources[rank::world]
     plans, probe_skips, by_key = probe_and_plan(mine, sampling, workers=cfg.probe_workers,
-                                                progress=progress and main)
-    path_of = {k: src.path for k, src in by_key.items()}
+                                                progress=progress and main, max_pixels=cfg.max_image_pixels)
     caption_of = {k: src.text for k, src in by_key.items()}
     all_plans = sorted(dist.gather(plans, state), key=lambda p: p.key)
     all_skips = dist.gather(probe_skips, state)
+    media = dist.gather([media_report(by_key.values())], state)  # decoders other than the default, warnings
     present = dist.broadcast({r.key for r in on_disk} if main else None, state)
     # my work: the planned samples of my own slice that are not on disk yet
     work = sorted((p for p in plans if p.key not in present), key=lambda p: (p.bucket, p.key))
@@ -256,6 +256,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     # ------------------------------------------------------------ VAE: decode in workers, encode, write
     writers = shards.BucketWriters(shard_dir, rank, run_id, cfg.shard_max_samples)
     decode_skips: list[Skipped] = []
+    decode_notes: list[dict] = []
     n_encoded = 0
     if work:
         from safetensors import safe_open
@@ -263,7 +264,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
 
         vae = models.load_vae(cfg.pretrained_model_name_or_path, dtype, device, slicing=cfg.low_vram)
         loader = torch.utils.data.DataLoader(
-            DecodeDataset(work, path_of, cfg.decode_timeout), batch_size=1, shuffle=False,
+            DecodeDataset(work, by_key, cfg.decode_timeout, cfg.max_image_pixels), batch_size=1, shuffle=False,
             num_workers=cfg.dataloader_num_workers, collate_fn=_collate_one,
             prefetch_factor=4 if cfg.dataloader_num_workers > 0 else None)
         handles: dict[str, object] = {}
@@ -291,23 +292,25 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
                 for policy in policies:
                     tensors[f"masked_latents.{policy}"] = masked[policy][b]
                 tensors = {k: v.to("cpu", torch.bfloat16).clone() for k, v in tensors.items()}  # own storage each
-                meta = {"source": plan.source, "caption": text, "kind": plan.kind, "bucket": plan.bucket,
+                meta = {"source": plan.source, "identity": plan.identity, "caption": text, "kind": plan.kind,
+                        "bucket": plan.bucket, "decoder": by_key[plan.key].media.decoder,
                         "view": plan.view, "base": plan.base, "frame_indices": list(plan.frame_indices),
                         "fps": by_key[plan.key].fps, "resize_hw": list(plan.resize_hw),
                         "crop_box": list(plan.crop_box),
                         "frames": plan.frames, "height": plan.height, "width": plan.width,
                         "latent_frames": plan.latent_frames, "tokens": plan.tokens,
-                        "input": inputs[plan.source]}  # the source's digest: stale leftovers are spotted
+                        "input": inputs[plan.identity]}  # the source's digest: stale leftovers are spotted
                 writers.write(plan.bucket, shards.encode_sample(plan.key, meta, tensors))
 
         bar = tqdm(total=n_work_total, desc="precompute", unit="clip", disable=not (progress and main),
                    dynamic_ncols=True)
         batch: list = []
         try:
-            for i, pixels, reason in loader:
+            for i, pixels, skip, notes in loader:
                 plan = work[i]
+                decode_notes.extend({"file_path": plan.source, "warning": n} for n in notes)
                 if pixels is None:
-                    decode_skips.append(Skipped(plan.source, reason))
+                    decode_skips.append(skip)
                 else:
                     if batch and batch[0][0].bucket != plan.bucket:
                         flush(batch)
@@ -329,6 +332,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     writers.close()
     drop_spills()
     all_decode_skips = dist.gather(decode_skips, state)
+    all_decode_notes = dist.gather(decode_notes, state)
     n_encoded_total = sum(dist.gather([n_encoded], state))
     bytes_total = sum(dist.gather([writers.bytes_written], state))
     state.wait_for_everyone()
@@ -365,7 +369,13 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             b["shards"].add(r.shard)
         for b in buckets.values():
             b["shards"] = sorted(b["shards"])
-        skipped = sorted({(s.file_path, s.reason) for s in row_skips + all_skips + all_decode_skips})
+        skipped = sorted({(s.file_path, s.reason, s.category) for s in row_skips + all_skips + all_decode_skips})
+        decoders: dict[str, list[str]] = {}
+        for report in media:
+            for decoder, paths in report["decoders"].items():
+                decoders[decoder] = sorted(set(decoders.get(decoder, [])) | set(paths))
+        warnings = sorted({(w["file_path"], w["warning"]) for r in media for w in r["warnings"]}
+                          | {(w["file_path"], w["warning"]) for w in all_decode_notes})
         config = to_dict(cfg)
         config.pop("overwrite", None)
         manifest = {
@@ -374,7 +384,9 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             "text_len": models.TEXT_LEN, "buckets": buckets,
             "shards": {s: nsamples[s] for s in sorted({r.shard for r in rows})},
             "num_samples": len(rows), "num_sources": len(sources) + len(row_skips),
-            "skipped": [{"file_path": f, "reason": r} for f, r in skipped],
+            "skipped": [{"file_path": f, "reason": r, "category": c} for f, r, c in skipped],
+            "skipped_by_reason": count_by_category([{"category": c} for _, _, c in skipped]),
+            "decoders": decoders, "warnings": [{"file_path": f, "warning": w} for f, w in warnings],
             "cogfun_version": cogfun.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         shards.write_json_atomic(shard_dir / shards.MANIFEST, manifest)
@@ -386,7 +398,9 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         seconds = time.time() - t_start
         summary = {"status": decision, "fingerprint": fp, "samples": len(rows), "encoded": n_encoded_total,
                    "buckets": {k: v["count"] for k, v in sorted(buckets.items())},
-                   "skipped": manifest["skipped"], "bytes_written": bytes_total, "seconds": round(seconds, 2)}
+                   "skipped": manifest["skipped"], "skipped_by_reason": manifest["skipped_by_reason"],
+                   "decoders": decoders, "warnings": manifest["warnings"],
+                   "bytes_written": bytes_total, "seconds": round(seconds, 2)}
         print_summary(shard_dir, summary)
     state.wait_for_everyone()
     return summary
@@ -397,9 +411,9 @@ def print_summary(shard_dir: Path, s: dict) -> None:
     print(f"{shard_dir}: {s['status']}: {s['samples']} samples in {len(s['buckets'])} buckets; "
           f"encoded {s['encoded']} now ({rate:.2f} clips/s), {s['bytes_written'] / 1e6:.2f} MB written "
           f"in {s['seconds']:.1f} s; fingerprint {s['fingerprint'][:12]}")
+    from cogfun.inspect import media_lines
+
     for name, count in s["buckets"].items():
         print(f"  {name:>16}  {count} samples")
-    if s["skipped"]:
-        print(f"  skipped {len(s['skipped'])} source(s):")
-        for item in s["skipped"]:
-            print(f"    {item['file_path']}: {item['reason']}")
+    for line in media_lines(s):
+        print(line)

@@ -52,10 +52,14 @@ def make_cfg(model, meta, shard_dir, **over) -> PrecomputeConfig:
     return PrecomputeConfig(**settings)
 
 
-def cli_args(cfg: PrecomputeConfig) -> list[str]:
-    """The command-line flags that reproduce `cfg` (defaults left out)."""
+def cli_args(cfg: PrecomputeConfig, only: type | None = None) -> list[str]:
+    """The command-line flags that reproduce `cfg` (defaults left out; `only`: just the flags
+    another command's config class has)."""
     args = []
+    names = {f.name for f in dataclasses.fields(only)} if only else None
     for f in dataclasses.fields(cfg):
+        if names is not None and f.name not in names:
+            continue
         value = getattr(cfg, f.name)
         if value == f.default:
             continue
@@ -174,8 +178,10 @@ def test_round_trip_matches_direct_encode(base, encoders, tiny_model_inp):
     assert model["latent_channels"] == 16 and model["text_dim"] == TEXT_DIM
     assert manifest["mask_policies"] == POLICIES
     assert manifest["cogfun_version"]
-    assert manifest["skipped"] == [{"file_path": "videos/short.mp4", "reason": manifest["skipped"][0]["reason"]}]
-    assert "too short" in manifest["skipped"][0]["reason"]
+    assert manifest["skipped"] == [{"file_path": "videos/short.mp4", "reason": manifest["skipped"][0]["reason"],
+                                    "category": "too short"}]
+    assert "too short" in manifest["skipped"][0]["reason"] and manifest["skipped_by_reason"] == {"too short": 1}
+    assert manifest["decoders"] == {} and manifest["warnings"] == []   # decord and Pillow read everything
     keys = expected_keys(cfg)
     assert manifest["num_samples"] == len(keys) == 7          # 4 long-enough clips + 3 images
     assert sum(b["count"] for b in manifest["buckets"].values()) == 7
@@ -690,3 +696,62 @@ def test_inspect_buckets_from_dataset_follows_the_rules(synthetic_data, bad_data
     report = json.loads(result.output)
     check_bad_skips(report["skipped"])
     assert report["total"]["samples"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- 10. real-world media
+
+def test_real_world_media_and_caption_variants(tiny_model_inp, tmp_path):
+    """The media zoo (every kind of file, cogfun.tiny.write_media_zoo) with a clip listed under two
+    captions and one row repeated: one sample per (file, caption), the decoders other than the
+    default, the warnings and the skips per reason in the summary, the manifest and inspect-buckets
+    (from the dataset and from the shards alike); adding a caption variant is incremental, changing
+    one is a changed source."""
+    from cogfun.tiny import write_media_zoo
+
+    meta = write_media_zoo(tmp_path / "data")
+    rows = json.loads(meta.read_text())
+    h264 = next(r for r in rows if r["file_path"] == "zoo/h264.mp4")
+    rows += [dict(h264, text="The same clip, described another way."), dict(h264)]   # a variant, a repeat
+    meta.write_text(json.dumps(rows))
+    cfg = make_cfg(tiny_model_inp, meta, tmp_path / "shards", video_sample_size=32, image_sample_size=32,
+                   token_sample_size=32, video_sample_n_frames=5, train_mode="normal")
+    result = CliRunner().invoke(cli.main, ["precompute", *cli_args(cfg)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    manifest = shards.read_manifest(cfg.shard_dir)
+    expected_skips = {"no video stream": 2, "zero frames": 1, "corrupt": 1, "too small": 1, "duplicate row": 1}
+    assert manifest["skipped_by_reason"] == expected_skips
+    assert manifest["decoders"] == {
+        "pillow": ["zoo/anim.gif", "zoo/anim.png", "zoo/anim.webp"], "pillow-heif": ["zoo/photo.heic"],
+        "pyav": ["zoo/av1.mp4", "zoo/h264.mkv", "zoo/hevc10.mp4", "zoo/mpeg1.mpg", "zoo/rot90_hflip.mp4",
+                 "zoo/vp9.webm"]}
+    assert [w["file_path"] for w in manifest["warnings"]] == ["zoo/cut_marker.jpg"]
+    assert "read with pyav: 6 source(s)" in result.output and "warning zoo/cut_marker.jpg: truncated JPEG" in result.output
+    assert "skipped 6 source(s) (no video stream 2, corrupt 1, duplicate row 1, too small 1, zero frames 1)" \
+        in result.output
+    index = shards.read_index(cfg.shard_dir)
+    assert len(index["key"]) == manifest["num_samples"] == len(rows) - 6 == len(set(index["key"]))
+    assert sorted(c for s, c in zip(index["source"], index["caption"]) if s == "zoo/h264.mp4") == sorted(
+        ["The zoo's h264.mp4.", "The same clip, described another way."])
+    metas = [json.loads(s["json"]) for s in read_tars(Path(cfg.shard_dir)).values()]
+    assert {m["identity"] for m in metas if m["source"] == "zoo/h264.mp4"} == {"zoo/h264.mp4", "zoo/h264.mp4#2"}
+    assert {m["decoder"] for m in metas if m["source"] == "zoo/mpeg1.mpg"} == {"pyav"}
+
+    from cogfun.config import InspectConfig
+
+    from_data = cli_args(dataclasses.replace(cfg, shard_dir=None, pretrained_model_name_or_path=None), InspectConfig)
+    for args in (["--shard_dir", cfg.shard_dir], from_data):
+        report = CliRunner().invoke(cli.main, ["inspect-buckets", "--json", *args])
+        assert report.exit_code == 0, (report.output, report.exception)
+        report = json.loads(report.output)
+        assert report["skipped_by_reason"] == expected_skips and report["decoders"] == manifest["decoders"]
+        assert report["warnings"] == manifest["warnings"] and report["total"]["samples"] == manifest["num_samples"]
+
+    rows.append(dict(h264, text="A third caption for the same clip."))
+    meta.write_text(json.dumps(rows))
+    inc = precompute(cfg, progress=False)
+    assert inc["status"] == "incremental" and inc["encoded"] == 1
+    assert "zoo/h264.mp4#3" in shards.read_manifest(cfg.shard_dir)["inputs"]
+    rows[-3]["text"] = "The second caption, changed."
+    meta.write_text(json.dumps(rows))
+    with pytest.raises(ShardError, match=re.escape("source changed (size, mtime, caption or type): zoo/h264.mp4#2")):
+        precompute(cfg, progress=False)

@@ -85,14 +85,15 @@ def test_synthetic_dataset_is_deterministic(dataset: Path, tmp_path: Path) -> No
 def test_probe_videos_match_what_was_written(dataset: Path) -> None:
     for clip in synthetic_clips(n_frames=N_FRAMES):
         info = probe(dataset / clip.file_path, "video")
-        assert info == MediaInfo(frames=clip.frames, fps=float(clip.fps), height=clip.height, width=clip.width)
+        assert info == MediaInfo(frames=clip.frames, fps=float(clip.fps), height=clip.height, width=clip.width,
+                                 decoder="decord", stream=0)
         assert probe_video(str(dataset / clip.file_path)) == info  # str paths too
 
 
 def test_probe_images_match_what_was_written(dataset: Path) -> None:
     for image in synthetic_images():
         info = probe(dataset / image.file_path, "image")
-        assert info == MediaInfo(frames=1, fps=0.0, height=image.height, width=image.width)
+        assert info == MediaInfo(frames=1, fps=0.0, height=image.height, width=image.width, decoder="pillow")
 
 
 def test_probe_rejects_unknown_kind(dataset: Path) -> None:
@@ -103,7 +104,7 @@ def test_probe_rejects_unknown_kind(dataset: Path) -> None:
 def test_scale_multiplies_sizes(tmp_path: Path) -> None:
     meta = write_synthetic_dataset(tmp_path, n_frames=9, scale=2)
     rows = json.loads(meta.read_text())
-    assert probe(tmp_path / rows[0]["file_path"], "video") == MediaInfo(9, 24.0, 192, 320)
+    assert probe(tmp_path / rows[0]["file_path"], "video") == MediaInfo(9, 24.0, 192, 320, "decord", 0)
     assert probe(tmp_path / rows[-1]["file_path"], "image").height == 160
 
 
@@ -162,7 +163,7 @@ def test_image_exif_orientation(tmp_path: Path) -> None:
     exif[0x0112] = 6  # "rotate 90 CW to display"
     path = tmp_path / "rotated.jpg"
     Image.fromarray(pixels).save(path, exif=exif, quality=95)
-    assert probe_image(path) == MediaInfo(frames=1, fps=0.0, height=60, width=40)
+    assert probe_image(path) == MediaInfo(frames=1, fps=0.0, height=60, width=40, decoder="pillow")
     out = decode_image(path, (60, 40), (0, 0, 60, 40))
     assert out.shape == (1, 60, 40, 3)
     assert _rmse(out[0], np.rot90(pixels, k=-1)) < 10.0
@@ -216,8 +217,8 @@ def test_bad_dataset_rows(bad: Path) -> None:
     assert sum("text" not in r for r in rows) == 1
     assert [r["type"] for r in rows].count("audio") == 1
     good = rows[:2]
-    assert probe(bad / good[0]["file_path"], "video") == MediaInfo(12, 24.0, 64, 96)
-    assert probe(bad / good[1]["file_path"], "image") == MediaInfo(1, 0.0, 64, 64)
+    assert probe(bad / good[0]["file_path"], "video") == MediaInfo(12, 24.0, 64, 96, "decord", 0)
+    assert probe(bad / good[1]["file_path"], "image") == MediaInfo(1, 0.0, 64, 64, "pillow")
 
 
 @pytest.mark.parametrize(
@@ -227,8 +228,9 @@ def test_bad_dataset_rows(bad: Path) -> None:
         ("videos/empty.mp4", "video", r"^empty file \(0 bytes\)$"),
         ("videos/corrupt.mp4", "video", r"^cannot decode video: Invalid data found when processing input$"),
         ("images/garbage.png", "image", r"^cannot read image: cannot identify image file$"),
-        ("images/good.png", "video", r"^cannot decode video: decord cannot open it \(FFmpeg sees a png stream"),
-        ("videos/good.mp4", "image", r"^cannot read image: cannot identify image file$"),
+        ("images/good.png", "video", r"^a still PNG image \(64x64\), not a video: list it with type 'image'$"),
+        ("videos/good.mp4", "image", r"^cannot read image: a video \(h264, 96x64\), not an image: list it with "
+                                     r"type 'video'$"),
         ("videos", "video", r"^not a regular file$"),
     ],
 )
@@ -247,7 +249,7 @@ def test_bad_media_give_media_error_with_reason(bad: Path, file_path: str, kind:
 
 def test_two_frame_video_probes_as_two_frames(bad: Path) -> None:
     """Decodable but too short: the probe reports it, the planner decides to skip it."""
-    assert probe(bad / "videos/two_frames.mp4", "video") == MediaInfo(2, 24.0, 64, 64)
+    assert probe(bad / "videos/two_frames.mp4", "video") == MediaInfo(2, 24.0, 64, 64, "decord", 0)
     assert decode_video(bad / "videos/two_frames.mp4", [0, 1], (64, 64), (0, 0, 64, 64)).shape == (2, 64, 64, 3)
 
 
