@@ -22,7 +22,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from cogfun.buckets import PlanSkip, SamplePlan, Sampling, plan_clip
@@ -210,14 +209,14 @@ def probe_and_plan(sources: list[Source], sampling: Sampling, *, workers: int = 
     return plans, sorted(skipped.values(), key=lambda s: s.file_path), by_key
 
 
-def media_report(sources) -> dict:
+def media_report(sources, notes=()) -> dict:
     """{"decoders": {decoder: [file_path, ...]} for sources not read by their kind's default
     decoder (decord for videos, Pillow for images), "warnings": [{file_path, warning}] for damaged
-    files that still loaded}, from probed sources (each file once)."""
+    files that still loaded}, from probed sources and the decode's (file_path, warning) `notes`."""
     from cogfun.video import DEFAULT_DECODER
 
     decoders: dict[str, set[str]] = {}
-    warnings: dict[str, str] = {}
+    warnings = set(notes)
     for src in sources:
         media = src.media
         if media is None:
@@ -225,6 +224,6 @@ def media_report(sources) -> dict:
         if media.decoder != DEFAULT_DECODER[src.kind]:
             decoders.setdefault(media.decoder, set()).add(src.file_path)
         if media.note:
-            warnings[src.file_path] = media.note
+            warnings.add((src.file_path, media.note))
     return {"decoders": {k: sorted(v) for k, v in sorted(decoders.items())},
-            "warnings": [{"file_path": f, "warning": w} for f, w in sorted(warnings.items())]}
+            "warnings": [{"file_path": f, "warning": w} for f, w in sorted(warnings)]}

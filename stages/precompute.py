@@ -212,7 +212,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     caption_of = {k: src.text for k, src in by_key.items()}
     all_plans = sorted(dist.gather(plans, state), key=lambda p: p.key)
     all_skips = dist.gather(probe_skips, state)
-    media = dist.gather([media_report(by_key.values())], state)  # decoders other than the default, warnings
+    probed = dist.gather(list({s.identity: s for s in by_key.values()}.values()), state)  # for the report
     present = dist.broadcast({r.key for r in on_disk} if main else None, state)
     # my work: the planned samples of my own slice that are not on disk yet
     work = sorted((p for p in plans if p.key not in present), key=lambda p: (p.bucket, p.key))
@@ -256,7 +256,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     # ------------------------------------------------------------ VAE: decode in workers, encode, write
     writers = shards.BucketWriters(shard_dir, rank, run_id, cfg.shard_max_samples)
     decode_skips: list[Skipped] = []
-    decode_notes: list[dict] = []
+    decode_notes: list[tuple[str, str]] = []
     n_encoded = 0
     if work:
         from safetensors import safe_open
@@ -308,7 +308,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         try:
             for i, pixels, skip, notes in loader:
                 plan = work[i]
-                decode_notes.extend({"file_path": plan.source, "warning": n} for n in notes)
+                decode_notes.extend((plan.source, n) for n in notes)
                 if pixels is None:
                     decode_skips.append(skip)
                 else:
@@ -370,12 +370,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         for b in buckets.values():
             b["shards"] = sorted(b["shards"])
         skipped = sorted({(s.file_path, s.reason, s.category) for s in row_skips + all_skips + all_decode_skips})
-        decoders: dict[str, list[str]] = {}
-        for report in media:
-            for decoder, paths in report["decoders"].items():
-                decoders[decoder] = sorted(set(decoders.get(decoder, [])) | set(paths))
-        warnings = sorted({(w["file_path"], w["warning"]) for r in media for w in r["warnings"]}
-                          | {(w["file_path"], w["warning"]) for w in all_decode_notes})
+        media = media_report(probed, all_decode_notes)  # decoders other than the default, warnings
         config = to_dict(cfg)
         config.pop("overwrite", None)
         manifest = {
@@ -386,7 +381,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             "num_samples": len(rows), "num_sources": len(sources) + len(row_skips),
             "skipped": [{"file_path": f, "reason": r, "category": c} for f, r, c in skipped],
             "skipped_by_reason": count_by_category([{"category": c} for _, _, c in skipped]),
-            "decoders": decoders, "warnings": [{"file_path": f, "warning": w} for f, w in warnings],
+            "decoders": media["decoders"], "warnings": media["warnings"],
             "cogfun_version": cogfun.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         shards.write_json_atomic(shard_dir / shards.MANIFEST, manifest)
@@ -399,7 +394,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         summary = {"status": decision, "fingerprint": fp, "samples": len(rows), "encoded": n_encoded_total,
                    "buckets": {k: v["count"] for k, v in sorted(buckets.items())},
                    "skipped": manifest["skipped"], "skipped_by_reason": manifest["skipped_by_reason"],
-                   "decoders": decoders, "warnings": manifest["warnings"],
+                   "decoders": media["decoders"], "warnings": media["warnings"],
                    "bytes_written": bytes_total, "seconds": round(seconds, 2)}
         print_summary(shard_dir, summary)
     state.wait_for_everyone()
