@@ -70,6 +70,25 @@ class Skipped:
         return {"file_path": self.file_path, "reason": self.reason, "category": self.category}
 
 
+# skip categories a better decoder cannot change
+_ROW_CATEGORIES = {"bad row", "duplicate row", "not found", "empty file", "unreadable"}
+
+
+def retry_skipped(manifest: dict, max_image_pixels: int) -> bool:
+    """Whether a finished shard dir skipped sources that may become samples now: it was made by a
+    cogfun reading fewer formats (an older `media_readers`), or with a lower --max_image_pixels
+    and skipped an image as too large. Its fingerprint still matches (the inputs and settings
+    that make a sample's bytes are the same): the run is then incremental."""
+    from cogfun.video import MAX_IMAGE_PIXELS, MEDIA_READERS
+
+    skipped = manifest.get("skipped", [])
+    if manifest.get("media_readers", 1) < MEDIA_READERS and any(
+            s.get("category") not in _ROW_CATEGORIES for s in skipped):
+        return True
+    limit = manifest.get("config", {}).get("max_image_pixels", MAX_IMAGE_PIXELS)
+    return limit < max_image_pixels and any(s.get("category") == "too large" for s in skipped)
+
+
 def count_by_category(skipped: list[dict]) -> dict[str, int]:
     """{category: how many} of skipped entries (as in a manifest or report), most frequent first."""
     from collections import Counter

@@ -96,6 +96,10 @@ MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
 Image.MAX_IMAGE_PIXELS = None
 
 DEFAULT_DECODER = {"video": "decord", "image": "pillow"}
+# What this cogfun can read, recorded in a shard dir's manifest: a finished shard dir made by a
+# cogfun that read less retries the sources it skipped (cogfun.dataset.retry_skipped).
+# 1: decord + Pillow; 2: + PyAV, animations, HEIF, damaged JPEGs, display-matrix orientation.
+MEDIA_READERS = 2
 
 # Errors decord raises from its C++ side (DECORDError), from its Python wrapper when FFmpeg
 # cannot open the input (RuntimeError "Error reading <path>...") and when the frame count is 0

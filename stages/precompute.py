@@ -21,7 +21,7 @@ import cogfun
 from cogfun import shards
 from cogfun.buckets import SamplePlan, Sampling
 from cogfun.config import PrecomputeConfig, fingerprint_keys, mask_policy_list, to_dict
-from cogfun.dataset import Skipped, count_by_category, load_sources, media_report, probe_and_plan
+from cogfun.dataset import Skipped, count_by_category, load_sources, media_report, probe_and_plan, retry_skipped
 from cogfun.shards import ShardError
 
 T5_BATCH = 16
@@ -92,8 +92,10 @@ def settings_of(cfg: PrecomputeConfig) -> dict:
     return settings
 
 
-def check_existing(shard_dir: Path, parts: dict, fp: str, inputs: dict, overwrite: bool) -> str:
-    """Decide what to do with what is in `shard_dir`: 'up_to_date', 'fresh', 'resume' or 'incremental'.
+def check_existing(shard_dir: Path, parts: dict, fp: str, inputs: dict, overwrite: bool,
+                   max_image_pixels: int) -> str:
+    """Decide what to do with what is in `shard_dir`: 'up_to_date', 'fresh', 'resume' or 'incremental'
+    (also when the dir is up to date but skipped sources this cogfun may now read: retry_skipped).
 
     Raises ShardError (listing what differs) when the dir was made differently and --overwrite
     is not given; with --overwrite such a dir is emptied.
@@ -106,7 +108,7 @@ def check_existing(shard_dir: Path, parts: dict, fp: str, inputs: dict, overwrit
             if missing:
                 raise ShardError(f"{shard_dir}: the manifest lists {len(missing)} tar(s) that are gone "
                                  f"(e.g. {missing[0]}); re-run with --overwrite to rebuild the shard dir")
-            return "up_to_date"
+            return "incremental" if retry_skipped(manifest, max_image_pixels) else "up_to_date"
         old_parts = manifest["fingerprint_parts"]
         diffs = shards.describe_differences(old_parts, parts)
         added, removed, changed = shards.input_changes(manifest["inputs"], inputs)
@@ -152,6 +154,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
 
     from cogfun import dist, models
     from cogfun.masks import is_identity, masked_clip
+    from cogfun.video import MEDIA_READERS
 
     t_start = time.time()
     # ------------------------------------------------------------ setup and checks
@@ -176,7 +179,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     decision = None
     if main:
         try:
-            decision = check_existing(shard_dir, parts, fp, inputs, cfg.overwrite)
+            decision = check_existing(shard_dir, parts, fp, inputs, cfg.overwrite, cfg.max_image_pixels)
         except ShardError as exc:
             decision = exc
     decision = dist.broadcast(decision, state)
@@ -381,7 +384,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             "num_samples": len(rows), "num_sources": len(sources) + len(row_skips),
             "skipped": [{"file_path": f, "reason": r, "category": c} for f, r, c in skipped],
             "skipped_by_reason": count_by_category([{"category": c} for _, _, c in skipped]),
-            "decoders": media["decoders"], "warnings": media["warnings"],
+            "decoders": media["decoders"], "warnings": media["warnings"], "media_readers": MEDIA_READERS,
             "cogfun_version": cogfun.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         shards.write_json_atomic(shard_dir / shards.MANIFEST, manifest)

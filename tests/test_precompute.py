@@ -755,3 +755,31 @@ def test_real_world_media_and_caption_variants(tiny_model_inp, tmp_path):
     meta.write_text(json.dumps(rows))
     with pytest.raises(ShardError, match=re.escape("source changed (size, mtime, caption or type): zoo/h264.mp4#2")):
         precompute(cfg, progress=False)
+
+
+def test_skipped_sources_are_retried_when_cogfun_may_read_them_now(tiny_model_inp, synthetic_data, tmp_path):
+    """A finished shard dir whose fingerprint matches is incremental, not up to date, when it
+    skipped sources this run may read: images over a lower --max_image_pixels, or anything but row
+    errors when an older cogfun (fewer readers) made it. Only those are encoded."""
+    from cogfun.video import MEDIA_READERS
+
+    cfg = make_cfg(tiny_model_inp, synthetic_data, tmp_path / "shards", max_image_pixels=10_000)
+    first = precompute(cfg, progress=False)   # the 144x96 PNG and JPEG (13,824 px) are too large
+    assert first["skipped_by_reason"] == {"too large": 2, "too short": 1} and first["samples"] == 5
+    assert "--max_image_pixels" in first["skipped"][0]["reason"]
+    assert precompute(cfg, progress=False)["status"] == "up to date"
+    cfg = dataclasses.replace(cfg, max_image_pixels=20_000)
+    raised = precompute(cfg, progress=False)
+    assert raised["status"] == "incremental" and raised["encoded"] == 2 and raised["samples"] == 7
+    assert raised["fingerprint"] == first["fingerprint"]
+    assert precompute(cfg, progress=False)["status"] == "up to date"
+
+    manifest_path = Path(cfg.shard_dir) / shards.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["media_readers"] == MEDIA_READERS
+    del manifest["media_readers"]                        # as written by the cogfun before it
+    manifest["skipped"] = [{k: v for k, v in s.items() if k != "category"} for s in manifest["skipped"]]
+    manifest_path.write_text(json.dumps(manifest))
+    again = precompute(cfg, progress=False)              # the short clip is probed again, still too short
+    assert again["status"] == "incremental" and again["encoded"] == 0 and again["samples"] == 7
+    assert precompute(cfg, progress=False)["status"] == "up to date"
