@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cogfun import video
 from cogfun.buckets import Sampling
 from cogfun.dataset import load_sources, media_report, probe_and_plan
 from cogfun.tiny import synthetic_frames, write_media_zoo, write_video
