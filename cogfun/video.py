@@ -2,16 +2,17 @@
 
 Decoders (``MediaInfo.decoder``; the probe picks one per file and the decode uses it):
 
-* ``decord`` (the default for videos): mp4/mov-style files whose container states the frame
-  count, 8 bits per sample, in a codec decord's own FFmpeg reads. It is the fast path (it seeks by
-  keyframe).
+* ``decord`` (the default for videos, as in CogVideoX-Fun): mp4/mov-style files whose container
+  states the frame count, 8 bits per sample, in a codec decord's own FFmpeg reads (and counts the
+  same way).
 * ``pyav`` (FFmpeg through PyAV): everything else FFmpeg reads (AV1, Theora, MPEG-1/2 program
   streams, FLIC, VP9/H.264 in Matroska/WebM, ...), files where decord fails at the probe or in the
   middle of a decode, files with several video streams where decord would pick another, and
   10/12-bit video (iPhone HEVC, HDR): decord converts it through 8 bits, measured 26 % further off
   the source than PyAV (RMSE 13.8 vs 11.0 on the test clip).
   Frames are counted by demuxing the stream (no decoding), and frame ``i`` is the ``i``-th frame in
-  presentation order (the rank of its timestamp), which is also decord's numbering.
+  presentation order (the rank of its timestamp), which is also decord's numbering; a decode
+  starts at the keyframe before the first frame it needs (bench/decode.py: as fast as decord).
 * ``pillow`` (images, and animated GIF / APNG / animated WebP listed as videos: Pillow composites
   their frames) and ``pillow-heif`` (HEIC/HEIF photos through the pillow-heif plugin; Pillow reads
   AVIF itself).
