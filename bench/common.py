@@ -307,7 +307,7 @@ class LoraStep:
         self.model = model
         model.requires_grad_(False)
         inject_lora(model, rank=cfg.rank, alpha=cfg.network_alpha, target_name=cfg.target_name,
-                    use_peft=cfg.use_peft_lora, seed=cfg.seed, lora_dtype=torch.float32)
+                    seed=cfg.seed, lora_dtype=torch.float32)
         if cfg.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         model.to(self.device)

@@ -296,7 +296,7 @@ def train(cfg: TrainConfig) -> dict:
 
     transformer.requires_grad_(False)
     targets = inject_lora(transformer, rank=cfg.rank, alpha=cfg.network_alpha, target_name=cfg.target_name,
-                          use_peft=cfg.use_peft_lora, seed=cfg.seed, lora_dtype=torch.float32)
+                          seed=cfg.seed, lora_dtype=torch.float32)
     params = [p for p in transformer.parameters() if p.requires_grad]
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
