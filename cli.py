@@ -25,9 +25,10 @@ def _user_errors():
     from cogfun.config import ConfigError
     from cogfun.dataset import MetadataError
     from cogfun.dist import LaunchError
+    from cogfun.models import ModelError
     from cogfun.shards import ShardError
 
-    return (ConfigError, MetadataError, LaunchError, ShardError, FileNotFoundError, PermissionError,
+    return (ConfigError, MetadataError, LaunchError, ModelError, ShardError, FileNotFoundError, PermissionError,
             NotADirectoryError, IsADirectoryError)
 
 

@@ -121,7 +121,7 @@ BIG_TINY = {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 32,
 
 def tiny_model(transformer: dict | None = None, *, variant: str = "inp") -> Path:
     """A tiny model folder (bench/out/models/...), the transformer optionally overridden."""
-    from cogfun.tiny import transformer_config, write_tiny_model
+    from cogfun.tiny import diffusers_kwargs, transformer_config, write_tiny_model
 
     transformer = dict(transformer or {})
     tag = variant + "".join(f"-{k[:6]}{v}" for k, v in sorted(transformer.items()))
@@ -137,7 +137,7 @@ def tiny_model(transformer: dict | None = None, *, variant: str = "inp") -> Path
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = CogVideoXTransformer3DModel(**{**transformer_config(variant), **transformer})
+            model = CogVideoXTransformer3DModel(**diffusers_kwargs({**transformer_config(variant), **transformer}))
         shutil.rmtree(tmp / "transformer")
         model.save_pretrained(tmp / "transformer", safe_serialization=True)
     shutil.rmtree(path, ignore_errors=True)
@@ -307,7 +307,7 @@ class LoraStep:
         self.model = model
         model.requires_grad_(False)
         inject_lora(model, rank=cfg.rank, alpha=cfg.network_alpha, target_name=cfg.target_name,
-                    use_peft=cfg.use_peft_lora, seed=cfg.seed, lora_dtype=torch.float32)
+                    seed=cfg.seed, lora_dtype=torch.float32)
         if cfg.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         model.to(self.device)

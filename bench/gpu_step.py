@@ -40,7 +40,6 @@ def add_args(p):
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--checkpointing", choices=("on", "off", "both"), default="both",
                    help="gradient checkpointing (the seed's launch lines use it)")
-    p.add_argument("--peft", action="store_true", help="LoRA through peft (--use_peft_lora)")
     p.add_argument("--vae-tiling", action="store_true")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=2)
@@ -66,7 +65,7 @@ def train_cfg(args, checkpointing: bool):
     from cogfun.config import TrainConfig
 
     return TrainConfig(train_mode="inpaint", mixed_precision="bf16", rank=args.rank, network_alpha=args.rank / 2,
-                       target_name=TARGETS, use_peft_lora=args.peft, max_grad_norm=0.05, adam_weight_decay=3e-2,
+                       target_name=TARGETS, max_grad_norm=0.05, adam_weight_decay=3e-2,
                        adam_epsilon=1e-10, gradient_checkpointing=checkpointing, seed=42)
 
 

@@ -7,7 +7,10 @@ Pure and torch-free. Every rule here is DESIGN.md §3:
 * ratio bucket: nearest key of the 512 ratio table, scaled by base/512, sides floored to 16;
   without `enable_bucket` a base x base center square;
 * token-length budget: a video at base s gets F(s) = largest 4k+1 <= min(N, N*T^2/s^2);
-* frames: N (or fewer for short clips, 4k+1) source frames `stride` apart from a seeded start.
+* frames: N (or fewer for short clips, 4k+1) source frames `stride` apart from a seeded start;
+* CogVideoX 1.5 (`patch_size_t` 2, read from the model): a video whose latent frame count is odd
+  keeps the first 4 frames fewer (49 -> 45, 33 -> 29; 85 stays), as CogVideoX-Fun's trainer does,
+  so every video bucket has an even latent count; images stay 1 frame (padded in the transformer).
 
 Every random choice comes from an RNG seeded by (seed, identity, view), so a clip's plan does
 not depend on which rank plans it, on the order of the metadata, or on the other clips. A sample's
@@ -64,10 +67,12 @@ class Sampling:
     enable_bucket: bool = False
     seed: int = 42
     num_views: int = 1
+    latent_multiple: int = 1   # the model's patch_size_t (CogVideoX 1.5: 2); not a flag
 
     @classmethod
-    def from_config(cls, cfg) -> "Sampling":
-        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
+    def from_config(cls, cfg, *, latent_multiple: int = 1) -> "Sampling":
+        flags = {k: getattr(cfg, k) for k in cls.__dataclass_fields__ if k != "latent_multiple"}
+        return cls(**flags, latent_multiple=latent_multiple)
 
     def validate(self) -> None:
         for name in ("image_sample_size", "video_sample_size", "token_sample_size"):
@@ -80,6 +85,8 @@ class Sampling:
             raise ValueError(f"--video_sample_n_frames must be >= 1, got {self.video_sample_n_frames}")
         if self.num_views < 1:
             raise ValueError(f"--num_views must be >= 1, got {self.num_views}")
+        if self.latent_multiple < 1:
+            raise ValueError(f"patch_size_t must be >= 1, got {self.latent_multiple}")
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,8 @@ class SamplePlan:
     resize_hw: tuple[int, int]             # cover-resize size before the crop
     crop_box: tuple[int, int, int, int]    # top, left, height, width
     identity: str = ""     # the sample's source identity (file_path, or file_path#k for caption variant k)
+    latent_multiple: int = 1               # the transformer's patch_size_t (tokens per sample)
+    frames_dropped: int = 0                # frames the patch_size_t rule took off the end of the window
 
     @property
     def bucket(self) -> str:
@@ -108,7 +117,7 @@ class SamplePlan:
 
     @property
     def tokens(self) -> int:
-        return tokens_per_sample(self.frames, self.height, self.width)
+        return tokens_per_sample(self.frames, self.height, self.width, self.latent_multiple)
 
 
 def bucket_name(height: int, width: int, frames: int) -> str:
@@ -131,10 +140,18 @@ def latent_frames(frames: int) -> int:
     return (frames - 1) // VAE_TEMPORAL + 1
 
 
-def tokens_per_sample(frames: int, height: int, width: int) -> int:
-    """Transformer tokens: ((F-1)/4+1) * (H/16) * (W/16)."""
+def tokens_per_sample(frames: int, height: int, width: int, latent_multiple: int = 1) -> int:
+    """Transformer tokens: ((F-1)/4+1) * (H/16) * (W/16); with patch_size_t p the latent frames
+    are patched p at a time (an image is padded to p): ceil(F'/p) * (H/16) * (W/16)."""
     side = VAE_SPATIAL * PATCH
-    return latent_frames(frames) * (height // side) * (width // side)
+    return -(-latent_frames(frames) // latent_multiple) * (height // side) * (width // side)
+
+
+def patch_t_frames(frames: int, latent_multiple: int) -> int:
+    """CogVideoX-Fun's rule for patch_size_t: drop 4 pixel frames per latent frame over a multiple
+    of it (49 -> 45 with p 2); a clip never goes below 1 frame (an image stays an image)."""
+    extra = latent_frames(frames) % latent_multiple
+    return max(1, frames - extra * VAE_TEMPORAL)
 
 
 def latent_bytes(frames: int, height: int, width: int, channels: int = LATENT_CHANNELS,
@@ -226,6 +243,7 @@ def plan_clip(s: Sampling, source: str, kind: str, *, frames: int, height: int, 
         h, w = bucket_hw(height, width, base, s.enable_bucket)
         if h < 16 or w < 16:
             raise PlanSkip(f"bucket {h}x{w} at base {base} is smaller than 16 px", "too small")
+        dropped = 0
         if kind == "image":
             indices: tuple[int, ...] = (0,)
         else:
@@ -241,9 +259,12 @@ def plan_clip(s: Sampling, source: str, kind: str, *, frames: int, height: int, 
                     "too short")
             window = (n - 1) * stride + 1
             start = rng.randint(0, frames - window)
-            indices = tuple(start + i * stride for i in range(n))
+            # the window is drawn for n frames and, for patch_size_t, its prefix kept (as CogVideoX-Fun)
+            indices = tuple(start + i * stride for i in range(patch_t_frames(n, s.latent_multiple)))
+            dropped = n - len(indices)
         resize_hw, crop_box = cover_crop(height, width, h, w)
         plans.append(SamplePlan(key=sample_key(identity, view), source=source, kind=kind, view=view,
                                 base=base, height=h, width=w, frames=len(indices), frame_indices=indices,
-                                resize_hw=resize_hw, crop_box=crop_box, identity=identity))
+                                resize_hw=resize_hw, crop_box=crop_box, identity=identity,
+                                latent_multiple=s.latent_multiple, frames_dropped=dropped))
     return plans

@@ -97,7 +97,7 @@ class TrainArgs:
     rank: int = opt(128, "LoRA rank r.")
     network_alpha: float = opt(64.0, "LoRA alpha; the update is scaled by alpha/rank.")
     target_name: str = opt("to_q,to_k,to_v,ff.0,ff.2", "Comma-separated module-name suffixes that get LoRA (ff.0/ff.2 are the feed-forward layers).")
-    use_peft_lora: bool = opt(False, "Inject LoRA with peft (otherwise cogfun's own layers; same maths, same file).")
+    use_peft_lora: bool = opt(False, "Accepted for CogVideoX-Fun's launch lines; changes nothing: LoRA is always peft's (same numbers, same files).")
     caption_dropout: float = opt(0.1, "Probability of training a sample on the empty-caption embedding.")
     report_to: str = opt("tensorboard", "Tracker for accelerate: tensorboard or none.", choices=("tensorboard", "none"))
 

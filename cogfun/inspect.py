@@ -27,14 +27,17 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
     if not cfg.train_data_meta:
         raise ConfigError("give --train_data_meta (a dataset to probe) or --shard_dir (a finished precompute)")
     text_dim = cfg.text_dim
-    if cfg.pretrained_model_name_or_path:
-        from cogfun.models import read_component_config
+    n_policies = len(mask_policy_list(cfg))
+    multiple, noise = 1, False
+    if cfg.pretrained_model_name_or_path:  # the model's frame rule and reference noise (config reads only)
+        from cogfun.models import read_component_config, transformer_family
 
         text_dim = read_component_config(cfg.pretrained_model_name_or_path, "text_encoder")["d_model"]
-    n_policies = len(mask_policy_list(cfg))
+        family = transformer_family(cfg.pretrained_model_name_or_path)
+        multiple, noise = family.latent_multiple, family.reference_noise and n_policies > 0
     sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir)
-    plans, skips, by_key = probe_and_plan(sources, Sampling.from_config(cfg), workers=cfg.probe_workers,
-                                          max_pixels=cfg.max_image_pixels)
+    plans, skips, by_key = probe_and_plan(sources, Sampling.from_config(cfg, latent_multiple=multiple),
+                                          workers=cfg.probe_workers, max_pixels=cfg.max_image_pixels)
     counts = Counter(p.bucket for p in plans)
     kinds: dict[str, Counter] = {}
     for p in plans:
@@ -42,13 +45,29 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
     buckets = []
     for name, count in counts.items():
         h, w, f = parse_bucket(name)
-        per = sample_bytes(f, h, w, text_dim=text_dim, n_mask_policies=n_policies) + SAMPLE_OVERHEAD
+        cached = n_policies * (2 if noise else 1)  # reference noise: + the noise response per policy
+        per = sample_bytes(f, h, w, text_dim=text_dim, n_mask_policies=cached) + SAMPLE_OVERHEAD
         buckets.append({"name": name, "height": h, "width": w, "frames": f, "count": count,
                         "videos": kinds[name]["video"], "images": kinds[name]["image"],
-                        "tokens": tokens_per_sample(f, h, w), "bytes": per * count})
+                        "tokens": tokens_per_sample(f, h, w, multiple), "bytes": per * count})
     skipped = [s.to_json() for s in sorted(row_skips + skips, key=lambda s: s.file_path)]
+    notes = model_notes(multiple, noise, trimmed=sum(1 for p in plans if p.frames_dropped))
     return _finish(buckets, skipped, sources=len(sources) + len(row_skips), estimated=True,
-                   video_repeat=cfg.video_repeat, **media_report(by_key.values()))
+                   video_repeat=cfg.video_repeat, notes=notes, **media_report(by_key.values()))
+
+
+def model_notes(multiple: int, noise: bool, trimmed: int | None = None) -> list[str]:
+    """What the model's config changes in the data: the patch_size_t frame rule, reference noise."""
+    notes = []
+    if multiple > 1:
+        notes.append(f"frame rule (patch_size_t {multiple}, CogVideoX 1.5): a video whose latent frame count is "
+                     f"not a multiple of {multiple} keeps 4 frames fewer per extra latent frame (49 -> 45, "
+                     f"85 stays); images are padded in the transformer"
+                     + (f"; {trimmed} video sample(s) shortened" if trimmed is not None else ""))
+    if noise:
+        notes.append("reference noise (add_noise_in_inpaint_model): each mask policy also caches the latent "
+                     "response to seeded reference noise (2 latents per policy)")
+    return notes
 
 
 def report_from_shards(cfg: InspectConfig) -> dict:
@@ -68,13 +87,15 @@ def report_from_shards(cfg: InspectConfig) -> dict:
         buckets.append({"name": name, "height": b["height"], "width": b["width"], "frames": b["frames"],
                         "count": b["count"], "videos": kinds[(name, "video")], "images": kinds[(name, "image")],
                         "tokens": b["tokens"], "bytes": size})
+    notes = model_notes(manifest.get("latent_frame_multiple", 1), bool(manifest.get("reference_noise")))
     return _finish(buckets, manifest["skipped"], sources=manifest["num_sources"], estimated=False,
                    video_repeat=manifest["config"].get("video_repeat", 1), fingerprint=manifest["fingerprint"],
-                   decoders=manifest.get("decoders", {}), warnings=manifest.get("warnings", []))
+                   decoders=manifest.get("decoders", {}), warnings=manifest.get("warnings", []), notes=notes)
 
 
 def _finish(buckets: list[dict], skipped: list[dict], *, sources: int, estimated: bool, video_repeat: int,
-            fingerprint: str | None = None, decoders: dict | None = None, warnings: list | None = None) -> dict:
+            fingerprint: str | None = None, decoders: dict | None = None, warnings: list | None = None,
+            notes: list[str] = ()) -> dict:
     buckets.sort(key=lambda b: (b["frames"], b["height"] * b["width"], b["height"]))
     samples = sum(b["count"] for b in buckets)
     weight = sum(b["videos"] * video_repeat + b["images"] for b in buckets) or 1
@@ -86,7 +107,7 @@ def _finish(buckets: list[dict], skipped: list[dict], *, sources: int, estimated
     if fingerprint:
         total["fingerprint"] = fingerprint
     return {"buckets": buckets, "skipped": skipped, "skipped_by_reason": count_by_category(skipped),
-            "decoders": decoders or {}, "warnings": warnings or [], "total": total}
+            "decoders": decoders or {}, "warnings": warnings or [], "total": total, "model_notes": list(notes)}
 
 
 def format_table(report: dict) -> str:
@@ -100,6 +121,7 @@ def format_table(report: dict) -> str:
     lines.append(f"{'total':>16} {t['samples']:>8} {'':>7} {'':>7} {t['tokens']:>14,} {_human(t['bytes']):>11}"
                  f"{est}")
     lines.append(f"{t['sources']} sources -> {t['samples']} samples in {t['buckets']} buckets; {t['skipped']} skipped")
+    lines.extend(report.get("model_notes", []))
     lines.extend(media_lines(report))
     return "\n".join(lines)
 

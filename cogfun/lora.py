@@ -1,21 +1,17 @@
-"""LoRA on the CogVideoX transformer: pick the layers, inject, extract, save.
+"""LoRA on the CogVideoX transformer: pick the layers, inject (peft), extract, save.
 
 Flags (seed doc): `target_name` (comma-separated module-name suffixes), `rank` r, `network_alpha`
-α (update scale α/r), `use_peft_lora` (peft `LoraConfig` vs. our own `LoRALinear`). Both paths
-give the same numbers and write the same file:
+α (update scale α/r). LoRA is always peft's `LoraConfig` injected through diffusers'
+`add_adapter`; `use_peft_lora` is accepted for CogVideoX-Fun's launch lines and changes nothing.
+(cogfun once had a second, hand-written layer behind that flag, numerically identical to peft's;
+it was removed, and the files and numbers are those it produced.)
 
-- **Same init.** With the same CPU RNG state right before `inject_lora` (or the same `seed=`), the
-  two paths draw identical `lora_A` weights, because `LoRALinear` consumes the RNG exactly as
-  peft's `lora.Linear.update_layer` does: for every target module, in `model.named_modules()`
-  order (the order peft walks), (1) `nn.Linear(in, r, bias=False)` (its default kaiming init draws
-  r·in numbers), (2) `nn.Linear(r, out, bias=False)` (draws out·r), (3)
-  `kaiming_uniform_(lora_A, a=sqrt(5))` (draws r·in again; this is the value kept), then
-  `zeros_(lora_B)`. Both are created on the CPU in the default dtype and then moved to the base
-  layer's device and dtype (peft casts the adapter to the base dtype; pass `lora_dtype=` to get
-  e.g. fp32 LoRA on a bf16 base, applied identically to both paths).
-- **Same forward.** `base(x) + lora_B(lora_A(x.to(A.dtype))) * (α/r)`, cast back to the base
-  output dtype: peft's exact op sequence, so outputs and gradients are bitwise equal.
-- **Same file.** `lora_state_dict` reads either kind of layer into diffusers' CogVideoX key format
+- **Init.** With `seed=` the adapter weights are drawn from `torch.manual_seed(seed)` in a forked
+  CPU RNG (peft: for every target, in `model.named_modules()` order, two `nn.Linear` inits, then
+  `kaiming_uniform_(lora_A, a=sqrt(5))`, `zeros_(lora_B)`), created in the default dtype and
+  cast to the base layer's, or to `lora_dtype=` (e.g. fp32 LoRA on a bf16 base).
+- **Forward.** `base(x) + lora_B(lora_A(x.to(A.dtype))) * (α/r)`, cast back to the base output dtype.
+- **File.** `lora_state_dict` reads the layers into diffusers' CogVideoX key format
   (`transformer.<module>.lora_A.weight` / `.lora_B.weight`); `save_lora` writes it with
   `CogVideoXPipeline.save_lora_weights`.
 
@@ -38,7 +34,6 @@ diffusers format); `from_kohya` maps it back.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from contextlib import nullcontext
@@ -128,79 +123,13 @@ def resolve_target_modules(model: nn.Module, target_name: str) -> list[str]:
     return sorted(selected)
 
 
-# --------------------------------------------------------------------------- own LoRA layer
-
-
-class LoRALinear(nn.Module):
-    """`base_layer(x) + lora_B(lora_A(x)) * alpha / rank`, numerically identical to peft's lora.Linear.
-
-    Parameter names: `base_layer.weight|bias` (as peft, so base keys agree between the paths),
-    `lora_A.weight` [r, in], `lora_B.weight` [out, r]. See the module docstring for the RNG order.
-    """
-
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float):
-        super().__init__()
-        if rank <= 0:
-            raise ValueError(f"rank must be a positive integer, got {rank}")
-        self.base_layer = base_layer
-        self.rank = rank
-        self.alpha = alpha
-        self.scaling = alpha / rank
-        # Same construction and init sequence as peft's LoraLayer.update_layer + reset_lora_parameters.
-        self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False)
-        self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-        # peft's _move_adapter_to_device_of_base_layer: base device and (floating) dtype.
-        w = base_layer.weight
-        kw = {"dtype": w.dtype} if w.dtype.is_floating_point else {}
-        self.lora_A.to(w.device, **kw)
-        self.lora_B.to(w.device, **kw)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
-        out_dtype = result.dtype
-        if x.dtype != self.lora_A.weight.dtype:
-            x = x.to(self.lora_A.weight.dtype)
-        result = result + self.lora_B(self.lora_A(x)) * self.scaling
-        return result.to(out_dtype)
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling}"
-
-
-def _peft_lora_layer_cls():
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # peft is optional for the own path
-        return ()
-    return LoraLayer
-
-
 def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module, nn.Module]]:
     """(clean module name, module, lora_A Linear, lora_B Linear) for every LoRA layer, in module order."""
-    peft_cls = _peft_lora_layer_cls()
+    from peft.tuners.lora import LoraLayer
+
     out = []
     for name, mod in model.named_modules():
-        if isinstance(mod, LoRALinear):
-            out.append((_clean_name(name), mod, mod.lora_A, mod.lora_B))
-        elif peft_cls and isinstance(mod, peft_cls):
+        if isinstance(mod, LoraLayer):
             adapters = list(mod.lora_A.keys())
             if len(adapters) != 1:
                 raise ValueError(f"{name}: expected exactly one peft LoRA adapter, found {adapters}")
@@ -209,53 +138,38 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module, nn.M
     return out
 
 
-def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
-
-
 # --------------------------------------------------------------------------- injection
 
 
-def inject_lora(model: nn.Module, *, rank: int, alpha: float, target_name: str, use_peft: bool,
-                seed: int | None = None, lora_dtype: torch.dtype | None = None) -> list[str]:
+def inject_lora(model: nn.Module, *, rank: int, alpha: float, target_name: str, seed: int | None = None,
+                lora_dtype: torch.dtype | None = None) -> list[str]:
     """Freeze `model` and add LoRA (rank r, scale alpha/r) to the modules `target_name` selects.
 
-    use_peft=True: peft `LoraConfig(r, lora_alpha, target_modules=<full names>, init_lora_weights=True)`
-    through diffusers' `model.add_adapter` (falls back to `peft.inject_adapter_in_model` for a
-    module without it). use_peft=False: `LoRALinear` wrappers. `seed`: when given, the LoRA init
-    draws from `torch.manual_seed(seed)` inside a forked CPU RNG (global RNG untouched); otherwise
-    from the current CPU RNG. `lora_dtype`: cast the LoRA weights after injection (e.g. fp32
-    trainable weights on a bf16 base); default keeps peft's behaviour (base layer dtype).
+    peft `LoraConfig(r, lora_alpha, target_modules=<full names>, init_lora_weights=True)` through
+    diffusers' `model.add_adapter` (`peft.inject_adapter_in_model` for a module without it).
+    `seed`: when given, the LoRA init draws from `torch.manual_seed(seed)` inside a forked CPU RNG
+    (global RNG untouched); otherwise from the current CPU RNG. `lora_dtype`: cast the LoRA weights
+    after injection (e.g. fp32 trainable weights on a bf16 base); default: the base layer's dtype.
     Returns the sorted full names of the adapted modules.
     """
+    from peft import LoraConfig
+
     if rank <= 0:
         raise ValueError(f"rank must be a positive integer, got {rank}")
     if _lora_layers(model):
         raise ValueError("model already has LoRA layers; inject_lora expects a plain base model")
     targets = resolve_target_modules(model, target_name)
     model.requires_grad_(False)
-    rng = torch.random.fork_rng(devices=[]) if seed is not None else nullcontext()
-    with rng:
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+    with torch.random.fork_rng(devices=[]) if seed is not None else nullcontext():
         if seed is not None:
             torch.manual_seed(seed)
-        if use_peft:
-            from peft import LoraConfig
-
-            config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
-            if hasattr(model, "add_adapter") and hasattr(model, "_hf_peft_config_loaded"):
-                model.add_adapter(config)  # diffusers PeftAdapterMixin: keeps the diffusers class
-            else:
-                from peft import inject_adapter_in_model
-
-                inject_adapter_in_model(config, model)
+        if hasattr(model, "add_adapter") and hasattr(model, "_hf_peft_config_loaded"):
+            model.add_adapter(config)  # diffusers PeftAdapterMixin: keeps the diffusers class
         else:
-            wanted = set(targets)
-            # Walk in named_modules() order, captured before any replacement: peft's order.
-            for name, module in list(model.named_modules()):
-                if name in wanted:
-                    parent, child = _get_parent(model, name)
-                    setattr(parent, child, LoRALinear(module, rank, alpha))
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(config, model)
     layers = _lora_layers(model)
     got = sorted(n for n, *_ in layers)
     if got != sorted(_clean_name(t) for t in targets):
@@ -283,8 +197,7 @@ def _to_cpu_full(t: torch.Tensor) -> torch.Tensor:
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA weights only, diffusers' CogVideoX format, sorted by key, on CPU (copies).
 
-    Keys: `transformer.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r]; identical for
-    the peft and the own path. Pass the unwrapped model (DDP `.module`, `accelerator.unwrap_model`);
+    Keys: `transformer.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r]. Pass the unwrapped model (DDP `.module`, `accelerator.unwrap_model`);
     FSDP1 / checkpoint-wrapper / torch.compile name segments are stripped, FSDP2 DTensors are
     gathered with `full_tensor()` (collective).
     """

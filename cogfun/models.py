@@ -10,9 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 TEXT_LEN = 226  # CogVideoX: T5 tokens, padded, no attention mask
+
+# transformer/config.json keys that CogVideoX-Fun's transformer class reads and diffusers' class
+# ignores (with a warning), which cogfun implements itself.
+FUN_KEYS = ("add_noise_in_inpaint_model",)
+# Keys diffusers' class takes but cogfun's training does not feed, refused when set.
+UNSUPPORTED_KEYS = {"ofs_embed_dim": "the ofs embedding of CogVideoX 1.5 image-to-video models (another "
+                                     "conditioning than CogVideoX-Fun's InP)"}
 
 
 def dtype_of(mixed_precision: str):
@@ -33,6 +41,64 @@ def component_dir(model: str | Path, name: str) -> Path:
 def read_component_config(model: str | Path, name: str) -> dict:
     cfg = component_dir(model, name) / ("scheduler_config.json" if name == "scheduler" else "config.json")
     return json.loads(cfg.read_text())
+
+
+class ModelError(ValueError):
+    """A model folder cogfun cannot train (the message says why and what to use instead)."""
+
+
+@dataclass(frozen=True)
+class TransformerFamily:
+    """What the data and the training maths depend on in a transformer config (no weights read).
+
+    `patch_size_t` (CogVideoX 1.5: 2): latent frames are patched in pairs, so every video sample
+    needs a multiple of it (`latent_multiple`); `reference_noise`: CogVideoX-Fun's
+    `add_noise_in_inpaint_model` (noise on the reference pixels before the masked-clip encode).
+    """
+    in_channels: int
+    latent_channels: int
+    patch_size_t: int | None
+    reference_noise: bool
+
+    @property
+    def latent_multiple(self) -> int:
+        return self.patch_size_t or 1
+
+
+def transformer_family(model: str | Path) -> TransformerFamily:
+    """Read and vet transformer/config.json: every key that changes the maths is either known to
+    diffusers' class or implemented by cogfun (`FUN_KEYS`); anything else, an unsupported key, or
+    in_channels that fit neither text-to-video (16) nor InP (33) raises ModelError naming it."""
+    import inspect
+
+    from diffusers import CogVideoXTransformer3DModel
+
+    raw = read_component_config(model, "transformer")
+    where = component_dir(model, "transformer") / "config.json"
+    known = set(inspect.signature(CogVideoXTransformer3DModel.__init__).parameters) - {"self"}
+    unknown = sorted(k for k in raw if not k.startswith("_") and k not in known and k not in FUN_KEYS)
+    if unknown:
+        raise ModelError(f"{where}: unknown transformer config key(s) {', '.join(unknown)}: cogfun neither "
+                         f"implements nor ignores keys that may change the model's maths. If a key is "
+                         f"only a note, remove it from the file.")
+    for key, what in UNSUPPORTED_KEYS.items():
+        if raw.get(key):
+            raise ModelError(f"{where}: {key}={raw[key]!r} ({what}) is not supported by cogfun")
+    latent = int(raw.get("out_channels") or 16)
+    in_channels = int(raw.get("in_channels", 16))
+    if in_channels == 2 * latent:
+        raise ModelError(f"{where}: in_channels {in_channels} = {latent} noisy + {latent} control/reference "
+                         f"latents: a CogVideoX-Fun Control or Pose model (or a CogVideoX image-to-video model). "
+                         f"That is another task, which cogfun does not train; use a CogVideoX-Fun InP model "
+                         f"(in_channels {2 * latent + 1}) with --train_mode inpaint/i2v, or a text-to-video model "
+                         f"(in_channels {latent}) with --train_mode normal")
+    if in_channels not in (latent, 2 * latent + 1):
+        raise ModelError(f"{where}: in_channels {in_channels} fits neither --train_mode normal ({latent}: "
+                         f"text-to-video) nor inpaint/i2v ({2 * latent + 1}: CogVideoX-Fun InP)")
+    p_t = raw.get("patch_size_t")
+    return TransformerFamily(in_channels=in_channels, latent_channels=latent,
+                             patch_size_t=int(p_t) if p_t and int(p_t) > 1 else None,
+                             reference_noise=bool(raw.get("add_noise_in_inpaint_model", False)))
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -148,6 +214,22 @@ def load_transformer(model: str | Path, dtype):
     from diffusers import CogVideoXTransformer3DModel
 
     return CogVideoXTransformer3DModel.from_pretrained(component_dir(model, "transformer"), torch_dtype=dtype)
+
+
+def pad_for_patch_t(hidden_states, patch_size_t: int | None):
+    """CogVideoX-Fun's transformer for CogVideoX 1.5: a 1-latent-frame input [B, 1, C, h, w] gets
+    zero frames appended up to patch_size_t (diffusers' class has no such padding). Returns (input,
+    real frame count): crop the output back with `[:, :n]` so the loss covers the real frame only."""
+    import torch
+
+    n = hidden_states.shape[1]
+    if not patch_size_t or n % patch_size_t == 0:
+        return hidden_states, n
+    if n != 1:
+        raise ValueError(f"{n} latent frames do not fill patches of {patch_size_t} frames (the shards' "
+                         f"frame rule should have made them a multiple)")
+    pad = hidden_states.new_zeros(hidden_states.shape[0], patch_size_t - 1, *hidden_states.shape[2:])
+    return torch.cat([hidden_states, pad], dim=1), n
 
 
 def load_scheduler(model: str | Path):

@@ -3,7 +3,9 @@
 :func:`write_tiny_model` writes randomly initialised instances of the *real* classes
 (``CogVideoXTransformer3DModel``, ``AutoencoderKLCogVideoX``, ``T5EncoderModel``, a trained T5
 Unigram tokenizer, the CogVideoX scheduler config) in the diffusers folder layout, so the same
-``from_pretrained`` code loads them and a real CogVideoX-Fun-2b-InP folder. The VAE keeps the real
+``from_pretrained`` code loads them and a real checkpoint folder. One stand-in per released layout
+(:data:`RELEASED`: CogVideoX-Fun-2b-InP, V1.1-5b-InP, V1.5-5b-InP, and a CogVideoX-2b text-to-video
+model), with the published structure keys and only widths and depths shrunk. The VAE keeps the real
 8x spatial / 4x temporal compression and 16 latent channels; all models together hold ~0.34 M
 parameters (1.4 MB on disk). Same seed -> byte-identical files.
 
@@ -37,7 +39,11 @@ __all__ = [
     "T5_D_MODEL",
     "VAE_SCALING_FACTOR",
     "SCHEDULER_CONFIG",
+    "RELEASED",
+    "VARIANTS",
+    "variant_name",
     "transformer_config",
+    "diffusers_kwargs",
     "vae_config",
     "t5_config",
     "caption_corpus",
@@ -61,7 +67,6 @@ PathLike = str | os.PathLike[str]
 TEXT_SEQ_LEN = 226  # CogVideoX's T5 sequence length
 T5_D_MODEL = 32
 VAE_SCALING_FACTOR = 1.15258426  # CogVideoX-2b's value
-VARIANTS = ("inp", "t2v")
 LATENT_CHANNELS = 16
 
 # The scheduler/scheduler_config.json of CogVideoX(-Fun)-2b. The trainer loads it with
@@ -83,35 +88,78 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-def transformer_config(variant: str = "inp", *, rotary: bool = False) -> dict[str, Any]:
-    """Constructor kwargs of the tiny CogVideoXTransformer3DModel.
+# The released checkpoints cogfun trains, as tiny stand-ins: each transformer config keeps the
+# published structure keys (positions, patching, channels, sample sizes, reference noise) and
+# shrinks only widths and depths (heads x head dim, layers, time embedding, text width).
+#   2b-inp       CogVideoX-Fun-2b-InP: sincos positions, no patch_size_t, in_channels 33
+#   5b-inp-v1.1  CogVideoX-Fun-V1.1-5b-InP: 3D RoPE, add_noise_in_inpaint_model, VAE scaling 0.7
+#   v1.5-5b-inp  CogVideoX-Fun-V1.5-5b-InP: + patch_size_t 2, patch_bias false, 85 x 384 x 680 sample
+#   t2v          CogVideoX-2b text-to-video: in_channels 16, sincos positions
+# "inp" is the name the tests and the demo have always used for the 2b-InP layout.
+VARIANT_ALIASES = {"inp": "2b-inp"}
+RELEASED: dict[str, dict[str, Any]] = {
+    "2b-inp": {"in_channels": 2 * LATENT_CHANNELS + 1, "num_attention_heads": 2,
+               "use_rotary_positional_embeddings": False, "use_learned_positional_embeddings": False,
+               "sample_frames": 49, "sample_height": 60, "sample_width": 90},
+    "5b-inp-v1.1": {"in_channels": 2 * LATENT_CHANNELS + 1, "num_attention_heads": 3,
+                    "use_rotary_positional_embeddings": True, "use_learned_positional_embeddings": False,
+                    "sample_frames": 49, "sample_height": 60, "sample_width": 90,
+                    "add_noise_in_inpaint_model": True},
+    "v1.5-5b-inp": {"in_channels": 2 * LATENT_CHANNELS + 1, "num_attention_heads": 3,
+                    "use_rotary_positional_embeddings": True, "use_learned_positional_embeddings": False,
+                    "sample_frames": 85, "sample_height": 384, "sample_width": 680,
+                    "patch_size_t": 2, "patch_bias": False, "add_noise_in_inpaint_model": True},
+    "t2v": {"in_channels": LATENT_CHANNELS, "num_attention_heads": 2,
+            "use_rotary_positional_embeddings": False, "use_learned_positional_embeddings": False,
+            "sample_frames": 49, "sample_height": 60, "sample_width": 90},
+}
+VARIANTS = tuple(RELEASED) + tuple(VARIANT_ALIASES)
+# Transformer config keys that CogVideoX-Fun's transformer class reads but diffusers' does not (a
+# diffusers model built from kwargs cannot take them, so write_tiny_model writes them into config.json).
+FUN_ONLY_KEYS = ("add_noise_in_inpaint_model",)
+# VAE scaling factor per layout: CogVideoX-2b's VAE config vs the 5b / 1.5 one.
+VAE_SCALING = {"2b-inp": VAE_SCALING_FACTOR, "t2v": VAE_SCALING_FACTOR, "5b-inp-v1.1": 0.7, "v1.5-5b-inp": 0.7}
 
-    ``variant`` "inp": in_channels 33 (16 noisy latents + 1 mask + 16 masked-video latents);
-    "t2v": 16. ``rotary`` False = 2b style (sincos positions), True = 5b style (3D RoPE).
-    sample_* are latent sizes, as in the real config (real 2b: 90x60x49).
+
+def variant_name(variant: str) -> str:
+    """The released layout a variant name stands for ("inp" -> "2b-inp"); raises on unknown names."""
+    name = VARIANT_ALIASES.get(variant, variant)
+    if name not in RELEASED:
+        raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+    return name
+
+
+def transformer_config(variant: str = "inp", *, rotary: bool | None = None) -> dict[str, Any]:
+    """The tiny transformer's config.json content (diffusers kwargs + CogVideoX-Fun's own keys).
+
+    ``variant``: one of :data:`VARIANTS` (see :data:`RELEASED`). ``rotary`` overrides the layout's
+    position embedding (True: 3D RoPE as CogVideoX-5b). sample_* are latent sizes, as in the real
+    config. Pass it through :func:`diffusers_kwargs` to construct the diffusers class.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}: expected one of {VARIANTS}")
-    return {
-        "num_attention_heads": 2,
+    layout = RELEASED[variant_name(variant)]
+    cfg = {
         "attention_head_dim": 16,
-        "in_channels": 2 * LATENT_CHANNELS + 1 if variant == "inp" else LATENT_CHANNELS,
         "out_channels": LATENT_CHANNELS,
         "time_embed_dim": 32,
         "text_embed_dim": T5_D_MODEL,
         "num_layers": 2,
-        "sample_width": 16,
-        "sample_height": 16,
-        "sample_frames": 9,
         "patch_size": 2,
         "max_text_seq_length": TEXT_SEQ_LEN,
-        "use_rotary_positional_embeddings": rotary,
-        "use_learned_positional_embeddings": False,
+        **layout,
     }
+    if rotary is not None:
+        cfg["use_rotary_positional_embeddings"] = rotary
+    return cfg
 
 
-def vae_config() -> dict[str, Any]:
-    """Constructor kwargs of the tiny AutoencoderKLCogVideoX: 4 blocks (8x spatial), 4x temporal."""
+def diffusers_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without the keys diffusers' CogVideoXTransformer3DModel does not take."""
+    return {k: v for k, v in config.items() if k not in FUN_ONLY_KEYS}
+
+
+def vae_config(variant: str = "inp") -> dict[str, Any]:
+    """Constructor kwargs of the tiny AutoencoderKLCogVideoX: 4 blocks (8x spatial), 4x temporal;
+    the layout's scaling factor (2b: 1.15258426, 5b and 1.5: 0.7)."""
     return {
         "in_channels": 3,
         "out_channels": 3,
@@ -124,7 +172,7 @@ def vae_config() -> dict[str, Any]:
         "temporal_compression_ratio": 4,
         "sample_height": 480,  # the real values: only used as the tiling thresholds
         "sample_width": 720,
-        "scaling_factor": VAE_SCALING_FACTOR,
+        "scaling_factor": VAE_SCALING[variant_name(variant)],
     }
 
 
@@ -237,10 +285,12 @@ def build_tiny_tokenizer() -> "T5Tokenizer":
 # model folder
 
 
-def build_tiny_components(variant: str = "inp", *, seed: int = 0, rotary: bool = False) -> dict[str, Any]:
+def build_tiny_components(variant: str = "inp", *, seed: int = 0, rotary: bool | None = None) -> dict[str, Any]:
     """In-memory tiny components: transformer, vae, text_encoder, tokenizer, scheduler.
 
-    Each model is constructed right after ``torch.manual_seed(seed)`` inside a forked RNG, so
+    ``variant``/``rotary``: as :func:`transformer_config` (the transformer is diffusers' class, so
+    CogVideoX-Fun-only keys such as ``add_noise_in_inpaint_model`` are not on it: they live in the
+    config.json :func:`write_tiny_model` writes). Each model is constructed right after ``torch.manual_seed(seed)`` inside a forked RNG, so
     the caller's global RNG state is left untouched. Models are in eval mode, float32.
     """
     import torch
@@ -251,9 +301,9 @@ def build_tiny_components(variant: str = "inp", *, seed: int = 0, rotary: bool =
     tokenizer = build_tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = CogVideoXTransformer3DModel(**tcfg)
+        transformer = CogVideoXTransformer3DModel(**diffusers_kwargs(tcfg))
         torch.manual_seed(seed)
-        vae = AutoencoderKLCogVideoX(**vae_config())
+        vae = AutoencoderKLCogVideoX(**vae_config(variant))
         torch.manual_seed(seed)
         text_encoder = T5EncoderModel(T5Config(**t5_config(len(tokenizer))))
     return {
@@ -279,16 +329,23 @@ def _model_index() -> dict[str, Any]:
     }
 
 
-def write_tiny_model(path: PathLike, variant: str = "inp", *, seed: int = 0, rotary: bool = False) -> Path:
+def write_tiny_model(path: PathLike, variant: str = "inp", *, seed: int = 0, rotary: bool | None = None) -> Path:
     """Write a tiny CogVideoX(-Fun) model folder (diffusers layout, safetensors) and return it.
 
     Layout: model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/.
-    ``variant`` "inp" (in_channels 33, like CogVideoX-Fun-*-InP) or "t2v" (16).
+    ``variant``: a released layout of :data:`RELEASED` ("2b-inp" = "inp", "5b-inp-v1.1",
+    "v1.5-5b-inp", "t2v"). transformer/config.json carries the layout's CogVideoX-Fun-only keys
+    (``add_noise_in_inpaint_model``) as the released files do.
     """
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     parts = build_tiny_components(variant, seed=seed, rotary=rotary)
     parts["transformer"].save_pretrained(root / "transformer", safe_serialization=True)
+    fun_only = {k: v for k, v in transformer_config(variant, rotary=rotary).items() if k in FUN_ONLY_KEYS}
+    if fun_only:  # not a diffusers kwarg, so not in the config save_pretrained wrote
+        config_file = root / "transformer" / "config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **fun_only}, indent=2,
+                                          sort_keys=True) + "\n")
     parts["vae"].save_pretrained(root / "vae", safe_serialization=True)
     parts["text_encoder"].save_pretrained(root / "text_encoder", safe_serialization=True)
     parts["tokenizer"].save_pretrained(root / "tokenizer")

@@ -79,8 +79,13 @@ def _collate_one(batch):
     return batch[0]
 
 
-def settings_of(cfg: PrecomputeConfig) -> dict:
-    """The byte-relevant settings, normalised so that equal bytes mean equal settings."""
+def settings_of(cfg: PrecomputeConfig, family=None) -> dict:
+    """The byte-relevant settings, normalised so that equal bytes mean equal settings.
+
+    `family` (models.TransformerFamily): the model's frame rule (patch_size_t) and reference-noise
+    design, recorded only where they apply, so shards of other models keep their fingerprint."""
+    from cogfun.masks import reference_noise_design
+
     settings = {k: getattr(cfg, k) for k in fingerprint_keys(PrecomputeConfig)}
     settings["mask_policies"] = mask_policy_list(cfg)
     # inpaint and i2v cache the same tensors (they differ only at train time)
@@ -89,6 +94,10 @@ def settings_of(cfg: PrecomputeConfig) -> dict:
     # rank's batches depend on its share of the work: the effective VAE batch is part of the bytes.
     # VAE slicing (--low_vram) encodes one sample at a time whatever the batch.
     settings["vae_batch"] = 1 if cfg.low_vram else cfg.vae_mini_batch
+    if family is not None and family.latent_multiple > 1:
+        settings["latent_frame_multiple"] = family.latent_multiple
+    if family is not None and family.reference_noise and settings["mask_policies"]:
+        settings["reference_noise"] = reference_noise_design()
     return settings
 
 
@@ -153,7 +162,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     import torch
 
     from cogfun import dist, models
-    from cogfun.masks import is_identity, masked_clip
+    from cogfun.masks import encode_conditioning, reference_noise_design
     from cogfun.video import MEDIA_READERS
 
     t_start = time.time()
@@ -164,9 +173,11 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     state = dist.partial_state()
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
     shard_dir = Path(cfg.shard_dir)
-    sampling = Sampling.from_config(cfg)
+    family = models.transformer_family(cfg.pretrained_model_name_or_path)  # frame rule, reference noise
+    sampling = Sampling.from_config(cfg, latent_multiple=family.latent_multiple)
     sampling.validate()
     policies = mask_policy_list(cfg)
+    reference_noise = family.reference_noise and bool(policies)
     sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir)
 
     inputs = {s.identity: shards.digest(s.digest_fields()) for s in sources}
@@ -174,7 +185,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         shard_dir.mkdir(parents=True, exist_ok=True)
         identity = models.model_identity(cfg.pretrained_model_name_or_path, shard_dir / shards.HASH_CACHE)
     identity = dist.broadcast(identity if main else None, state)
-    parts = shards.fingerprint_parts(settings_of(cfg), identity, inputs)
+    parts = shards.fingerprint_parts(settings_of(cfg, family), identity, inputs)
     fp = shards.fingerprint(parts)
     decision = None
     if main:
@@ -281,19 +292,15 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         def flush(batch: list[tuple[SamplePlan, torch.Tensor]]):
             pixels = torch.stack([px for _, px in batch])
             mean, logvar = models.encode_clips(vae, pixels)
-            masked = {}
-            frames = batch[0][0].frames
-            for policy in policies:
-                if is_identity(policy, frames):
-                    masked[policy] = mean   # the masked clip IS the clip: same input, same encode
-                else:
-                    masked[policy] = models.encode_clips(vae, masked_clip(pixels, policy))[0]
+            conditioning = encode_conditioning(lambda px: models.encode_clips(vae, px)[0], pixels, policies,
+                                               clean=mean, keys=[plan.key for plan, _ in batch], seed=cfg.seed,
+                                               reference_noise=reference_noise)
             for b, (plan, _) in enumerate(batch):
                 text = caption_of[plan.key]
                 tensors = {"latent_mean": mean[b], "latent_logvar": logvar[b],
                            "prompt_embeds": prompt_embedding(text)}
-                for policy in policies:
-                    tensors[f"masked_latents.{policy}"] = masked[policy][b]
+                for name, value in conditioning.items():
+                    tensors[name] = value[b]
                 tensors = {k: v.to("cpu", torch.bfloat16).clone() for k, v in tensors.items()}  # own storage each
                 meta = {"source": plan.source, "identity": plan.identity, "caption": text, "kind": plan.kind,
                         "bucket": plan.bucket, "decoder": by_key[plan.key].media.decoder,
@@ -379,6 +386,10 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         manifest = {
             "format_version": shards.FORMAT_VERSION, "fingerprint": fp, "fingerprint_parts": parts,
             "inputs": inputs, "config": config, "model": identity, "mask_policies": policies,
+            "transformer": {"in_channels": family.in_channels, "patch_size_t": family.patch_size_t,
+                            "add_noise_in_inpaint_model": family.reference_noise},
+            "latent_frame_multiple": family.latent_multiple,
+            "reference_noise": reference_noise_design() if reference_noise else None,
             "text_len": models.TEXT_LEN, "buckets": buckets,
             "shards": {s: nsamples[s] for s in sorted({r.shard for r in rows})},
             "num_samples": len(rows), "num_sources": len(sources) + len(row_skips),

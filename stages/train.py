@@ -6,9 +6,11 @@ manifest checks -> transformer + LoRA -> data -> resume -> loop -> LoRA export.
 Training maths follow CogVideoX-Fun's train_lora.py: DDPM from the model's scheduler config
 (v-prediction, zero terminal SNR), t ~ U{0..999}, x0 = posterior sample from the cached
 mean/logvar times the VAE scaling factor, MSE on the velocity in fp32, 10 % caption dropout on
-the cached empty-caption embedding. Every random draw of a batch comes from generators seeded
-by (seed, epoch, global batch id), so a resumed run (and a run on another world size) sees the
-same noise for the same batch.
+the cached empty-caption embedding; for CogVideoX 1.5 (patch_size_t) a 1-frame sample gets a zero
+latent frame appended for the patch and its output cropped back (the loss covers the real frame);
+with `add_noise_in_inpaint_model` the conditioning carries reference noise (cogfun.masks). Every
+random draw of a batch comes from generators seeded by (seed, epoch, global batch id), so a resumed
+run (and a run on another world size) sees the same noise for the same batch.
 """
 
 from __future__ import annotations
@@ -109,10 +111,25 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path):
 
 # ------------------------------------------------------------------ checks
 
-def check_shards_fit(manifest: dict, tcfg, train_mode: str) -> None:
-    """Refuse shards that do not fit the transformer (latent channels, text dim, in_channels)."""
+def check_shards_fit(manifest: dict, tcfg, train_mode: str, family=None) -> None:
+    """Refuse shards that do not fit the transformer (latent channels, text dim, in_channels) or
+    were made for another model family (`family`: the frame rule of patch_size_t, reference noise)."""
     model = manifest["model"]
     problems = []
+    if family is not None:
+        made = manifest.get("latent_frame_multiple", 1)
+        if made != family.latent_multiple:
+            problems.append(f"frame rule: the shards were made for latent frame counts in multiples of {made} "
+                            f"(patch_size_t {made if made > 1 else 'none'}), this transformer patches "
+                            f"{family.latent_multiple} latent frame(s) at a time (patch_size_t "
+                            f"{family.patch_size_t or 'none'}); precompute the shards with this model")
+        noise = bool(manifest.get("reference_noise"))
+        if train_mode in ("inpaint", "i2v") and manifest["mask_policies"] and noise != family.reference_noise:
+            problems.append("reference noise: " + (
+                "the transformer config asks for it (add_noise_in_inpaint_model: true) but the shards were "
+                "precomputed without it" if family.reference_noise else
+                "the shards carry it but the transformer config does not ask for it (no "
+                "add_noise_in_inpaint_model)") + "; precompute the shards with this model")
     if model["latent_channels"] != tcfg.out_channels:
         problems.append(f"latent channels: shards {model['latent_channels']}, transformer out_channels {tcfg.out_channels}")
     if model["text_dim"] != tcfg.text_embed_dim:
@@ -145,14 +162,16 @@ def find_checkpoint(output_dir: Path, spec: str | None) -> Path | None:
 # ------------------------------------------------------------------ one batch -> loss inputs
 
 def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scaling: float, policies: list[str],
-                 null_prompt, device, dtype):
+                 null_prompt, device, dtype, family=None):
     """(model input, prompt embeds, timesteps, velocity target) for one bucket batch.
 
     All randomness comes from (seed, epoch, batch id): independent of rank, world size, resume.
+    `family` (models.TransformerFamily): random_frame_crop keeps multiples of its patch_size_t;
+    with its reference noise, a sigma and a sign per sample scale the cached noise response.
     """
     import torch
 
-    from cogfun.masks import PREFIX_SAFE, mask_channel
+    from cogfun.masks import PREFIX_SAFE, REFERENCE_NOISE_SIGMA0, conditioning, draw_reference_sigma
 
     gid = batch["batch_id"]
     rng = random.Random(f"{cfg.seed}:step-draws:{epoch}:{gid}")
@@ -166,9 +185,11 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
     frames = batch["metas"][0]["frames"]
 
     keep = f_lat
+    multiple = family.latent_multiple if family is not None else 1
     if cfg.random_frame_crop and f_lat > 1 and rng.random() >= CROP_FULL_PROB:
-        lengths = list(range(1, f_lat))
-        keep = rng.choices(lengths, weights=lengths)[0]  # longer prefixes more likely, short ones rare
+        lengths = list(range(multiple, f_lat, multiple))  # CogVideoX 1.5: even prefixes only
+        if lengths:
+            keep = rng.choices(lengths, weights=lengths)[0]  # longer prefixes more likely, short ones rare
     eps = torch.randn(mean.shape, generator=gen, device=device)
     latents = (mean + torch.exp(0.5 * logvar) * eps)[:, :keep] * scaling
     noise = torch.randn(latents.shape, generator=gen, device=device)
@@ -182,17 +203,17 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
     target = scheduler.get_velocity(latents, noise, timesteps)
     model_in = noisy
     if policies:
+        noise_scale = [None] * bsz
+        if family is not None and family.reference_noise:  # sigma = exp(N(-3, 0.5)) and a sign, per sample
+            sigma = draw_reference_sigma(bsz, generator=gen, device=device)
+            sign = torch.randint(0, 2, (bsz,), generator=gen, device=device) * 2 - 1
+            noise_scale = list(sign * sigma / REFERENCE_NOISE_SIGMA0)
         allowed = ["t2v"] + [p for p in policies if keep == f_lat or p in PREFIX_SAFE]
         conds = []
-        h, w = latents.shape[-2:]
         for b in range(bsz):
             policy = rng.choices(allowed, weights=[POLICY_WEIGHTS[p] for p in allowed])[0]
-            if policy == "t2v":
-                conds.append(torch.zeros(1, keep, 1 + latents.shape[2], h, w, device=device))
-                continue
-            mask = mask_channel(policy, frames, keep, h, w, scaling, device=device)
-            masked = t[f"masked_latents.{policy}"][b:b + 1, :keep].float() * scaling
-            conds.append(torch.cat([mask, masked], dim=2))
+            conds.append(conditioning(policy, t, b, frames=frames, keep=keep, scaling=scaling,
+                                      noise_scale=noise_scale[b], device=device))
         model_in = torch.cat([noisy, torch.cat(conds)], dim=2)
     return model_in.to(dtype), prompts.to(dtype), timesteps, target.float()
 
@@ -274,6 +295,7 @@ def train(cfg: TrainConfig) -> dict:
             raise ConfigError(f"--{flag} is required")
     output_dir = Path(cfg.output_dir)
     shard_dir = Path(cfg.shard_dir)
+    family = models.transformer_family(cfg.pretrained_model_name_or_path)  # refuses what cogfun cannot train
     manifest = shards.require_manifest(shard_dir)
     accelerator = make_accelerator(cfg, output_dir)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
@@ -287,7 +309,7 @@ def train(cfg: TrainConfig) -> dict:
     from types import SimpleNamespace
 
     check_shards_fit(manifest, SimpleNamespace(**{"out_channels": 16, "in_channels": 16, "text_embed_dim": 4096,
-                                                  **tcfg_dict}), cfg.train_mode)
+                                                  **tcfg_dict}), cfg.train_mode, family)
     transformer = models.load_transformer(cfg.pretrained_model_name_or_path, weight_dtype)
     scheduler = models.load_scheduler(cfg.pretrained_model_name_or_path)
     scaling = float(manifest["model"]["scaling_factor"])
@@ -296,7 +318,7 @@ def train(cfg: TrainConfig) -> dict:
 
     transformer.requires_grad_(False)
     targets = inject_lora(transformer, rank=cfg.rank, alpha=cfg.network_alpha, target_name=cfg.target_name,
-                          use_peft=cfg.use_peft_lora, seed=cfg.seed, lora_dtype=torch.float32)
+                          seed=cfg.seed, lora_dtype=torch.float32)
     params = [p for p in transformer.parameters() if p.requires_grad]
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -379,11 +401,12 @@ def train(cfg: TrainConfig) -> dict:
             with accelerator.accumulate(transformer):
                 model_in, prompts, timesteps, target = batch_inputs(
                     batch, epoch=epoch, cfg=cfg, scheduler=scheduler, scaling=scaling, policies=policies,
-                    null_prompt=null_prompt, device=device, dtype=weight_dtype)
+                    null_prompt=null_prompt, device=device, dtype=weight_dtype, family=family)
+                model_in, n_frames = models.pad_for_patch_t(model_in, family.patch_size_t)
                 rope = rotary_embedding(unwrapped_config, model_in.shape, device)
                 with accelerator.autocast():
                     pred = transformer(hidden_states=model_in, encoder_hidden_states=prompts, timestep=timesteps,
-                                       image_rotary_emb=rope, return_dict=False)[0]
+                                       image_rotary_emb=rope, return_dict=False)[0][:, :n_frames]
                 loss = torch.nn.functional.mse_loss(pred.float(), target, reduction="mean")
                 accelerator.backward(loss)
                 grad_norm = None

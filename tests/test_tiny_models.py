@@ -276,3 +276,36 @@ def test_t2v_pipeline_generates_latents(t2v_rotary_dir: Path) -> None:
                generator=torch.Generator().manual_seed(0)).frames
     assert tuple(out.shape) == (1, 3, 16, 8, 12)  # [B, F', C, H', W']
     assert torch.isfinite(out).all()
+
+
+# the published structure keys of each released layout (only widths and depths are shrunk)
+RELEASED_KEYS = {
+    "2b-inp": dict(in_channels=33, patch_size_t=None, patch_bias=True, use_rotary_positional_embeddings=False,
+                   use_learned_positional_embeddings=False, sample_frames=49, sample_height=60, sample_width=90),
+    "5b-inp-v1.1": dict(in_channels=33, patch_size_t=None, patch_bias=True, use_rotary_positional_embeddings=True,
+                        use_learned_positional_embeddings=False, sample_frames=49, sample_height=60, sample_width=90,
+                        add_noise_in_inpaint_model=True),
+    "v1.5-5b-inp": dict(in_channels=33, patch_size_t=2, patch_bias=False, use_rotary_positional_embeddings=True,
+                        use_learned_positional_embeddings=False, sample_frames=85, sample_height=384,
+                        sample_width=680, add_noise_in_inpaint_model=True),
+    "t2v": dict(in_channels=16, patch_size_t=None, patch_bias=True, use_rotary_positional_embeddings=False,
+                use_learned_positional_embeddings=False, sample_frames=49, sample_height=60, sample_width=90),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(RELEASED_KEYS))
+def test_released_layouts(variant: str, tmp_path: Path) -> None:
+    from diffusers import CogVideoXPipeline
+
+    from cogfun.tiny import RELEASED, variant_name
+
+    assert set(RELEASED) == set(RELEASED_KEYS) and variant_name("inp") == "2b-inp"
+    folder = write_tiny_model(tmp_path / variant, variant, seed=0)
+    raw = json.loads((folder / "transformer/config.json").read_text())   # the file, as a user's folder has it
+    for key, value in RELEASED_KEYS[variant].items():
+        assert raw.get(key) == value, key
+    assert raw.get("add_noise_in_inpaint_model", False) == RELEASED_KEYS[variant].get("add_noise_in_inpaint_model", False)
+    scaling = json.loads((folder / "vae/config.json").read_text())["scaling_factor"]
+    assert scaling == (0.7 if "5b" in variant else VAE_SCALING_FACTOR)
+    pipe = CogVideoXPipeline.from_pretrained(folder)  # diffusers loads it (its class ignores the CogVideoX-Fun key)
+    assert pipe.transformer.config.patch_size_t == RELEASED_KEYS[variant]["patch_size_t"]
