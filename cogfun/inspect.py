@@ -48,19 +48,21 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
 
 
 def report_from_shards(cfg: InspectConfig) -> dict:
-    from cogfun.shards import require_manifest
+    """From a finished shard dir (local path or URL): manifest + index only, no tar is read."""
+    from cogfun.shards import read_index, require_manifest
+    from cogfun.storage import ShardStore
 
-    shard_dir = Path(cfg.shard_dir)
-    manifest = require_manifest(shard_dir)
-    import pyarrow.parquet as pq
-
+    store = ShardStore(cfg.shard_dir)
+    manifest = require_manifest(store)
     kinds = Counter()
-    table = pq.read_table(shard_dir / "index.parquet", columns=["bucket", "kind"]).to_pydict()
+    table = read_index(store, columns=["bucket", "kind"])
     for b, k in zip(table["bucket"], table["kind"]):
         kinds[(b, k)] += 1
+    prompts = sum(manifest["prompt_tables"].values())   # caption tables, shared by the buckets by sample count
+    samples = manifest["num_samples"] or 1
     buckets = []
     for name, b in manifest["buckets"].items():
-        size = sum((shard_dir / s).stat().st_size for s in b["shards"])
+        size = sum(manifest["shard_bytes"][s] for s in b["shards"]) + round(prompts * b["count"] / samples)
         buckets.append({"name": name, "height": b["height"], "width": b["width"], "frames": b["frames"],
                         "count": b["count"], "videos": kinds[(name, "video")], "images": kinds[(name, "image")],
                         "tokens": b["tokens"], "bytes": size})
