@@ -439,7 +439,7 @@ def write_real_shards(shard_dir: Path, n: int, *, frames: int, height: int, widt
                 "frames": frames, "height": height, "width": width, "latent_frames": (frames - 1) // 4 + 1,
                 "tokens": ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)}
         sample = dict(pool[i % len(pool)])
-        table[meta["prompt"]] = sample.pop("prompt_embeds")
+        table[meta["prompt"]] = sample.pop("prompt_embeds").clone()   # one embedding per distinct caption
         writers.write(bucket, shards.encode_sample(f"c{i:05d}", meta, sample))
     writers.close()
     (shard_dir / shards.PROMPTS).mkdir(exist_ok=True)

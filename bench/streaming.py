@@ -77,12 +77,17 @@ def main() -> None:
             return BucketBatchSampler(index_rows(dataset), batch_size=1, world=1, rank=0, accumulation=1, seed=42)
 
         def loader(threads: int, where=shard_dir, cold: bool = False):
+            """One epoch; the dataset is built once per side, as `cogfun train` builds it once per run
+            (a cold-cache round starts from an empty cache and a fresh dataset)."""
+            made = {}
+
             def run():
-                if cold:
-                    shutil.rmtree(cache, ignore_errors=True)
-                store = where if where == shard_dir else ShardStore(where, cache_dir=str(cache))
-                dataset = CachedSamples(store, manifest)
-                for _ in batches(dataset, sampler_for(dataset), threads=threads):
+                if cold or not made:
+                    shutil.rmtree(cache, ignore_errors=True) if cold else None
+                    store = where if where == shard_dir else ShardStore(where, cache_dir=str(cache))
+                    made["dataset"] = CachedSamples(store, manifest)
+                    made["sampler"] = sampler_for(made["dataset"])
+                for _ in batches(made["dataset"], made["sampler"], threads=threads):
                     pass
             return run
 

@@ -84,9 +84,7 @@ class _Table(_LocalFile):
 
     def __init__(self, path: Path):
         super().__init__(path)
-        head = os.pread(self.fd, 8, 0)
-        head += os.pread(self.fd, int.from_bytes(head, "little"), 8)
-        self.header = shards.safetensors_header(head)
+        self.header = shards.file_safetensors_header(self.fd)
 
     def get(self, key: str):
         start, entries = self.header

@@ -92,13 +92,19 @@ def safetensors_header(head) -> tuple[int, dict]:
     return 8 + n, entries
 
 
-def tensors_in(buf, header: tuple[int, dict], names=None) -> dict:
+def file_safetensors_header(fd: int) -> tuple[int, dict]:
+    """`safetensors_header` of a safetensors file open as `fd` (reads the header only)."""
+    head = os.pread(fd, 8, 0)
+    return safetensors_header(head + os.pread(fd, int.from_bytes(head, "little"), 8))
+
+
+def tensors_in(buf, header: tuple[int, dict]) -> dict:
     """Tensors viewing `buf` (a uint8 tensor holding the blob from its start), no copies."""
     import torch
 
     start, entries = header
     out = {}
-    for name in names or entries:
+    for name in entries:
         dtype, shape, begin, end = entries[name]
         out[name] = buf[start + begin:start + end].view(getattr(torch, dtype)).view(shape)
     return out
@@ -340,9 +346,7 @@ def prompt_tables_on_disk(shard_dir: Path) -> dict[str, str]:
     found: dict[str, str] = {}
     for path in sorted((Path(shard_dir) / PROMPTS).glob("*.safetensors")):
         with open(path, "rb") as fh:
-            head = fh.read(8)
-            head += fh.read(int.from_bytes(head, "little"))
-        _, entries = safetensors_header(head)
+            _, entries = file_safetensors_header(fh.fileno())
         rel = str(path.relative_to(shard_dir))
         for key in entries:
             found.setdefault(key, rel)
