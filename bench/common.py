@@ -220,11 +220,13 @@ def free_port() -> int:
 
 
 def shards_for(model: Path, meta: Path, *, size: int, frames: int) -> Path:
-    """Precomputed shards (cached by model, data and shape)."""
+    """Precomputed shards (cached by model, data and shape; rebuilt when of an older shard format)."""
+    from cogfun import shards
     from stages.precompute import precompute
 
     shard_dir = OUT / "shards" / f"{model.name}--{meta.parent.name}--{size}x{frames}"
-    if not (shard_dir / "manifest.json").exists():
+    made = shards.read_manifest(shard_dir, check_version=False)
+    if made is None or made["format_version"] != shards.FORMAT_VERSION:
         precompute(precompute_config(model, meta, shard_dir, size=size, frames=frames, overwrite=True),
                    progress=False)
     return shard_dir
