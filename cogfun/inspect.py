@@ -29,7 +29,9 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
         text_dim = read_component_config(cfg.pretrained_model_name_or_path, "text_encoder")["d_model"]
     n_policies = len(mask_policy_list(cfg))
     sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir)
-    plans, skips, _ = probe_and_plan(sources, Sampling.from_config(cfg), workers=cfg.probe_workers)
+    plans, skips, by_key = probe_and_plan(sources, Sampling.from_config(cfg), workers=cfg.probe_workers)
+    # caption tables (shard format 2): one T5 embedding per distinct caption, shared out by sample count
+    prompts = len({by_key[p.key].text for p in plans}) * 226 * text_dim * 2   # 226 tokens, bf16
     counts = Counter(p.bucket for p in plans)
     kinds: dict[str, Counter] = {}
     for p in plans:
@@ -37,10 +39,11 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
     buckets = []
     for name, count in counts.items():
         h, w, f = parse_bucket(name)
-        per = sample_bytes(f, h, w, text_dim=text_dim, n_mask_policies=n_policies) + SAMPLE_OVERHEAD
+        per = sample_bytes(f, h, w, text_dim=0, n_mask_policies=n_policies) + SAMPLE_OVERHEAD
         buckets.append({"name": name, "height": h, "width": w, "frames": f, "count": count,
                         "videos": kinds[name]["video"], "images": kinds[name]["image"],
-                        "tokens": tokens_per_sample(f, h, w), "bytes": per * count})
+                        "tokens": tokens_per_sample(f, h, w),
+                        "bytes": per * count + round(prompts * count / len(plans))})
     skipped = [s.to_json() for s in sorted(row_skips + skips, key=lambda s: s.file_path)]
     return _finish(buckets, skipped, sources=len(sources) + len(row_skips), estimated=True,
                    video_repeat=cfg.video_repeat)

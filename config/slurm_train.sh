@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # cogfun train on several SLURM nodes: one `accelerate launch` per node, which starts one process per GPU.
+# Submit from the repo root (the job runs cli.py from there; activate the environment with cogfun first).
 #
 #   sbatch --nodes 4 config/slurm_train.sh                  # DDP
 #   BACKEND=deepspeed sbatch --nodes 4 config/slurm_train.sh # DeepSpeed ZeRO-2 (config/zero_stage2_config.json)
