@@ -143,7 +143,13 @@ class CachedSamples:
             if f is not None:
                 self._open.move_to_end(rel)
                 return f
-        f = kind(self.store.local_path(rel, self.sizes.get(rel)))
+        try:
+            f = kind(self.store.local_path(rel, self.sizes.get(rel)))
+        except FileNotFoundError:
+            if not self.store.remote:
+                raise
+            # evicted by another process of the node between its fetch and our open: fetch again
+            f = kind(self.store.local_path(rel, self.sizes.get(rel)))
         with self._lock:
             f = self._open.setdefault(rel, f)
             while len(self._open) > self.open_files:

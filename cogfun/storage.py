@@ -134,15 +134,9 @@ class ShardStore:
                 time.sleep(delay)
                 delay *= 2
 
-    def exists(self, rel: str) -> bool:
-        return self._retrying(rel, lambda: self.fs.exists(self._path(rel)))
-
     def read_bytes(self, rel: str) -> bytes:
         """The whole file (manifest, index, null prompt: small, never cached). FileNotFoundError if absent."""
         return self._retrying(rel, lambda: self.fs.cat_file(self._path(rel)))
-
-    def size(self, rel: str) -> int:
-        return self._retrying(rel, lambda: self.fs.size(self._path(rel)))
 
     # ---------------------------------------------------------------- immutable files: local path
 
