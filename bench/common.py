@@ -220,11 +220,13 @@ def free_port() -> int:
 
 
 def shards_for(model: Path, meta: Path, *, size: int, frames: int) -> Path:
-    """Precomputed shards (cached by model, data and shape)."""
+    """Precomputed shards (cached by model, data and shape; rebuilt when of an older shard format)."""
+    from cogfun import shards
     from stages.precompute import precompute
 
     shard_dir = OUT / "shards" / f"{model.name}--{meta.parent.name}--{size}x{frames}"
-    if not (shard_dir / "manifest.json").exists():
+    made = shards.read_manifest(shard_dir, check_version=False)
+    if made is None or made["format_version"] != shards.FORMAT_VERSION:
         precompute(precompute_config(model, meta, shard_dir, size=size, frames=frames, overwrite=True),
                    progress=False)
     return shard_dir
@@ -262,24 +264,20 @@ class TrainSetup:
         self.scheduler = models.load_scheduler(cfg.pretrained_model_name_or_path)
         self.scaling = float(self.manifest["model"]["scaling_factor"])
         self.policies = list(self.manifest["mask_policies"])
-        self.null_prompt = load_file(str(self.shard_dir / shards.NULL_PROMPT))["prompt_embeds"].float()
+        self.null_prompt = load_file(str(self.shard_dir / shards.NULL_PROMPT))["prompt_embeds"].float()  # local dir
         self.torch = torch
 
     def batches(self, n: int, epoch: int = 0) -> list[dict]:
-        """The first `n` batches `cogfun train` draws (same dataset, sampler, collate), no workers."""
-        from cogfun.loader import BucketBatchSampler, CachedSamples, collate, index_rows
+        """The first `n` batches `cogfun train` draws (same dataset, sampler, collate), read in this thread."""
+        import itertools
+
+        from cogfun.loader import BucketBatchSampler, CachedSamples, batches, index_rows
 
         dataset = CachedSamples(self.shard_dir, self.manifest)
-        sampler = BucketBatchSampler(index_rows(self.shard_dir, dataset), batch_size=self.cfg.train_batch_size,
+        sampler = BucketBatchSampler(index_rows(dataset), batch_size=self.cfg.train_batch_size,
                                      world=1, rank=0, accumulation=1, seed=self.cfg.seed)
         sampler.set_epoch(epoch)
-        loader = self.torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
-        out = []
-        for batch in loader:
-            out.append(batch)
-            if len(out) == n:
-                break
-        return out
+        return list(itertools.islice(batches(dataset, sampler, threads=0), n))
 
     def inputs(self, batch: dict, epoch: int = 0):
         from stages.train import batch_inputs
@@ -425,27 +423,37 @@ def payload_bytes(tensors: dict) -> int:
 
 def write_real_shards(shard_dir: Path, n: int, *, frames: int, height: int, width: int,
                       per_tar: int = 16, policies=REAL_POLICIES) -> dict:
-    """Write `n` real-shape samples with the product's writer; index.parquet + a manifest with what
-    the train loader reads. Returns the manifest. A few distinct random samples are reused (the
-    bytes of random bf16 do not compress either way)."""
+    """Write `n` real-shape samples (one distinct caption each) in the product's format: tars with
+    `encode_sample` + `BucketWriters`, the caption table, index.parquet and a manifest with what the
+    train loader reads. Returns the manifest. A few distinct random samples are reused (the bytes of
+    random bf16 do not compress either way)."""
     from cogfun import shards
 
     shard_dir.mkdir(parents=True, exist_ok=True)
     writers = shards.BucketWriters(shard_dir, 0, "bench", per_tar)
     bucket = f"{height}x{width}x{frames}"
     pool = [real_sample(frames, height, width, policies=policies, seed=s) for s in range(4)]
+    table = {}
     for i in range(n):
-        meta = {"source": f"videos/c{i:05d}.mp4", "caption": f"caption {i}", "kind": "video", "bucket": bucket,
-                "view": 0, "base": height, "frame_indices": list(range(frames)), "frames": frames,
-                "height": height, "width": width, "latent_frames": (frames - 1) // 4 + 1,
+        caption = f"caption {i}"
+        meta = {"source": f"videos/c{i:05d}.mp4", "caption": caption, "prompt": shards.prompt_key(caption),
+                "kind": "video", "bucket": bucket, "view": 0, "base": height, "frame_indices": list(range(frames)),
+                "frames": frames, "height": height, "width": width, "latent_frames": (frames - 1) // 4 + 1,
                 "tokens": ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)}
-        writers.write(bucket, shards.encode_sample(f"c{i:05d}", meta, pool[i % len(pool)]))
+        sample = dict(pool[i % len(pool)])
+        table[meta["prompt"]] = sample.pop("prompt_embeds").clone()   # one embedding per distinct caption
+        writers.write(bucket, shards.encode_sample(f"c{i:05d}", meta, sample))
     writers.close()
+    (shard_dir / shards.PROMPTS).mkdir(exist_ok=True)
+    table_rel = f"{shards.PROMPTS}/000-bench-0000000.safetensors"
+    shards.save_tensors(table, shard_dir / table_rel)
     rows = shards.scan_shards(shard_dir)
-    shards.write_index(shard_dir, rows)
+    shards.write_index(shard_dir, rows, {k: table_rel for k in table})
     counts = shards.tar_sample_counts(shard_dir)
     manifest = {"format_version": shards.FORMAT_VERSION, "shards": counts, "num_samples": len(rows),
-                "mask_policies": list(policies)}
+                "mask_policies": list(policies),
+                "shard_bytes": {s: (shard_dir / s).stat().st_size for s in counts},
+                "prompt_tables": {table_rel: (shard_dir / table_rel).stat().st_size}}
     shards.write_json_atomic(shard_dir / shards.MANIFEST, manifest)
     return manifest
 

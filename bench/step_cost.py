@@ -5,7 +5,7 @@ same batches, in one process,
 side by side, round after round:
   cogfun  `stages.train.train` itself for N steps; step_time from its train_log.jsonl (loader,
           batch_inputs, accelerate, fwd/bwd/clip/AdamW, logging), first steps left out; with the
-          default 2 loader workers and again with 0 (to separate the worker hand-off)
+          default 2 loader threads and again with 0 (to separate the reading threads)
   bare    fwd + MSE + bwd + clip + AdamW on the same batches' inputs already in memory
   online  per step: decode the clip, VAE-encode it and a masked copy, T5-encode the caption, then
           the same batch_inputs + bare step (CogVideoX-Fun's work per step; its decode runs in
@@ -29,7 +29,7 @@ def add_args(p):
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--skip", type=int, default=2, help="first steps of each cogfun run left out")
     p.add_argument("--workers", type=int, default=2,
-                   help="cogfun train --dataloader_num_workers (its default, 2); a second cogfun side uses 0")
+                   help="cogfun train --dataloader_num_workers, its reading threads (default 2); a second cogfun side uses 0")
     p.add_argument("--small", action="store_true",
                    help="cogfun.tiny's own 2-layer, width-32 transformer (DESIGN §8's anchor measurement)")
     p.add_argument("--profile", action="store_true", help="cProfile one cogfun run, print the top entries")
@@ -95,7 +95,7 @@ def main() -> None:
 
     if args.profile:
         profile_once(cogfun_side)
-    t = C.interleave({"cogfun": cogfun_side, "cogfun, 0 workers": lambda: cogfun_side(cfg0), "bare": bare_side,
+    t = C.interleave({"cogfun": cogfun_side, "cogfun, 0 threads": lambda: cogfun_side(cfg0), "bare": bare_side,
                       "online": online_side}, repeat=rounds, warmup=1)
     report(args, t, split, gc_times, steps, rounds, host)
 
@@ -110,14 +110,14 @@ def report(args, t, split, gc_times, steps, rounds, host) -> None:
     r_online = C.per_round_ratio(t["online"], t["cogfun"])
     print(f"\nshape {args.frames}x{args.size}x{args.size}, {steps} steps x {rounds} rounds (+1 warm-up), "
           f"median step seconds per round:")
-    rows = [[k if k != "cogfun" else f"cogfun, {args.workers} workers", " ".join(f"{x * 1e3:.1f}" for x in v),
+    rows = [[k if k != "cogfun" else f"cogfun, {args.workers} threads", " ".join(f"{x * 1e3:.1f}" for x in v),
              f"{C.median(v) * 1e3:.1f}"] for k, v in t.items()]
     print(C.table(rows, ["side", "per round (ms)", "median (ms)"]))
     print("\nratios (per round, median (min-max)):")
-    print(f"  cogfun / bare                     {C.spread(r_bare)}   ({args.workers} loader workers)")
-    print(f"  cogfun, 0 workers / bare          {C.spread(C.per_round_ratio(t['cogfun, 0 workers'], t['bare']))}")
-    over0 = C.median(t["cogfun, 0 workers"]) - bare
-    print(f"  cogfun - bare                     {(cog - bare) * 1e3:.1f} ms per step (0 workers: {over0 * 1e3:.1f} ms = "
+    print(f"  cogfun / bare                     {C.spread(r_bare)}   ({args.workers} loader threads)")
+    print(f"  cogfun, 0 threads / bare          {C.spread(C.per_round_ratio(t['cogfun, 0 threads'], t['bare']))}")
+    over0 = C.median(t["cogfun, 0 threads"]) - bare
+    print(f"  cogfun - bare                     {(cog - bare) * 1e3:.1f} ms per step (0 threads: {over0 * 1e3:.1f} ms = "
           + " + ".join(f"{k} {v * 1e3:.1f}" for k, v in host.items())
           + f" + the rest {(over0 - sum(host.values())) * 1e3:.1f}: accelerate wrappers, loss/norm syncs, log, tqdm)")
     print(f"  online / cogfun                   {C.spread(r_online)}   (decode in workers, off the critical path)")

@@ -64,14 +64,23 @@ class DataArgs:
 @dataclass
 class EncodeArgs:
     """How the precompute stage encodes and writes shards."""
-    shard_dir: Optional[str] = opt(None, "Folder of the cached shards (manifest.json, index.parquet, <bucket>/*.tar).")
+    shard_dir: Optional[str] = opt(None, "Folder of the cached shards (manifest.json, index.parquet, <bucket>/*.tar, prompts/). Train and inspect-buckets also read an http(s)://, s3:// or gs:// URL of one; precompute writes to a local or shared filesystem.")
     vae_mini_batch: int = opt(1, "Samples per VAE encode call (same-bucket samples only). Batched encodes differ from single ones in the last bits, so this is part of the fingerprint, and only 1 gives shards that are bit-identical on any number of ranks.")
     low_vram: bool = opt(False, "Precompute on a small GPU: T5 stays on the CPU and streams its layers to the GPU (accelerate cpu_offload); VAE batch slicing. Same bytes.")
-    dataloader_num_workers: int = opt(2, "DataLoader worker processes (decoding in precompute, shard reading in train).")
+    dataloader_num_workers: int = opt(2, "Precompute: DataLoader worker processes decoding clips. Train: threads reading shards ahead of the step (0: read in the step).")
     mixed_precision: str = opt("bf16", "Compute dtype of the encoders (precompute) and of the frozen transformer (train).", choices=MIXED_PRECISION, fingerprint=True)
     overwrite: bool = opt(False, "Precompute: replace a shard dir made with different settings, model or sources.")
     shard_max_samples: int = opt(64, "Precompute: samples per tar before a new one is started.")
     decode_timeout: float = opt(120.0, "Precompute: seconds one clip may take to decode before it is skipped.")
+
+
+@dataclass
+class ShardReadArgs:
+    """How `cogfun train` reads a remote shard dir (--shard_dir URL)."""
+    shard_cache_dir: Optional[str] = opt(None, "Per-node read-through cache of a remote --shard_dir: each tar is fetched once per node and shared by its ranks and threads (default ~/.cache/cogfun/shards).")
+    shard_cache_size_gb: float = opt(100.0, "Size bound of the shard cache; least recently used files are evicted beyond it.")
+    shard_fetch_retries: int = opt(5, "Retries of a remote read after a transient network error before the run fails naming the URL.")
+    shard_fetch_backoff: float = opt(1.0, "Seconds before the first retry of a remote read; doubles after each.")
 
 
 @dataclass
@@ -84,6 +93,7 @@ class TrainArgs:
     max_train_steps: Optional[int] = opt(None, "Stop after this many optimizer steps.")
     checkpointing_steps: int = opt(500, "Save a resumable checkpoint every this many optimizer steps.")
     checkpoints_total_limit: Optional[int] = opt(None, "Keep at most this many checkpoints (oldest removed first).")
+    checkpoint_kohya: bool = opt(False, "Also write the kohya/ComfyUI LoRA file into every checkpoint-<step>/ (always written for the final LoRA).")
     resume_from_checkpoint: Optional[str] = opt(None, "A checkpoint-<step> folder, or 'latest' for the newest complete one in --output_dir.")
     learning_rate: float = opt(1e-4, "AdamW learning rate.")
     lr_scheduler: str = opt("constant", "diffusers LR schedule: constant, constant_with_warmup, linear, cosine, ...")
@@ -108,7 +118,7 @@ class PrecomputeConfig(ModelArgs, DataArgs, EncodeArgs):
 
 
 @dataclass
-class TrainConfig(ModelArgs, DataArgs, EncodeArgs, TrainArgs):
+class TrainConfig(ModelArgs, DataArgs, EncodeArgs, ShardReadArgs, TrainArgs):
     """`cogfun train` (data and encode flags are used when it must precompute first)."""
 
 

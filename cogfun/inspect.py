@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 from cogfun.buckets import Sampling, parse_bucket, sample_bytes, tokens_per_sample
 from cogfun.config import InspectConfig, ConfigError, mask_policy_list
@@ -38,6 +37,8 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
     sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir)
     plans, skips, by_key = probe_and_plan(sources, Sampling.from_config(cfg, latent_multiple=multiple),
                                           workers=cfg.probe_workers, max_pixels=cfg.max_image_pixels)
+    # caption tables (shard format 2): one T5 embedding per distinct caption, shared out by sample count
+    prompts = len({by_key[p.key].text for p in plans}) * 226 * text_dim * 2   # 226 tokens, bf16
     counts = Counter(p.bucket for p in plans)
     kinds: dict[str, Counter] = {}
     for p in plans:
@@ -46,10 +47,11 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
     for name, count in counts.items():
         h, w, f = parse_bucket(name)
         cached = n_policies * (2 if noise else 1)  # reference noise: + the noise response per policy
-        per = sample_bytes(f, h, w, text_dim=text_dim, n_mask_policies=cached) + SAMPLE_OVERHEAD
+        per = sample_bytes(f, h, w, text_dim=0, n_mask_policies=cached) + SAMPLE_OVERHEAD
         buckets.append({"name": name, "height": h, "width": w, "frames": f, "count": count,
                         "videos": kinds[name]["video"], "images": kinds[name]["image"],
-                        "tokens": tokens_per_sample(f, h, w, multiple), "bytes": per * count})
+                        "tokens": tokens_per_sample(f, h, w, multiple),
+                        "bytes": per * count + round(prompts * count / len(plans))})
     skipped = [s.to_json() for s in sorted(row_skips + skips, key=lambda s: s.file_path)]
     notes = model_notes(multiple, noise, trimmed=sum(1 for p in plans if p.frames_dropped))
     return _finish(buckets, skipped, sources=len(sources) + len(row_skips), estimated=True,
@@ -71,19 +73,21 @@ def model_notes(multiple: int, noise: bool, trimmed: int | None = None) -> list[
 
 
 def report_from_shards(cfg: InspectConfig) -> dict:
-    from cogfun.shards import require_manifest
+    """From a finished shard dir (local path or URL): manifest + index only, no tar is read."""
+    from cogfun.shards import read_index, require_manifest
+    from cogfun.storage import ShardStore
 
-    shard_dir = Path(cfg.shard_dir)
-    manifest = require_manifest(shard_dir)
-    import pyarrow.parquet as pq
-
+    store = ShardStore(cfg.shard_dir)
+    manifest = require_manifest(store)
     kinds = Counter()
-    table = pq.read_table(shard_dir / "index.parquet", columns=["bucket", "kind"]).to_pydict()
+    table = read_index(store, columns=["bucket", "kind"])
     for b, k in zip(table["bucket"], table["kind"]):
         kinds[(b, k)] += 1
+    prompts = sum(manifest["prompt_tables"].values())   # caption tables, shared by the buckets by sample count
+    samples = manifest["num_samples"] or 1
     buckets = []
     for name, b in manifest["buckets"].items():
-        size = sum((shard_dir / s).stat().st_size for s in b["shards"])
+        size = sum(manifest["shard_bytes"][s] for s in b["shards"]) + round(prompts * b["count"] / samples)
         buckets.append({"name": name, "height": b["height"], "width": b["width"], "frames": b["frames"],
                         "count": b["count"], "videos": kinds[(name, "video")], "images": kinds[(name, "image")],
                         "tokens": b["tokens"], "bytes": size})

@@ -1,10 +1,17 @@
-"""Reading cached shards for training: indexed random access (wids) + a seeded bucket batch sampler.
+"""Reading cached shards for training: indexed random access + a seeded bucket batch sampler.
 
 Why this shape (DESIGN §5 (b)) rather than a streaming pipeline: a batch must hold one bucket,
-and resume must be exact. With a map-style dataset over the tars (wids' `IndexedTarSamples`,
-mmap-indexed tar members) and a batch sampler that is a pure function of (seed, epoch, index),
-the data position is just "how many batches of this epoch were consumed": accelerate's
-`skip_first_batches` resumes with no replay and no decoding of skipped batches.
+and resume must be exact. With a map-style dataset over the tars (each tar's members indexed
+once) and a batch sampler that is a pure function of (seed, epoch, index), the data position is
+just "how many batches of this epoch were consumed": a resumed run drops that many batch index
+lists and reads nothing of them.
+
+Reading a sample is one `pread` of its safetensors member into a fresh buffer, of which the
+tensors are views (no further copy), plus one of its caption's T5 embedding from the caption
+table. That work releases the GIL, so `batches()` runs it in threads of the training process:
+worker processes would have to move every batch through shared memory, which cost 5-8x the read
+itself (bench/streaming.py). A remote shard dir's tars come through the node's cache
+(`storage.ShardStore.local_path`), fetched by the reading thread the first time a tar is used.
 
 Global batch order: per epoch, each bucket's samples are shuffled (videos repeated
 `video_repeat` times), cut into batches of `batch_size`, and all batches are shuffled together
@@ -16,19 +23,89 @@ sizes train on the same data.
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import tarfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 from cogfun import shards
+from cogfun.storage import ShardStore, as_store
+
+
+class _LocalFile:
+    """A local file read with pread (thread-safe, GIL released); closed when the last user drops it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self):
+        fd = getattr(self, "fd", None)
+        if fd is not None:
+            os.close(fd)
+
+    def read_into(self, offset: int, size: int):
+        """A fresh uint8 tensor of `size` bytes from `offset`."""
+        import torch
+
+        buf = torch.empty(size, dtype=torch.uint8)
+        got = os.preadv(self.fd, [buf.numpy()], offset) if size else 0
+        if got != size:
+            raise shards.ShardError(f"{self.path}: short read at {offset} ({got} of {size} bytes): truncated file?")
+        return buf
+
+
+class _Tar(_LocalFile):
+    """One tar: its samples' members (extension -> (offset, size)), in tar order."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.samples: list[tuple[str, dict]] = []
+        with tarfile.open(path, mode="r:") as tf:       # headers only: every seek skips a member's data
+            for m in tf:
+                key, _, ext = m.name.partition(".")
+                if not self.samples or self.samples[-1][0] != key:
+                    self.samples.append((key, {}))
+                self.samples[-1][1][ext] = (m.offset_data, m.size)
+
+    def sample(self, position: int) -> tuple[dict, dict]:
+        key, members = self.samples[position]
+        shards.check_members(key, members)
+        meta = json.loads(os.pread(self.fd, members["json"][1], members["json"][0]))
+        buf = self.read_into(*members["safetensors"])
+        return meta, shards.tensors_in(buf, shards.safetensors_header(buf.numpy()))
+
+
+class _Table(_LocalFile):
+    """A caption table: a safetensors file read one tensor at a time."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.header = shards.file_safetensors_header(self.fd)
+
+    def get(self, key: str):
+        start, entries = self.header
+        if key not in entries:
+            raise shards.ShardError(f"{self.path}: no caption embedding {key!r}: the index and the caption "
+                                    f"tables disagree; re-run precompute")
+        import torch
+
+        dtype, shape, begin, end = entries[key]
+        return self.read_into(start + begin, end - begin).view(getattr(torch, dtype)).view(shape)
 
 
 class CachedSamples:
     """Map-style dataset over the manifest's tars. Item = (global index, batch id) -> sample dict."""
 
-    def __init__(self, shard_dir: str | Path, manifest: dict, lru_size: int = 32):
-        self.shard_dir = Path(shard_dir)
+    def __init__(self, store: ShardStore | str | Path, manifest: dict, index: dict | None = None,
+                 open_files: int = 64):
+        self.store = as_store(store)
         self.shards = sorted(manifest["shards"])           # relative paths
         self.counts = [manifest["shards"][s] for s in self.shards]
+        self.sizes = {**manifest.get("shard_bytes", {}), **manifest.get("prompt_tables", {})}
         self.offsets = {}
         self.starts = []
         total = 0
@@ -37,8 +114,17 @@ class CachedSamples:
             self.starts.append(total)
             total += n
         self.total = total
-        self.lru_size = lru_size
-        self._open = None
+        self._index = index
+        self._tables_of: dict[str, str] | None = None
+        self.open_files = open_files
+        self._open: OrderedDict[str, _LocalFile] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def index(self) -> dict:
+        if self._index is None:
+            self._index = shards.read_index(self.store)
+        return self._index
 
     def global_index(self, shard: str, position: int) -> int:
         return self.offsets[shard] + position
@@ -49,40 +135,60 @@ class CachedSamples:
         i = bisect.bisect_right(self.starts, index) - 1
         return self.shards[i], index - self.starts[i]
 
-    def _tar(self, shard: str):
-        from wids.wids import IndexedTarSamples
-        from wids.wids_lru import LRUCache
-
-        if self._open is None:  # per process (DataLoader workers each open their own mmaps)
-            self._open = LRUCache(self.lru_size, release_handler=lambda key, value: value.close())
-        if shard not in self._open:
-            self._open[shard] = IndexedTarSamples(path=str(self.shard_dir / shard))
-        return self._open[shard]
+    def _file(self, rel: str, kind):
+        """The open file `rel` (fetched into the node cache first when remote); a bounded LRU.
+        Dropped files close once no reading thread holds them."""
+        with self._lock:
+            f = self._open.get(rel)
+            if f is not None:
+                self._open.move_to_end(rel)
+                return f
+        try:
+            f = kind(self.store.local_path(rel, self.sizes.get(rel)))
+        except FileNotFoundError:
+            if not self.store.remote:
+                raise
+            # evicted by another process of the node between its fetch and our open: fetch again
+            f = kind(self.store.local_path(rel, self.sizes.get(rel)))
+        with self._lock:
+            f = self._open.setdefault(rel, f)
+            while len(self._open) > self.open_files:
+                self._open.popitem(last=False)
+        return f
 
     def __len__(self) -> int:
         return self.total
 
-    def read_raw(self, index: int) -> dict:
-        shard, position = self.locate(index)
-        return self._tar(shard)[position]
+    def prompt_embeds(self, key: str):
+        if self._tables_of is None:
+            self._tables_of = dict(zip(self.index["prompt"], self.index["prompt_table"]))
+        return self._file(self._tables_of[key], _Table).get(key)
 
     def __getitem__(self, item):
         index, batch_id = item
-        meta, tensors = shards.decode_sample(self.read_raw(index))
+        shard, position = self.locate(index)
+        meta, tensors = self._file(shard, _Tar).sample(position)
+        tensors["prompt_embeds"] = self.prompt_embeds(meta["prompt"])
         return {"meta": meta, "tensors": tensors, "batch_id": batch_id}
 
 
-def collate(samples: list[dict]) -> dict:
-    """Stack one bucket's samples: tensors [B, ...], metas as a list, the batch id."""
+def collate(samples: list[dict], pin_memory: bool = False) -> dict:
+    """Stack one bucket's samples: tensors [B, ...] (own memory, pinned for a GPU when asked),
+    metas as a list, the batch id."""
     import torch
 
     ids = {s["batch_id"] for s in samples}
     buckets = {s["meta"]["bucket"] for s in samples}
     if len(ids) != 1 or len(buckets) != 1:
         raise RuntimeError(f"a batch mixes batches {ids} / buckets {buckets}: sampler bug")
-    names = samples[0]["tensors"].keys()
-    return {"tensors": {k: torch.stack([s["tensors"][k] for s in samples]) for k in names},
-            "metas": [s["meta"] for s in samples], "batch_id": ids.pop()}
+    out = {}
+    for k, first in samples[0]["tensors"].items():
+        if len(samples) == 1 and not pin_memory:   # the sample's views own their freshly read buffer
+            out[k] = first.unsqueeze(0)
+            continue
+        out[k] = torch.empty((len(samples), *first.shape), dtype=first.dtype, pin_memory=pin_memory)
+        torch.stack([s["tensors"][k] for s in samples], out=out[k])
+    return {"tensors": out, "metas": [s["meta"] for s in samples], "batch_id": ids.pop()}
 
 
 class BucketBatchSampler:
@@ -134,8 +240,38 @@ class BucketBatchSampler:
             yield [(index, g) for index in batches[g]]
 
 
-def index_rows(shard_dir: str | Path, dataset: CachedSamples) -> list[tuple[int, str, str]]:
+def index_rows(dataset: CachedSamples) -> list[tuple[int, str, str]]:
     """(global index, bucket, kind) for every indexed sample."""
-    idx = shards.read_index(shard_dir)
+    idx = dataset.index
     return [(dataset.global_index(s, p), b, k)
             for s, p, b, k in zip(idx["shard"], idx["position"], idx["bucket"], idx["kind"])]
+
+
+def batches(dataset: CachedSamples, sampler: BucketBatchSampler, *, threads: int, skip: int = 0,
+            pin_memory: bool = False):
+    """This rank's collated batches of the sampler's current epoch, in order, read by `threads`
+    threads up to 2 x threads batches ahead (0: read here, on demand). `skip`: batches of the
+    epoch already trained on (resume); their index lists are dropped, nothing of them is read."""
+    import itertools
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = itertools.islice(iter(sampler), skip, None)
+
+    def load(items):
+        return collate([dataset[i] for i in items], pin_memory=pin_memory)
+
+    if threads <= 0:
+        yield from map(load, todo)
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="cogfun-read")
+    ahead: deque = deque()
+    try:
+        for items in todo:
+            ahead.append(pool.submit(load, items))
+            if len(ahead) > 2 * threads:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -211,6 +211,34 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(sorted(sd.items()))
 
 
+def load_lora_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Copy a `lora_state_dict`-format LoRA into the model's LoRA layers, in place (the inverse of
+    `lora_state_dict`; resume uses it). The keys must be exactly the model's LoRA keys. FSDP2
+    DTensor parameters take their local shard of the full tensor (every rank holds the file: no
+    communication)."""
+    layers = _lora_layers(model)
+    params = {}
+    for name, _, lora_a, lora_b in layers:
+        params[f"{PREFIX}.{name}.lora_A.weight"] = lora_a.weight
+        params[f"{PREFIX}.{name}.lora_B.weight"] = lora_b.weight
+    if set(params) != set(state_dict):
+        diff = sorted(set(params) ^ set(state_dict))
+        raise ValueError(f"the LoRA file does not match the model's LoRA layers ({len(diff)} keys differ, "
+                         f"e.g. {diff[:3]}): other --rank / --target_name than the run that wrote it?")
+    with torch.no_grad():
+        for key, param in params.items():
+            src = state_dict[key]
+            if hasattr(param, "device_mesh"):   # DTensor
+                from torch.distributed.tensor import distribute_tensor
+
+                src = distribute_tensor(src.to(param.dtype), param.device_mesh, param.placements,
+                                        src_data_rank=None).to_local()
+                param = param.to_local()
+            if src.shape != param.shape:
+                raise ValueError(f"{key}: shape {tuple(src.shape)} in the file, {tuple(param.shape)} in the model")
+            param.copy_(src)
+
+
 # --------------------------------------------------------------------------- saving / loading
 
 

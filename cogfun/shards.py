@@ -2,14 +2,18 @@
 
     S/manifest.json          written last, atomically: the commit marker
     S/<bucket>/<rank>-<run>-<n>.tar   webdataset tars, one bucket per tar, .tmp until complete
-    S/index.parquet          one row per sample (key, bucket, shard, position, source, ...)
+    S/prompts/<rank>-<run>-<n>.safetensors   caption table: one T5 embedding per distinct caption,
+                             keyed by `prompt_key(caption)`, .tmp until complete
+    S/index.parquet          one row per sample (key, bucket, shard, position, source, ..., prompt,
+                             prompt_table)
     S/null_prompt.safetensors  the empty-caption T5 embedding
     S/.precompute.json       the settings+model fingerprint of the run that is filling S
-    S/.work/                 scratch of a running precompute (T5 spill files)
 
-A sample is `<key>.json` (metadata: source, caption, view, frame indices, fps, resize/crop,
-bucket sizes, and `input`, the digest of the source it was made from) + `<key>.safetensors`
-(bf16 tensors). Nothing here unpickles: a member with any other extension is refused.
+A sample is `<key>.json` (metadata: source, caption, `prompt` = its caption table key, view,
+frame indices, fps, resize/crop, bucket sizes, and `input`, the digest of the source it was made
+from) + `<key>.safetensors` (bf16 latents). Format 2 stores the T5 embedding once per caption
+(format 1 stored it in every sample). Nothing here unpickles: a member with any other extension
+is refused. Readers take a local path or a `storage.ShardStore` (URLs).
 """
 
 from __future__ import annotations
@@ -21,13 +25,13 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                  # 2: T5 embeddings in caption tables (1: one per sample)
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 NULL_PROMPT = "null_prompt.safetensors"
+PROMPTS = "prompts"                 # caption tables
 INTENT = ".precompute.json"
 HASH_CACHE = ".model-hash-cache.json"
-WORK = ".work"                      # per-run scratch (T5 spill files), emptied by the next run
 ALLOWED_MEMBERS = ("json", "safetensors")
 
 
@@ -49,16 +53,61 @@ def encode_sample(key: str, meta: dict, tensors: dict) -> dict:
 
 def decode_sample(sample: dict) -> tuple[dict, dict]:
     """(meta, tensors) of a raw sample dict (member bytes by extension). Refuses anything else."""
-    from safetensors.torch import load
+    import torch
 
     sample = {k.lstrip(".") if not k.startswith("__") else k: v for k, v in sample.items()}  # wids: ".json"
-    extra = [k for k in sample if not k.startswith("__") and k not in ALLOWED_MEMBERS]
-    if extra:
-        raise ShardError(f"sample {sample.get('__key__')!r} has member(s) {extra}: only .json and "
-                         f".safetensors are read (nothing is ever unpickled)")
+    check_members(sample.get("__key__"), [k for k in sample if not k.startswith("__")])
     meta = json.loads(_as_bytes(sample["json"]))
-    tensors = load(_as_bytes(sample["safetensors"]))
-    return meta, tensors
+    blob = torch.frombuffer(bytearray(_as_bytes(sample["safetensors"])), dtype=torch.uint8)
+    return meta, tensors_in(blob, safetensors_header(blob.numpy()))
+
+
+def check_members(key, extensions) -> None:
+    extra = [k for k in extensions if k not in ALLOWED_MEMBERS]
+    if extra:
+        raise ShardError(f"sample {key!r} has member(s) {extra}: only .json and "
+                         f".safetensors are read (nothing is ever unpickled)")
+
+
+# safetensors layout (its documented format): u64 little-endian header length N, N bytes of JSON
+# {name: {dtype, shape, data_offsets: [begin, end]}}, then the data. Parsed here so that tensors can
+# be views of one buffer read straight from the tar (safetensors' `load(bytes)` copies each tensor).
+SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def safetensors_header(head) -> tuple[int, dict]:
+    """(offset of the data, {name: (dtype, shape, begin, end)}) from a safetensors blob's leading
+    bytes (at least 8 + header length of them)."""
+    n = int.from_bytes(bytes(head[:8]), "little")
+    if len(head) < 8 + n:
+        raise ValueError(f"need {8 + n} leading bytes, got {len(head)}")
+    header = json.loads(bytes(head[8:8 + n]))
+    header.pop("__metadata__", None)
+    entries = {}
+    for name, e in header.items():
+        if e["dtype"] not in SAFETENSORS_DTYPES:
+            raise ShardError(f"tensor {name!r}: unsupported safetensors dtype {e['dtype']}")
+        entries[name] = (SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]), *e["data_offsets"])
+    return 8 + n, entries
+
+
+def file_safetensors_header(fd: int) -> tuple[int, dict]:
+    """`safetensors_header` of a safetensors file open as `fd` (reads the header only)."""
+    head = os.pread(fd, 8, 0)
+    return safetensors_header(head + os.pread(fd, int.from_bytes(head, "little"), 8))
+
+
+def tensors_in(buf, header: tuple[int, dict]) -> dict:
+    """Tensors viewing `buf` (a uint8 tensor holding the blob from its start), no copies."""
+    import torch
+
+    start, entries = header
+    out = {}
+    for name in entries:
+        dtype, shape, begin, end = entries[name]
+        out[name] = buf[start + begin:start + end].view(getattr(torch, dtype)).view(shape)
+    return out
 
 
 def save_tensors(tensors: dict, path: Path) -> None:
@@ -146,11 +195,11 @@ class BucketWriters:
 
 
 def remove_partial(shard_dir: Path) -> list[Path]:
-    """Delete `.tmp` leftovers and T5 spill files of an interrupted run (never complete, never listed).
+    """Delete `.tmp` leftovers (tars, caption tables) of an interrupted run (never complete, never listed).
 
     Call before any rank of the new run starts writing."""
     removed = []
-    for pattern in ("*/*.tar.tmp", "*.tmp", f"{WORK}/*"):
+    for pattern in ("*/*.tar.tmp", "*.tmp", f"{PROMPTS}/*.tmp"):
         for p in Path(shard_dir).glob(pattern):
             p.unlink()
             removed.append(p)
@@ -222,25 +271,32 @@ def tar_sample_counts(shard_dir: Path) -> dict[str, int]:
 
 ROW_FIELDS = ("key", "bucket", "shard", "position")     # from the ShardRow; the rest from the sample json
 INDEX_COLUMNS = ("key", "bucket", "shard", "position", "source", "caption", "kind", "frames",
-                 "height", "width", "latent_frames", "tokens", "view")
+                 "height", "width", "latent_frames", "tokens", "view", "prompt", "prompt_table")
 
 
-def write_index(shard_dir: Path, rows: list[ShardRow]) -> None:
+def write_index(shard_dir: Path, rows: list[ShardRow], prompt_tables: dict[str, str]) -> None:
+    """index.parquet; `prompt_tables`: caption key -> the caption table holding it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = sorted(rows, key=lambda r: (r.bucket, r.shard, r.position))
-    cols = {c: [getattr(r, c) if c in ROW_FIELDS else r.meta[c] for r in rows] for c in INDEX_COLUMNS}
+    cols = {c: [getattr(r, c) if c in ROW_FIELDS else r.meta[c] for r in rows] for c in INDEX_COLUMNS[:-1]}
+    cols["prompt_table"] = [prompt_tables[k] for k in cols["prompt"]]
     table = pa.table(cols)
     tmp = Path(shard_dir) / (INDEX + ".tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, Path(shard_dir) / INDEX)
 
 
-def read_index(shard_dir: Path) -> dict[str, list]:
+def read_index(where, columns=None) -> dict[str, list]:
+    """index.parquet of a shard dir (path, URL or ShardStore) as {column: values}."""
+    import io
+
     import pyarrow.parquet as pq
 
-    return pq.read_table(Path(shard_dir) / INDEX).to_pydict()
+    from cogfun.storage import as_store
+
+    return pq.read_table(io.BytesIO(as_store(where).read_bytes(INDEX)), columns=columns).to_pydict()
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -252,23 +308,50 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(shard_dir: Path) -> dict | None:
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
+def read_manifest(where, *, check_version: bool = True) -> dict | None:
+    """manifest.json of a shard dir (path, URL or ShardStore); None when there is none."""
+    from cogfun.storage import as_store
+
+    store = as_store(where)
+    try:
+        data = json.loads(store.read_bytes(MANIFEST))
+    except FileNotFoundError:
         return None
-    data = json.loads(path.read_text())
-    if data.get("format_version") != FORMAT_VERSION:
-        raise ShardError(f"{path}: format version {data.get('format_version')} but this cogfun reads "
-                         f"{FORMAT_VERSION}; re-run precompute with --overwrite")
+    version = data.get("format_version")
+    if check_version and version != FORMAT_VERSION:
+        why = (" (format 1 stored the T5 embedding in every sample; format 2 stores it once per caption)"
+               if version == 1 else "")
+        raise ShardError(f"{store.url(MANIFEST)}: shard format version {version}, but this cogfun reads "
+                         f"{FORMAT_VERSION}{why}. Re-run `cogfun precompute` with --overwrite on the source "
+                         f"data to rebuild it (or use the cogfun version that wrote it).")
     return data
 
 
-def require_manifest(shard_dir: Path) -> dict:
-    manifest = read_manifest(shard_dir)
+def require_manifest(where) -> dict:
+    manifest = read_manifest(where)
     if manifest is None:
-        raise ShardError(f"{shard_dir}: no {MANIFEST}; it is not a finished precompute output "
+        raise ShardError(f"{where}: no {MANIFEST}; it is not a finished precompute output "
                          f"(run `cogfun precompute` into it, or point --shard_dir at a finished one)")
     return manifest
+
+
+# ---------------------------------------------------------------- caption tables
+
+def prompt_key(caption: str) -> str:
+    """The caption table key of a caption (content-addressed: equal captions share one embedding)."""
+    return hashlib.sha256(caption.encode()).hexdigest()[:32]
+
+
+def prompt_tables_on_disk(shard_dir: Path) -> dict[str, str]:
+    """caption key -> table (relative path) for every complete caption table (headers only)."""
+    found: dict[str, str] = {}
+    for path in sorted((Path(shard_dir) / PROMPTS).glob("*.safetensors")):
+        with open(path, "rb") as fh:
+            _, entries = file_safetensors_header(fh.fileno())
+        rel = str(path.relative_to(shard_dir))
+        for key in entries:
+            found.setdefault(key, rel)
+    return found
 
 
 # ---------------------------------------------------------------- fingerprint

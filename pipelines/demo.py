@@ -7,6 +7,16 @@ from pathlib import Path
 from cogfun.config import PrecomputeConfig, TrainConfig
 
 
+def data_settings(meta: Path) -> dict:
+    """The demo's data flags: CogVideoX-Fun's arbitrary-resolution recipe, scaled down: bases
+    64..128 px, up to 33 frames at 64 px, 5 at 128 px (token-length budget), aspect-ratio buckets,
+    2 seeded views per clip."""
+    return dict(train_data_dir=str(meta.parent), train_data_meta=str(meta), video_sample_size=64,
+                image_sample_size=128, token_sample_size=64, video_sample_n_frames=33, video_sample_stride=1,
+                enable_bucket=True, random_hw_adapt=True, training_with_video_token_length=True,
+                train_mode="inpaint", mask_policies="i2v,first_last", seed=42, num_views=2)
+
+
 def run(workdir: Path, *, steps: int = 20) -> dict:
     from cogfun.tiny import write_synthetic_dataset, write_tiny_model
     from stages.precompute import precompute
@@ -19,12 +29,7 @@ def run(workdir: Path, *, steps: int = 20) -> dict:
     meta = workdir / "data" / "metadata.json"
     if not meta.exists():
         meta = write_synthetic_dataset(workdir / "data", seed=0)
-    # CogVideoX-Fun's arbitrary-resolution recipe, scaled down: bases 64..128 px, up to 33 frames at 64 px,
-    # 5 at 128 px (token-length budget), aspect-ratio buckets, 2 seeded views per clip.
-    data = dict(train_data_dir=str(meta.parent), train_data_meta=str(meta), video_sample_size=64,
-                image_sample_size=128, token_sample_size=64, video_sample_n_frames=33, video_sample_stride=1,
-                enable_bucket=True, random_hw_adapt=True, training_with_video_token_length=True,
-                train_mode="inpaint", mask_policies="i2v,first_last", seed=42, num_views=2)
+    data = data_settings(meta)
     common = dict(pretrained_model_name_or_path=str(model), shard_dir=str(workdir / "shards"),
                   mixed_precision="no", dataloader_num_workers=1)
     print(f"== precompute -> {workdir / 'shards'}")

@@ -11,6 +11,7 @@ with complete tars and no manifest (a crash) -> those samples are kept and the r
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import uuid
@@ -23,9 +24,10 @@ from cogfun.buckets import SamplePlan, Sampling
 from cogfun.config import PrecomputeConfig, fingerprint_keys, mask_policy_list, to_dict
 from cogfun.dataset import Skipped, count_by_category, load_sources, media_report, probe_and_plan, retry_skipped
 from cogfun.shards import ShardError
+from cogfun.storage import is_url
 
 T5_BATCH = 16
-T5_SPILL = 256  # captions per spill file
+T5_TABLE = 256  # captions per caption table file
 
 
 class DecodeTimeout(Exception):
@@ -109,7 +111,8 @@ def check_existing(shard_dir: Path, parts: dict, fp: str, inputs: dict, overwrit
     Raises ShardError (listing what differs) when the dir was made differently and --overwrite
     is not given; with --overwrite such a dir is emptied.
     """
-    manifest = shards.read_manifest(shard_dir) if (shard_dir / shards.MANIFEST).exists() else None
+    # an older format's manifest is compared too: its format_version differs, so it needs --overwrite
+    manifest = shards.read_manifest(shard_dir, check_version=False)
     intent_path = shard_dir / shards.INTENT
     if manifest is not None:
         if manifest["fingerprint"] == fp:
@@ -170,6 +173,10 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     for flag in ("pretrained_model_name_or_path", "train_data_meta", "shard_dir"):
         if not getattr(cfg, flag):
             raise ShardError(f"--{flag} is required")
+    if is_url(cfg.shard_dir):
+        raise ShardError(f"--shard_dir {cfg.shard_dir}: precompute writes to a local or shared filesystem, not a "
+                         f"URL. Precompute into a directory, upload it (e.g. `aws s3 sync DIR s3://bucket/DIR`, or "
+                         f"serve it over HTTP), and give the URL to `cogfun train` / `inspect-buckets`.")
     state = dist.partial_state()
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
     shard_dir = Path(cfg.shard_dir)
@@ -223,7 +230,6 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     mine = sources[rank::world]
     plans, probe_skips, by_key = probe_and_plan(mine, sampling, workers=cfg.probe_workers,
                                                 progress=progress and main, max_pixels=cfg.max_image_pixels)
-    caption_of = {k: src.text for k, src in by_key.items()}
     all_plans = sorted(dist.gather(plans, state), key=lambda p: p.key)
     all_skips = dist.gather(probe_skips, state)
     probed = dist.gather(list({s.identity: s for s in by_key.values()}.values()), state)  # for the report
@@ -232,37 +238,41 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     work = sorted((p for p in plans if p.key not in present), key=lambda p: (p.bucket, p.key))
     n_work_total = sum(dist.gather([len(work)], state))
 
-    # ------------------------------------------------------------ T5: captions of my work, then free it
+    # ------------------------------------------------------------ T5: each distinct caption once, then free it
     device = state.device
     dtype = models.dtype_of(cfg.mixed_precision)
-    spill_dir = shard_dir / shards.WORK
-    spill_dir.mkdir(exist_ok=True)
     run_id = uuid.uuid4().hex[:8]
-
-    def drop_spills():
-        for spill in spill_dir.glob(f"t5-{rank:03d}-{run_id}-*.safetensors"):
-            spill.unlink(missing_ok=True)
-
-    captions = sorted({caption_of[p.key] for p in work} | ({""} if main else set()))
-    caption_loc: dict[str, tuple[str, str]] = {}
+    caption_of = {k: src.text for k, src in by_key.items()}
+    tabled = dist.broadcast(set(shards.prompt_tables_on_disk(shard_dir)) if main else None, state)
+    wanted = sorted(set(dist.gather(sorted({caption_of[p.key] for p in plans}), state)))
+    # the captions no table holds yet, shared out over the ranks (each is encoded exactly once)
+    captions = [c for c in wanted if shards.prompt_key(c) not in tabled][rank::world] + ([""] if main else [])
     null_prompt = None
+    table_bytes = 0
     if captions:
         tokenizer, encoder = models.load_text_encoder(cfg.pretrained_model_name_or_path, dtype, device,
                                                       offload=cfg.low_vram)
-        pending: dict[str, torch.Tensor] = {}
+        (shard_dir / shards.PROMPTS).mkdir(exist_ok=True)
+        table: dict[str, torch.Tensor] = {}
         for i in range(0, len(captions), T5_BATCH):
             chunk = captions[i:i + T5_BATCH]
             emb = models.encode_prompts(tokenizer, encoder, chunk).to("cpu", torch.bfloat16)
             for j, text in enumerate(chunk):
-                pending[f"c{i + j}"] = emb[j].clone()
-                if text == "":
+                if main and i + j == len(captions) - 1:   # rank 0's extra, last: the empty caption
                     null_prompt = emb[j].clone()
-            if len(pending) >= T5_SPILL or i + T5_BATCH >= len(captions):
-                spill = spill_dir / f"t5-{rank:03d}-{run_id}-{i:07d}.safetensors"
-                shards.save_tensors(pending, spill)
-                for name in pending:
-                    caption_loc[captions[int(name[1:])]] = (str(spill), name)
-                pending = {}
+                else:
+                    table[shards.prompt_key(text)] = emb[j].clone()
+            if table and (len(table) >= T5_TABLE or i + T5_BATCH >= len(captions)):
+                final = shard_dir / shards.PROMPTS / f"{rank:03d}-{run_id}-{i:07d}.safetensors"
+                tmp = final.with_name(final.name + ".tmp")
+                try:
+                    shards.save_tensors(table, tmp)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)   # e.g. disk full: no partial table left behind
+                    raise
+                os.replace(tmp, final)
+                table_bytes += final.stat().st_size
+                table = {}
         del tokenizer, encoder
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -273,7 +283,6 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     decode_notes: list[tuple[str, str]] = []
     n_encoded = 0
     if work:
-        from safetensors import safe_open
         from tqdm import tqdm
 
         vae = models.load_vae(cfg.pretrained_model_name_or_path, dtype, device, slicing=cfg.low_vram)
@@ -281,14 +290,6 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             DecodeDataset(work, by_key, cfg.decode_timeout, cfg.max_image_pixels), batch_size=1, shuffle=False,
             num_workers=cfg.dataloader_num_workers, collate_fn=_collate_one,
             prefetch_factor=4 if cfg.dataloader_num_workers > 0 else None)
-        handles: dict[str, object] = {}
-
-        def prompt_embedding(text: str):
-            file, name = caption_loc[text]
-            if file not in handles:
-                handles[file] = safe_open(file, framework="pt")
-            return handles[file].get_tensor(name)
-
         def flush(batch: list[tuple[SamplePlan, torch.Tensor]]):
             pixels = torch.stack([px for _, px in batch])
             mean, logvar = models.encode_clips(vae, pixels)
@@ -297,12 +298,12 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
                                                reference_noise=reference_noise)
             for b, (plan, _) in enumerate(batch):
                 text = caption_of[plan.key]
-                tensors = {"latent_mean": mean[b], "latent_logvar": logvar[b],
-                           "prompt_embeds": prompt_embedding(text)}
+                tensors = {"latent_mean": mean[b], "latent_logvar": logvar[b]}
                 for name, value in conditioning.items():
                     tensors[name] = value[b]
                 tensors = {k: v.to("cpu", torch.bfloat16).clone() for k, v in tensors.items()}  # own storage each
-                meta = {"source": plan.source, "identity": plan.identity, "caption": text, "kind": plan.kind,
+                meta = {"source": plan.source, "identity": plan.identity, "caption": text,
+                        "prompt": shards.prompt_key(text), "kind": plan.kind,
                         "bucket": plan.bucket, "decoder": by_key[plan.key].media.decoder,
                         "view": plan.view, "base": plan.base, "frame_indices": list(plan.frame_indices),
                         "fps": by_key[plan.key].fps, "resize_hw": list(plan.resize_hw),
@@ -334,17 +335,15 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             if batch:
                 flush(batch)
         except BaseException:
-            writers.abort()  # e.g. disk full: drop the unfinished tars and the spills now, quietly
-            drop_spills()
+            writers.abort()  # e.g. disk full: drop the unfinished tars now, quietly
             raise
         bar.close()
         del vae
     writers.close()
-    drop_spills()
     all_decode_skips = dist.gather(decode_skips, state)
     all_decode_notes = dist.gather(decode_notes, state)
     n_encoded_total = sum(dist.gather([n_encoded], state))
-    bytes_total = sum(dist.gather([writers.bytes_written], state))
+    bytes_total = sum(dist.gather([writers.bytes_written + table_bytes], state))
     state.wait_for_everyone()
 
     # ------------------------------------------------------------ merge on rank 0: index, manifest last
@@ -367,9 +366,17 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         if missing:
             raise ShardError(f"{shard_dir}: {len(missing)} planned samples were not written (e.g. {missing[0]}); "
                              f"re-run the same command to finish them")
+        table_of = shards.prompt_tables_on_disk(shard_dir)
+        untabled = sorted({r.meta["caption"] for r in rows if r.meta["prompt"] not in table_of})
+        if untabled:
+            raise ShardError(f"{shard_dir}: {len(untabled)} caption(s) have no T5 embedding in {shards.PROMPTS}/ "
+                             f"(e.g. {untabled[0]!r}); re-run the same command to finish them")
+        used_tables = sorted({table_of[r.meta["prompt"]] for r in rows})
+        for unused in sorted(set(table_of.values()) - set(used_tables)):   # captions no sample uses any more
+            (shard_dir / unused).unlink()
         shards.save_tensors({"prompt_embeds": null_prompt}, shard_dir / (shards.NULL_PROMPT + ".tmp"))
         (shard_dir / (shards.NULL_PROMPT + ".tmp")).replace(shard_dir / shards.NULL_PROMPT)
-        shards.write_index(shard_dir, rows)
+        shards.write_index(shard_dir, rows, table_of)
         buckets: dict[str, dict] = {}
         for r in rows:
             b = buckets.setdefault(r.bucket, {"count": 0, "height": r.meta["height"], "width": r.meta["width"],
@@ -392,6 +399,8 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             "reference_noise": reference_noise_design() if reference_noise else None,
             "text_len": models.TEXT_LEN, "buckets": buckets,
             "shards": {s: nsamples[s] for s in sorted({r.shard for r in rows})},
+            "shard_bytes": {s: (shard_dir / s).stat().st_size for s in sorted({r.shard for r in rows})},
+            "prompt_tables": {t: (shard_dir / t).stat().st_size for t in used_tables},
             "num_samples": len(rows), "num_sources": len(sources) + len(row_skips),
             "skipped": [{"file_path": f, "reason": r, "category": c} for f, r, c in skipped],
             "skipped_by_reason": count_by_category([{"category": c} for _, _, c in skipped]),
@@ -400,10 +409,6 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         }
         shards.write_json_atomic(shard_dir / shards.MANIFEST, manifest)
         (shard_dir / shards.INTENT).unlink(missing_ok=True)
-        try:
-            spill_dir.rmdir()  # every rank removed its spills before the gathers above
-        except OSError:
-            pass
         seconds = time.time() - t_start
         summary = {"status": decision, "fingerprint": fp, "samples": len(rows), "encoded": n_encoded_total,
                    "buckets": {k: v["count"] for k, v in sorted(buckets.items())},

@@ -20,7 +20,10 @@ import math
 import os
 import random
 import shutil
+import socket
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from cogfun import shards
@@ -147,6 +150,7 @@ def check_shards_fit(manifest: dict, tcfg, train_mode: str, family=None) -> None
 
 
 def find_checkpoint(output_dir: Path, spec: str | None) -> Path | None:
+    """The checkpoint `--resume_from_checkpoint` names (a folder, or `latest`: the newest complete one)."""
     if not spec:
         return None
     if spec != "latest":
@@ -157,6 +161,36 @@ def find_checkpoint(output_dir: Path, spec: str | None) -> Path | None:
         return path
     done = [p for p in output_dir.glob("checkpoint-*") if (p / CHECKPOINT_STATE).is_file()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def agree_on_checkpoint(accelerator, output_dir: Path, spec: str | None) -> Path | None:
+    """Rank 0's choice of checkpoint, checked on every rank: each must see the state record, the
+    LoRA file and its own RNG state in it. A machine that cannot (its --output_dir is not the
+    shared one) stops every rank with a message naming the missing files, before anything loads."""
+    from accelerate.utils.constants import RNG_STATE_NAME
+
+    from cogfun.dist import broadcast, gather
+
+    choice = None
+    if accelerator.is_main_process:
+        try:
+            choice = find_checkpoint(output_dir, spec)
+        except ConfigError as exc:
+            choice = exc
+    choice = broadcast(choice, accelerator)
+    if isinstance(choice, Exception):
+        raise choice
+    if choice is None:
+        return None
+    rank = accelerator.process_index
+    need = [choice / CHECKPOINT_STATE, choice / LORA_FILE, choice / f"{RNG_STATE_NAME}_{rank}.pkl"]
+    report = gather([(rank, socket.gethostname(), [str(p) for p in need if not p.is_file()])], accelerator)
+    blind = [f"rank {r} on {host} cannot see {', '.join(missing)}" for r, host, missing in report if missing]
+    if blind:
+        raise ConfigError(f"cannot resume from {choice}: " + "; ".join(blind) + ". Every machine must see the "
+                          f"same --output_dir (a shared filesystem): a checkpoint holds the state of every rank, "
+                          f"written by that rank.")
+    return choice
 
 
 # ------------------------------------------------------------------ one batch -> loss inputs
@@ -234,14 +268,15 @@ def rotary_embedding(transformer_config, latent_shape, device):
 # ------------------------------------------------------------------ saving
 
 def save_lora_files(folder: Path, lora_sd: dict, cfg: TrainConfig, targets: list[str], step: int,
-                    manifest: dict) -> None:
+                    manifest: dict, *, kohya: bool) -> None:
     from cogfun.lora import save_kohya_lora, save_lora
 
     meta = {"cogfun_step": str(step), "cogfun_config": json.dumps(to_dict(cfg), sort_keys=True),
             "cogfun_shards_fingerprint": manifest["fingerprint"]}
     save_lora(folder / LORA_FILE, lora_sd, rank=cfg.rank, alpha=cfg.network_alpha, target_modules=targets,
               extra_metadata=meta)
-    save_kohya_lora(folder / KOHYA_FILE, lora_sd, rank=cfg.rank, alpha=cfg.network_alpha)
+    if kohya:
+        save_kohya_lora(folder / KOHYA_FILE, lora_sd, rank=cfg.rank, alpha=cfg.network_alpha)
 
 
 def gather_lora(accelerator, model) -> dict:
@@ -251,20 +286,89 @@ def gather_lora(accelerator, model) -> dict:
     return {k: v.float().contiguous() for k, v in lora_state_dict(accelerator.unwrap_model(model)).items()}
 
 
-def save_checkpoint(accelerator, model, cfg: TrainConfig, output_dir: Path, step: int, epoch_state: dict,
-                    targets: list[str], manifest: dict) -> Path:
-    """checkpoint-<step>/ = LoRA file + accelerate state; written as a temp dir and renamed."""
+@contextmanager
+def weights_saved_apart(model):
+    """Inside, `model.state_dict()` is empty and `load_state_dict` expects nothing, so accelerate's
+    save_state / load_state (plain, DDP, DeepSpeed) write and read no model tensors."""
+    def drop(module, state_dict, prefix, local_metadata):
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            del state_dict[key]
+
+    def expect_nothing(module, incompatible_keys):
+        incompatible_keys.missing_keys.clear()
+
+    handles = [model.register_state_dict_post_hook(drop), model.register_load_state_dict_post_hook(expect_nothing)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def save_resume_state(accelerator, model, optimizer, lr_scheduler, folder: Path) -> None:
+    """accelerate's resume state without model tensors: optimizer (LoRA parameters only), LR
+    scheduler, RNG. The checkpoint never holds the frozen base, and holds the LoRA once, in
+    pytorch_lora_weights.safetensors, which `load_resume_state` reads back."""
+    if launch_kind() != "fsdp":
+        kwargs = {"exclude_frozen_parameters": True} if launch_kind() == "deepspeed" else {}
+        with weights_saved_apart(accelerator.unwrap_model(model)):
+            accelerator.save_state(str(folder), **kwargs)
+        return
+    # FSDP: save_state always writes the whole model through DCP (which refuses an empty state
+    # dict); write the rest with the helpers save_state itself uses.
+    from accelerate.checkpointing import save_accelerator_state
+    from accelerate.utils import save_fsdp_optimizer
+
+    save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(folder))
+    save_accelerator_state(str(folder), [], [], [lr_scheduler], [], accelerator.process_index, accelerator.step,
+                           accelerator.scaler)
+
+
+def load_resume_state(accelerator, model, optimizer, lr_scheduler, folder: Path) -> None:
+    """What `save_resume_state` wrote, then the LoRA from the checkpoint's LoRA file."""
+    from safetensors.torch import load_file
+
+    from cogfun.lora import load_lora_state_dict
+
+    kind = launch_kind()
+    if kind != "fsdp":
+        kwargs = {"load_module_strict": False} if kind == "deepspeed" else {"strict": False}
+        with weights_saved_apart(accelerator.unwrap_model(model)):
+            accelerator.load_state(str(folder), **kwargs)
+    else:
+        from accelerate.checkpointing import load_accelerator_state
+        from accelerate.utils import load_fsdp_optimizer
+
+        load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(folder))
+        restored = load_accelerator_state(str(folder), [], [], [lr_scheduler], [], accelerator.process_index,
+                                          accelerator.scaler)
+        accelerator.step = restored.get("step", accelerator.step)
+    load_lora_state_dict(accelerator.unwrap_model(model), load_file(str(folder / LORA_FILE)))
+
+
+def save_checkpoint(accelerator, model, optimizer, lr_scheduler, cfg: TrainConfig, output_dir: Path, step: int,
+                    epoch_state: dict, targets: list[str], manifest: dict) -> Path:
+    """checkpoint-<step>/ = LoRA file + accelerate state without model tensors; a temp dir, renamed."""
+    from accelerate.utils.constants import RNG_STATE_NAME
+
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    kwargs = {"exclude_frozen_parameters": True} if launch_kind() == "deepspeed" else {}
-    accelerator.save_state(str(tmp), **kwargs)
+    save_resume_state(accelerator, model, optimizer, lr_scheduler, tmp)
     lora_sd = gather_lora(accelerator, model)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_lora_files(tmp, lora_sd, cfg, targets, step, manifest)
-        (tmp / CHECKPOINT_STATE).write_text(json.dumps({"global_step": step, **epoch_state}))
+        save_lora_files(tmp, lora_sd, cfg, targets, step, manifest, kohya=cfg.checkpoint_kohya)
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps({"global_step": step, "world_size": accelerator.num_processes,
+                                                        **epoch_state}))
+        unseen = [r for r in range(accelerator.num_processes) if not (tmp / f"{RNG_STATE_NAME}_{r}.pkl").is_file()]
+        if unseen:
+            print(f"WARNING: checkpoint-{step}: the state of rank(s) {unseen} is not in {output_dir} as this machine "
+                  f"sees it (written on their machines): --output_dir is not shared, and resuming from this "
+                  f"checkpoint will fail. Use one shared directory for --output_dir on every machine.",
+                  file=sys.stderr)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -282,21 +386,23 @@ def save_checkpoint(accelerator, model, cfg: TrainConfig, output_dir: Path, step
 def train(cfg: TrainConfig) -> dict:
     import torch
     from accelerate.utils import set_seed
-    from safetensors.torch import load_file
+    from safetensors.torch import load
     from tqdm import tqdm
 
     from cogfun import models
-    from cogfun.loader import BucketBatchSampler, CachedSamples, collate, index_rows
+    from cogfun.loader import BucketBatchSampler, CachedSamples, batches, index_rows
     from cogfun.lora import inject_lora
+    from cogfun.storage import open_store
 
     # ------------------------------------------------------------ setup
     for flag in ("pretrained_model_name_or_path", "shard_dir"):
         if not getattr(cfg, flag):
             raise ConfigError(f"--{flag} is required")
     output_dir = Path(cfg.output_dir)
-    shard_dir = Path(cfg.shard_dir)
     family = models.transformer_family(cfg.pretrained_model_name_or_path)  # refuses what cogfun cannot train
-    manifest = shards.require_manifest(shard_dir)
+    store = open_store(cfg)  # a local dir or a URL (per-node cache, retries)
+    manifest = shards.require_manifest(store)
+    store.check_cache_fits(manifest["shard_bytes"])
     accelerator = make_accelerator(cfg, output_dir)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     set_seed(cfg.seed)
@@ -314,7 +420,7 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = models.load_scheduler(cfg.pretrained_model_name_or_path)
     scaling = float(manifest["model"]["scaling_factor"])
     policies = list(manifest["mask_policies"]) if cfg.train_mode != "normal" else []
-    null_prompt = load_file(str(shard_dir / shards.NULL_PROMPT))["prompt_embeds"].float()
+    null_prompt = load(store.read_bytes(shards.NULL_PROMPT))["prompt_embeds"].float()
 
     transformer.requires_grad_(False)
     targets = inject_lora(transformer, rank=cfg.rank, alpha=cfg.network_alpha, target_name=cfg.target_name,
@@ -324,15 +430,10 @@ def train(cfg: TrainConfig) -> dict:
         transformer.enable_gradient_checkpointing()
     transformer.to(device)
 
-    dataset = CachedSamples(shard_dir, manifest)
-    sampler = BucketBatchSampler(index_rows(shard_dir, dataset), batch_size=cfg.train_batch_size, world=world,
+    dataset = CachedSamples(store, manifest)
+    sampler = BucketBatchSampler(index_rows(dataset), batch_size=cfg.train_batch_size, world=world,
                                  rank=rank, accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed,
                                  video_repeat=cfg.video_repeat)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(cfg.seed),  # never touches the global RNG
-        persistent_workers=cfg.dataloader_num_workers > 0,  # the sampler runs here: epochs need no restart
-        pin_memory=torch.cuda.is_available())
     steps_per_epoch = sampler.steps_per_epoch()
     max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     epochs = math.ceil(max_steps / steps_per_epoch)
@@ -345,21 +446,14 @@ def train(cfg: TrainConfig) -> dict:
                                  num_warmup_steps=cfg.lr_warmup_steps * world,
                                  num_training_steps=max_steps * world)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
-
-    def keep_only_lora(models_, weights, _dir):  # checkpoints hold LoRA + optimizer, not the frozen base
-        for i, sd in enumerate(weights):
-            weights[i] = {k: v for k, v in sd.items() if "lora_" in k}
-
-    accelerator.register_save_state_pre_hook(keep_only_lora)
+    unwrapped = accelerator.unwrap_model(transformer)
 
     global_step = 0
-    resume_dir = find_checkpoint(output_dir, cfg.resume_from_checkpoint)
+    resume_dir = agree_on_checkpoint(accelerator, output_dir, cfg.resume_from_checkpoint)
     if cfg.resume_from_checkpoint and resume_dir is None and main:
         print(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting from step 0")
     if resume_dir is not None:
-        kind = launch_kind()
-        load_kwargs = {"load_module_strict": False} if kind == "deepspeed" else ({} if kind == "fsdp" else {"strict": False})
-        accelerator.load_state(str(resume_dir), **load_kwargs)
+        load_resume_state(accelerator, transformer, optimizer, lr_scheduler, resume_dir)
         global_step = json.loads((resume_dir / CHECKPOINT_STATE).read_text())["global_step"]
         if main:
             print(f"resumed from {resume_dir} at step {global_step}")
@@ -378,7 +472,7 @@ def train(cfg: TrainConfig) -> dict:
         kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= global_step]
         log_path.write_text("".join(line + "\n" for line in kept))
     transformer.train()
-    unwrapped_config = accelerator.unwrap_model(transformer).config
+    unwrapped_config = unwrapped.config
 
     # ------------------------------------------------------------ loop
     bar = tqdm(total=max_steps, initial=global_step, desc="train", unit="step", disable=not main,
@@ -390,14 +484,10 @@ def train(cfg: TrainConfig) -> dict:
         if global_step >= max_steps:
             break
         sampler.set_epoch(epoch)
-        batches = loader
-        skip = (global_step - epoch * steps_per_epoch) * cfg.gradient_accumulation_steps
-        if skip > 0:
-            from accelerate import skip_first_batches
-
-            batches = skip_first_batches(loader, skip)
+        skip = max(0, (global_step - epoch * steps_per_epoch) * cfg.gradient_accumulation_steps)  # resume
         micro_losses = []
-        for batch in batches:
+        for batch in batches(dataset, sampler, threads=cfg.dataloader_num_workers, skip=skip,
+                             pin_memory=torch.cuda.is_available()):
             with accelerator.accumulate(transformer):
                 model_in, prompts, timesteps, target = batch_inputs(
                     batch, epoch=epoch, cfg=cfg, scheduler=scheduler, scaling=scaling, policies=policies,
@@ -435,8 +525,8 @@ def train(cfg: TrainConfig) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}", s=f"{logs['step_time']:.2f}")
             if global_step % cfg.checkpointing_steps == 0 or global_step == max_steps:
-                save_checkpoint(accelerator, transformer, cfg, output_dir, global_step, {"epoch": epoch},
-                                targets, manifest)
+                save_checkpoint(accelerator, transformer, optimizer, lr_scheduler, cfg, output_dir, global_step,
+                                {"epoch": epoch}, targets, manifest)
                 t_step = time.time()  # the save is not the next step's time
             if global_step >= max_steps:
                 break
@@ -445,7 +535,7 @@ def train(cfg: TrainConfig) -> dict:
     # ------------------------------------------------------------ save the LoRA
     lora_sd = gather_lora(accelerator, transformer)
     if main:
-        save_lora_files(output_dir, lora_sd, cfg, targets, global_step, manifest)
+        save_lora_files(output_dir, lora_sd, cfg, targets, global_step, manifest, kohya=True)
         print(f"LoRA written to {output_dir / LORA_FILE} (step {global_step}, rank {cfg.rank}, "
               f"alpha {cfg.network_alpha}, {len(targets)} modules)")
     accelerator.wait_for_everyone()
