@@ -16,10 +16,12 @@ sizes train on the same data.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
 from cogfun import shards
+from cogfun.config import ConfigError
 
 
 class CachedSamples:
@@ -139,3 +141,24 @@ def index_rows(shard_dir: str | Path, dataset: CachedSamples) -> list[tuple[int,
     idx = shards.read_index(shard_dir)
     return [(dataset.global_index(s, p), b, k)
             for s, p, b, k in zip(idx["shard"], idx["position"], idx["bucket"], idx["kind"])]
+
+
+def held_out(shard_dir: str | Path, dataset: CachedSamples, eval_samples: float, seed: int) -> list[int]:
+    """Global indices of the samples held out of training for the eval loss (sorted).
+
+    `eval_samples` of them (a value below 1 is a fraction of all samples), the first ones in the
+    order of a seeded hash of their keys: the same set on every rank, on resume, and for any
+    world size. Each view of a clip (`--num_views`) is a sample of its own.
+    """
+    if eval_samples <= 0:
+        return []
+    idx = shards.read_index(shard_dir)
+    total = len(idx["key"])
+    if eval_samples >= 1 and eval_samples != int(eval_samples):
+        raise ConfigError(f"--eval_samples {eval_samples}: a count (>= 1, whole) or a fraction (< 1)")
+    n = max(1, round(eval_samples * total)) if eval_samples < 1 else int(eval_samples)
+    if n >= total:
+        raise ConfigError(f"--eval_samples {eval_samples}: holds out {n} of the {total} cached samples, "
+                          f"leaving none to train on")
+    order = sorted(range(total), key=lambda j: hashlib.sha256(f"{seed}:eval:{idx['key'][j]}".encode()).hexdigest())
+    return sorted(dataset.global_index(idx["shard"][j], idx["position"][j]) for j in order[:n])

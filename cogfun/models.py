@@ -155,3 +155,16 @@ def load_scheduler(model: str | Path):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_pretrained(component_dir(model, "scheduler"))
+
+
+def load_sampling_scheduler(model: str | Path):
+    """The sampler the model folder names (scheduler_config.json `_class_name`: CogVideoXDDIMScheduler
+    for CogVideoX(-Fun) 2b, CogVideoXDPMScheduler for 5b), with the folder's settings."""
+    import diffusers
+
+    name = read_component_config(model, "scheduler").get("_class_name", "CogVideoXDDIMScheduler")
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise FileNotFoundError(f"{component_dir(model, 'scheduler')}: unknown scheduler class {name!r} "
+                                f"in scheduler_config.json")
+    return cls.from_pretrained(component_dir(model, "scheduler"))

@@ -22,11 +22,12 @@ import os
 import random
 import string
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from cogfun.video import write_mp4
 
 if TYPE_CHECKING:
     from transformers import T5Tokenizer
@@ -319,49 +320,6 @@ def synthetic_frames(height: int, width: int, n_frames: int, *, seed: int = 0) -
     return out
 
 
-def _rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
-    """RGB uint8 [H, W, 3] -> planar yuv420p [H * 3 / 2, W] (BT.601, limited range, 2x2 chroma mean),
-    the conversion decoders assume for untagged SD video. Explicit, so the bytes are ours."""
-    h, w, _ = frame.shape
-    rgb = frame.astype(np.float32)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    y = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
-    cb = 128.0 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255.0
-    cr = 128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0
-
-    def sub(c: np.ndarray) -> np.ndarray:
-        return c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
-
-    planes = [np.clip(np.rint(p), 0, 255).astype(np.uint8).ravel() for p in (y, sub(cb), sub(cr))]
-    return np.concatenate(planes).reshape(h * 3 // 2, w)
-
-
-def _write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
-    """H.264 / yuv420p mp4 via PyAV, byte-reproducible."""
-    import av
-
-    n, h, w, _ = frames.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"yuv420p needs even sizes, got {h}x{w}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.time_base = Fraction(1, fps)
-        # Reproducible bytes: x264's threads and its macroblock-tree rate control (SIMD reads of
-        # uninitialised padding, it seems) both made the output vary between identical calls.
-        stream.codec_context.thread_type = "NONE"
-        stream.codec_context.thread_count = 1
-        stream.options = {"crf": "12", "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
-        for i, frame in enumerate(frames):
-            vf = av.VideoFrame.from_ndarray(_rgb_to_yuv420p(frame), format="yuv420p")
-            vf.pts = i
-            for packet in stream.encode(vf):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 @dataclass(frozen=True)
 class SyntheticClip:
     """One synthetic video of :func:`write_synthetic_dataset` (sizes already scaled)."""
@@ -429,7 +387,7 @@ def write_synthetic_dataset(
     captions = caption_corpus(len(clips) + len(images) + 40, seed=seed)
     rows: list[dict[str, str]] = []
     for i, clip in enumerate(clips):
-        _write_mp4(root / clip.file_path, synthetic_frames(clip.height, clip.width, clip.frames, seed=clip.seed), clip.fps)
+        write_mp4(root / clip.file_path, synthetic_frames(clip.height, clip.width, clip.frames, seed=clip.seed), clip.fps)
         text = captions[i]
         if clip.file_path.endswith("square.mp4"):
             text = " ".join(captions[-40:])  # > 226 tokens: exercises truncation
@@ -461,11 +419,11 @@ def write_bad_dataset(root: PathLike) -> Path:
     (root / "videos").mkdir(parents=True, exist_ok=True)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(12345)
-    _write_mp4(root / "videos/good.mp4", synthetic_frames(64, 96, 12, seed=7), 24)
+    write_mp4(root / "videos/good.mp4", synthetic_frames(64, 96, 12, seed=7), 24)
     _write_image(root / "images/good.png", synthetic_frames(64, 64, 1, seed=8)[0])
     (root / "videos/empty.mp4").write_bytes(b"")
     (root / "videos/corrupt.mp4").write_bytes(rng.integers(0, 256, size=4096, dtype=np.uint8).tobytes())
-    _write_mp4(root / "videos/two_frames.mp4", synthetic_frames(64, 64, 2, seed=9), 24)
+    write_mp4(root / "videos/two_frames.mp4", synthetic_frames(64, 64, 2, seed=9), 24)
     (root / "images/garbage.png").write_bytes(rng.integers(0, 256, size=1024, dtype=np.uint8).tobytes())
     (root / "audio").mkdir(exist_ok=True)
     (root / "audio/clip.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVE")

@@ -49,6 +49,7 @@ __all__ = [
     "decode_video",
     "decode_image",
     "frames_to_tensor",
+    "write_mp4",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -330,3 +331,65 @@ def frames_to_tensor(frames_uint8: np.ndarray) -> "torch.Tensor":
         )
     t = torch.from_numpy(np.ascontiguousarray(frames_uint8)).permute(3, 0, 1, 2)
     return t.to(torch.float32).div_(127.5).sub_(1.0).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def _rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+    """RGB uint8 [H, W, 3] -> planar yuv420p [H * 3 / 2, W] (BT.601, limited range, 2x2 chroma mean),
+    the conversion decoders assume for untagged SD video. Explicit, so the bytes are ours."""
+    h, w, _ = frame.shape
+    rgb = frame.astype(np.float32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
+    cb = 128.0 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255.0
+    cr = 128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0
+
+    def sub(c: np.ndarray) -> np.ndarray:
+        return c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+
+    planes = [np.clip(np.rint(p), 0, 255).astype(np.uint8).ravel() for p in (y, sub(cb), sub(cr))]
+    return np.concatenate(planes).reshape(h * 3 // 2, w)
+
+
+def write_mp4(path: PathLike, frames: np.ndarray, fps: int, *, comment: str | None = None) -> Path:
+    """uint8 [F, H, W, 3] RGB -> an H.264 / yuv420p mp4 at `fps` via PyAV, byte-reproducible.
+
+    The one video writer of cogfun (synthetic test clips, `cogfun sample`, validation videos).
+    `comment` goes into the container's comment tag (cogfun writes the generation settings there).
+    Written as `<name>.tmp` and renamed, so a reader never sees half a file; the file gets the
+    user's umask like any other file. Returns the path.
+    """
+    import av
+    from fractions import Fraction
+
+    path = Path(path)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3 or len(frames) == 0:
+        raise ValueError(f"expected uint8 frames [F, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+    n, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"yuv420p needs even sizes, got {h}x{w}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with av.open(str(tmp), mode="w", format="mp4") as container:
+        if comment is not None:
+            container.metadata["comment"] = comment
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.time_base = Fraction(1, fps)
+        # Reproducible bytes: x264's threads and its macroblock-tree rate control (SIMD reads of
+        # uninitialised padding, it seems) both made the output vary between identical calls.
+        stream.codec_context.thread_type = "NONE"
+        stream.codec_context.thread_count = 1
+        stream.options = {"crf": "12", "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
+        for i, frame in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(_rgb_to_yuv420p(frame), format="yuv420p")
+            vf.pts = i
+            for packet in stream.encode(vf):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    os.replace(tmp, path)
+    return path

@@ -23,11 +23,10 @@ from pathlib import Path
 
 from cogfun import shards
 from cogfun.config import ConfigError, TrainConfig, to_dict
+from cogfun.lora import KOHYA_WEIGHT_NAME as KOHYA_FILE, LORA_WEIGHT_NAME as LORA_FILE
 from cogfun.shards import ShardError
 
 CHECKPOINT_STATE = "cogfun_state.json"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 POLICY_WEIGHTS = {"t2v": 0.1, "i2v": 0.5, "first_k": 0.2, "first_last": 0.2}
 CROP_FULL_PROB = 0.9
 
@@ -152,7 +151,7 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
     """
     import torch
 
-    from cogfun.masks import PREFIX_SAFE, mask_channel
+    from cogfun.masks import PREFIX_SAFE
 
     gid = batch["batch_id"]
     rng = random.Random(f"{cfg.seed}:step-draws:{epoch}:{gid}")
@@ -184,17 +183,76 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
     if policies:
         allowed = ["t2v"] + [p for p in policies if keep == f_lat or p in PREFIX_SAFE]
         conds = []
-        h, w = latents.shape[-2:]
         for b in range(bsz):
             policy = rng.choices(allowed, weights=[POLICY_WEIGHTS[p] for p in allowed])[0]
-            if policy == "t2v":
-                conds.append(torch.zeros(1, keep, 1 + latents.shape[2], h, w, device=device))
-                continue
-            mask = mask_channel(policy, frames, keep, h, w, scaling, device=device)
-            masked = t[f"masked_latents.{policy}"][b:b + 1, :keep].float() * scaling
-            conds.append(torch.cat([mask, masked], dim=2))
+            conds.append(conditioning(policy, t, b, frames, keep, scaling))
         model_in = torch.cat([noisy, torch.cat(conds)], dim=2)
     return model_in.to(dtype), prompts.to(dtype), timesteps, target.float()
+
+
+def conditioning(policy: str, tensors: dict, b: int, frames: int, keep: int, scaling: float):
+    """InP conditioning [1, keep, 1 + C, h, w] of sample b for a mask policy: mask channel + cached
+    masked-clip latents (both x scaling), all zero for t2v."""
+    import torch
+
+    from cogfun.masks import mask_channel
+
+    mean = tensors["latent_mean"]
+    (c, h, w), device = mean.shape[2:], mean.device
+    if policy == "t2v":
+        return torch.zeros(1, keep, 1 + c, h, w, device=device)
+    mask = mask_channel(policy, frames, keep, h, w, scaling, device=device)
+    masked = tensors[f"masked_latents.{policy}"][b:b + 1, :keep].float() * scaling
+    return torch.cat([mask, masked], dim=2)
+
+
+EVAL_TIMESTEPS = 9
+
+
+def eval_loss(accelerator, transformer, dataset, indices: list[int], *, cfg: TrainConfig, scheduler, scaling: float,
+              policies: list[str], device, dtype) -> float:
+    """Mean velocity MSE of the held-out samples at 9 fixed timesteps (the midpoints of 9 equal
+    quantiles of [0, T)), with fixed noise per (sample, timestep), the posterior mean as x0, the
+    sample's own caption and a fixed mask policy per sample: the same weights give the same number.
+
+    Split across the ranks and reduced; every rank runs the same number of forwards (FSDP gathers
+    weights in each). Call on every rank.
+    """
+    import torch
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_t = scheduler.config.num_train_timesteps
+    timesteps = torch.tensor([int((k + 0.5) * n_t / EVAL_TIMESTEPS) for k in range(EVAL_TIMESTEPS)], device=device)
+    mine = indices[rank::world]
+    model = accelerator.unwrap_model(transformer)
+    model.eval()
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    for j in range(-(-len(indices) // world)):
+        sample = dataset[(mine[j] if j < len(mine) else indices[0], -1)]
+        meta = sample["meta"]
+        t = {k: v[None].to(device) for k, v in sample["tensors"].items()}
+        rng = random.Random(f"{cfg.seed}:eval:{meta['source']}:{meta['view']}")
+        gen = torch.Generator(device=device).manual_seed(rng.getrandbits(63))
+        latents = (t["latent_mean"].float() * scaling).expand(EVAL_TIMESTEPS, *t["latent_mean"].shape[1:])
+        noise = torch.randn(latents.shape, generator=gen, device=device)
+        model_in = scheduler.add_noise(latents, noise, timesteps)
+        target = scheduler.get_velocity(latents, noise, timesteps)
+        if policies:
+            allowed = ["t2v"] + policies
+            policy = rng.choices(allowed, weights=[POLICY_WEIGHTS[p] for p in allowed])[0]
+            cond = conditioning(policy, t, 0, meta["frames"], latents.shape[1], scaling)
+            model_in = torch.cat([model_in, cond.expand(EVAL_TIMESTEPS, *cond.shape[1:])], dim=2)
+        rope = rotary_embedding(model.config, model_in.shape, device)
+        for k in range(EVAL_TIMESTEPS):  # one timestep per forward: a training step's activation size
+            with torch.no_grad(), accelerator.autocast():
+                pred = model(hidden_states=model_in[k:k + 1].to(dtype), encoder_hidden_states=t["prompt_embeds"].to(dtype),
+                             timestep=timesteps[k:k + 1], image_rotary_emb=rope, return_dict=False)[0]
+            if j < len(mine):
+                total += torch.stack([torch.nn.functional.mse_loss(pred.float(), target[k:k + 1]).double(),
+                                      torch.ones((), device=device, dtype=torch.float64)])
+    model.train()
+    total = accelerator.reduce(total, reduction="sum")
+    return (total[0] / total[1]).item()
 
 
 def rotary_embedding(transformer_config, latent_shape, device):
@@ -241,9 +299,11 @@ def save_checkpoint(accelerator, model, cfg: TrainConfig, output_dir: Path, step
     kwargs = {"exclude_frozen_parameters": True} if launch_kind() == "deepspeed" else {}
     accelerator.save_state(str(tmp), **kwargs)
     lora_sd = gather_lora(accelerator, model)
+    accelerator.wait_for_everyone()  # every rank's state files are written
     if accelerator.is_main_process:
         save_lora_files(tmp, lora_sd, cfg, targets, step, manifest)
         (tmp / CHECKPOINT_STATE).write_text(json.dumps({"global_step": step, **epoch_state}))
+        shards.apply_umask(tmp)  # accelerate's safetensors files are 0600: another account could not read them
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -264,8 +324,8 @@ def train(cfg: TrainConfig) -> dict:
     from safetensors.torch import load_file
     from tqdm import tqdm
 
-    from cogfun import models
-    from cogfun.loader import BucketBatchSampler, CachedSamples, collate, index_rows
+    from cogfun import models, validation
+    from cogfun.loader import BucketBatchSampler, CachedSamples, collate, held_out, index_rows
     from cogfun.lora import inject_lora
 
     # ------------------------------------------------------------ setup
@@ -288,6 +348,8 @@ def train(cfg: TrainConfig) -> dict:
 
     check_shards_fit(manifest, SimpleNamespace(**{"out_channels": 16, "in_channels": 16, "text_embed_dim": 4096,
                                                   **tcfg_dict}), cfg.train_mode)
+    # validation prompts: encoded by a side process (T5 never enters this one), before the transformer loads
+    validation_set = validation.prepare(cfg, output_dir, accelerator)
     transformer = models.load_transformer(cfg.pretrained_model_name_or_path, weight_dtype)
     scheduler = models.load_scheduler(cfg.pretrained_model_name_or_path)
     scaling = float(manifest["model"]["scaling_factor"])
@@ -303,7 +365,10 @@ def train(cfg: TrainConfig) -> dict:
     transformer.to(device)
 
     dataset = CachedSamples(shard_dir, manifest)
-    sampler = BucketBatchSampler(index_rows(shard_dir, dataset), batch_size=cfg.train_batch_size, world=world,
+    eval_indices = held_out(shard_dir, dataset, cfg.eval_samples, cfg.seed)  # same on every rank and on resume
+    excluded = set(eval_indices)
+    train_rows = [r for r in index_rows(shard_dir, dataset) if r[0] not in excluded]
+    sampler = BucketBatchSampler(train_rows, batch_size=cfg.train_batch_size, world=world,
                                  rank=rank, accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed,
                                  video_repeat=cfg.video_repeat)
     loader = torch.utils.data.DataLoader(
@@ -346,7 +411,7 @@ def train(cfg: TrainConfig) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         run_config = {"config": to_dict(cfg), "launch": launch_kind(), "world_size": world,
                       "lora_targets": targets, "steps_per_epoch": steps_per_epoch, "max_train_steps": max_steps,
-                      "shards_fingerprint": manifest["fingerprint"]}
+                      "shards_fingerprint": manifest["fingerprint"], "eval_samples_held_out": len(eval_indices)}
         shards.write_json_atomic(output_dir / "run_config.json", run_config)
     if accelerator.log_with:
         accelerator.init_trackers("cogfun", config={k: v for k, v in to_dict(cfg).items()
@@ -357,6 +422,18 @@ def train(cfg: TrainConfig) -> dict:
         log_path.write_text("".join(line + "\n" for line in kept))
     transformer.train()
     unwrapped_config = accelerator.unwrap_model(transformer).config
+    sampling_scheduler = models.load_sampling_scheduler(cfg.pretrained_model_name_or_path) if validation_set else None
+
+    def evaluate() -> float:
+        return eval_loss(accelerator, transformer, dataset, eval_indices, cfg=cfg, scheduler=scheduler,
+                         scaling=scaling, policies=policies, device=device, dtype=weight_dtype)
+
+    if eval_indices and global_step == 0:  # the baseline the held-out loss falls from
+        logs = {"eval_loss": evaluate()}
+        accelerator.log(logs, step=0)
+        if main:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps({"step": 0, **logs}) + "\n")
 
     # ------------------------------------------------------------ loop
     bar = tqdm(total=max_steps, initial=global_step, desc="train", unit="step", disable=not main,
@@ -405,6 +482,9 @@ def train(cfg: TrainConfig) -> dict:
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
             t_step = now
+            if eval_indices and (global_step % cfg.eval_steps == 0 or global_step == max_steps):
+                logs["eval_loss"] = evaluate()
+                t_step = time.time()
             accelerator.log(logs, step=global_step)
             if main:
                 with open(log_path, "a") as fh:
@@ -415,6 +495,12 @@ def train(cfg: TrainConfig) -> dict:
                 save_checkpoint(accelerator, transformer, cfg, output_dir, global_step, {"epoch": epoch},
                                 targets, manifest)
                 t_step = time.time()  # the save is not the next step's time
+            if validation_set and (global_step % cfg.validation_steps == 0 or global_step == max_steps):
+                seconds = validation.render(validation_set, accelerator, transformer, cfg=cfg, step=global_step,
+                                            output_dir=output_dir, scheduler=sampling_scheduler, dtype=weight_dtype,
+                                            same_forward_count=launch_kind() == "fsdp")
+                accelerator.log({"validation_seconds": seconds}, step=global_step)
+                t_step = time.time()
             if global_step >= max_steps:
                 break
     bar.close()
