@@ -110,3 +110,20 @@ def mask_channel(policy: str, frames: int, f_lat: int, h: int, w: int, scaling_f
     small = resize_mask(pixel, (full_lat, 1, 1))[:, :, :f_lat]
     out = small.expand(1, 1, f_lat, h, w).permute(0, 2, 1, 3, 4) * scaling_factor
     return out.to(dtype=dtype or torch.float32)
+
+
+def conditioning(policy: str, tensors: dict, b: int, *, frames: int, keep: int, scaling: float, device=None):
+    """Sample b's conditioning [1, keep, 1 + C, h, w] (mask channel + cached masked latents, both x scaling).
+
+    `tensors`: the batch's cached tensors [B, F', ...]; `frames`: the pixel frames the policy was
+    applied to; `keep`: latent frames kept. `t2v` is all zeros.
+    """
+    import torch
+
+    latents = tensors["latent_mean"]
+    channels, h, w = latents.shape[-3:]
+    if policy == "t2v":
+        return torch.zeros(1, keep, 1 + channels, h, w, device=device)
+    masked = tensors[f"masked_latents.{policy}"][b:b + 1, :keep].float()
+    mask = mask_channel(policy, frames, keep, h, w, scaling, device=device)
+    return torch.cat([mask, masked * scaling], dim=2)

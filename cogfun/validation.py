@@ -115,6 +115,8 @@ def render(v: Validation, accelerator, transformer, *, cfg: TrainConfig, step: i
     seconds = time.time() - t0
     if accelerator.is_main_process:
         write(v, gathered, cfg=cfg, step=step, output_dir=output_dir, accelerator=accelerator, seconds=seconds)
+    del frames, gathered, latents
+    sampling.free_memory()
     return seconds
 
 

@@ -50,10 +50,11 @@ def sample(cfg: SampleConfig) -> list[Path]:
     requests = [requests[i] for i in mine]
 
     # ------------------------------------------------------------ 1. prompts (T5, freed) + InP conditioning
-    vae = models.load_vae(model, dtype, device, slicing=True)
+    vae = models.load_vae(model, dtype, device, slicing=True) if inpaint else None  # encodes the images
     inputs = sampling.encode_inputs(model, requests, cfg.negative_prompt, geo, dtype=dtype, device=device,
-                                    seed=cfg.seed, low_vram=cfg.low_vram, vae=vae if inpaint else None)
-    vae.to("cpu")  # back when decoding: the transformer has the device meanwhile
+                                    seed=cfg.seed, low_vram=cfg.low_vram, vae=vae)
+    if vae is not None:
+        vae.to("cpu")  # back when decoding: the transformer has the device meanwhile
 
     # ------------------------------------------------------------ 2. transformer + LoRA
     transformer = models.load_transformer(model, dtype).requires_grad_(False).eval()
@@ -77,7 +78,7 @@ def sample(cfg: SampleConfig) -> list[Path]:
     sampling.free_memory()
 
     # ------------------------------------------------------------ 4. decode, write
-    vae.to(device)
+    vae = models.load_vae(model, dtype, device, slicing=True) if vae is None else vae.to(device)
     if cfg.low_vram:
         vae.enable_tiling()
     written = []

@@ -151,7 +151,7 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
     """
     import torch
 
-    from cogfun.masks import PREFIX_SAFE
+    from cogfun.masks import PREFIX_SAFE, mask_channel
 
     gid = batch["batch_id"]
     rng = random.Random(f"{cfg.seed}:step-draws:{epoch}:{gid}")
@@ -183,27 +183,17 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
     if policies:
         allowed = ["t2v"] + [p for p in policies if keep == f_lat or p in PREFIX_SAFE]
         conds = []
+        h, w = latents.shape[-2:]
         for b in range(bsz):
             policy = rng.choices(allowed, weights=[POLICY_WEIGHTS[p] for p in allowed])[0]
-            conds.append(conditioning(policy, t, b, frames, keep, scaling))
+            if policy == "t2v":
+                conds.append(torch.zeros(1, keep, 1 + latents.shape[2], h, w, device=device))
+                continue
+            mask = mask_channel(policy, frames, keep, h, w, scaling, device=device)
+            masked = t[f"masked_latents.{policy}"][b:b + 1, :keep].float() * scaling
+            conds.append(torch.cat([mask, masked], dim=2))
         model_in = torch.cat([noisy, torch.cat(conds)], dim=2)
     return model_in.to(dtype), prompts.to(dtype), timesteps, target.float()
-
-
-def conditioning(policy: str, tensors: dict, b: int, frames: int, keep: int, scaling: float):
-    """InP conditioning [1, keep, 1 + C, h, w] of sample b for a mask policy: mask channel + cached
-    masked-clip latents (both x scaling), all zero for t2v."""
-    import torch
-
-    from cogfun.masks import mask_channel
-
-    mean = tensors["latent_mean"]
-    (c, h, w), device = mean.shape[2:], mean.device
-    if policy == "t2v":
-        return torch.zeros(1, keep, 1 + c, h, w, device=device)
-    mask = mask_channel(policy, frames, keep, h, w, scaling, device=device)
-    masked = tensors[f"masked_latents.{policy}"][b:b + 1, :keep].float() * scaling
-    return torch.cat([mask, masked], dim=2)
 
 
 EVAL_TIMESTEPS = 9
@@ -219,6 +209,8 @@ def eval_loss(accelerator, transformer, dataset, indices: list[int], *, cfg: Tra
     weights in each). Call on every rank.
     """
     import torch
+
+    from cogfun.masks import conditioning
 
     world, rank = accelerator.num_processes, accelerator.process_index
     n_t = scheduler.config.num_train_timesteps
@@ -240,7 +232,8 @@ def eval_loss(accelerator, transformer, dataset, indices: list[int], *, cfg: Tra
         if policies:
             allowed = ["t2v"] + policies
             policy = rng.choices(allowed, weights=[POLICY_WEIGHTS[p] for p in allowed])[0]
-            cond = conditioning(policy, t, 0, meta["frames"], latents.shape[1], scaling)
+            cond = conditioning(policy, t, 0, frames=meta["frames"], keep=latents.shape[1], scaling=scaling,
+                                device=device)
             model_in = torch.cat([model_in, cond.expand(EVAL_TIMESTEPS, *cond.shape[1:])], dim=2)
         rope = rotary_embedding(model.config, model_in.shape, device)
         for k in range(EVAL_TIMESTEPS):  # one timestep per forward: a training step's activation size
