@@ -23,10 +23,11 @@ from pathlib import Path
 
 from cogfun import shards
 from cogfun.config import ConfigError, TrainConfig, to_dict
-from cogfun.lora import KOHYA_WEIGHT_NAME as KOHYA_FILE, LORA_WEIGHT_NAME as LORA_FILE
 from cogfun.shards import ShardError
 
 CHECKPOINT_STATE = "cogfun_state.json"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 POLICY_WEIGHTS = {"t2v": 0.1, "i2v": 0.5, "first_k": 0.2, "first_last": 0.2}
 CROP_FULL_PROB = 0.9
 

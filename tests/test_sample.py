@@ -55,16 +55,20 @@ def images(synthetic_data) -> dict:
 
 
 def write_lora(model: Path, out: Path) -> Path:
-    """A LoRA in our two formats, from our writers (random, clearly non-zero update)."""
+    """A LoRA in our two formats, from our writers: random A and B on the seed's targets (a clearly
+    non-zero update; B is zero only at the start of training)."""
     from diffusers import CogVideoXTransformer3DModel
 
-    from cogfun.lora import KOHYA_WEIGHT_NAME, inject_lora, lora_state_dict, save_kohya_lora, save_lora
+    from cogfun.lora import KOHYA_WEIGHT_NAME, resolve_target_modules, save_kohya_lora, save_lora
 
     transformer = CogVideoXTransformer3DModel.from_pretrained(model / "transformer")
-    targets = inject_lora(transformer, rank=4, alpha=2.0, target_name="to_q,to_k,to_v,ff.0,ff.2", use_peft=True, seed=1)
-    sd = lora_state_dict(transformer)
+    targets = resolve_target_modules(transformer, "to_q,to_k,to_v,ff.0,ff.2")
     gen = torch.Generator().manual_seed(2)
-    sd = {k: (torch.randn(v.shape, generator=gen) * 0.5 if "lora_B" in k else v) for k, v in sd.items()}
+    sd = {}
+    for name in targets:
+        layer = transformer.get_submodule(name)
+        sd[f"transformer.{name}.lora_A.weight"] = torch.randn(4, layer.in_features, generator=gen) * 0.2
+        sd[f"transformer.{name}.lora_B.weight"] = torch.randn(layer.out_features, 4, generator=gen) * 0.5
     save_lora(out, sd, rank=4, alpha=2.0, target_modules=targets)
     save_kohya_lora(out / KOHYA_WEIGHT_NAME, sd, rank=4, alpha=2.0)
     return out
