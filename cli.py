@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch cli.py ...):
 
 import click
 
-from cogfun.config import (ConfigError, InspectConfig, PrecomputeConfig, TrainConfig, build_config,
+from cogfun.config import (ConfigError, InspectConfig, PrecomputeConfig, SampleConfig, TrainConfig, build_config,
                            click_options)
 
 
@@ -72,6 +72,18 @@ def train(ctx, **params):
     cfg = build_config(TrainConfig, params, ctx)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from pipelines.precompute_then_train import run
+
+    _run(run, cfg)
+
+
+@main.command(name="sample")
+@click_options(SampleConfig)
+@click.pass_context
+def sample(ctx, **params):
+    """Generate videos (text-to-video, or image-to-video with an InP model), optionally with a trained LoRA."""
+    cfg = build_config(SampleConfig, params, ctx)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from stages.sample import sample as run
 
     _run(run, cfg)
 

@@ -112,13 +112,62 @@ class TrainArgs:
     report_to: str = opt("tensorboard", "Tracker for accelerate: tensorboard or none.", choices=("tensorboard", "none"))
 
 
+#: CogVideoX-Fun's negative prompt (its predict scripts and its trainer's validation use it).
+NEGATIVE_PROMPT = ("The video is not of a high quality, it has a low resolution. Watermark present in each frame. "
+                   "The background is solid. Strange body and strange trajectory. Distortion. ")
+
+
+@dataclass
+class ValidationArgs:
+    """Seeing what is trained: validation videos and a held-out eval loss (cogfun train)."""
+    validation_prompts: Optional[str] = opt(None, "Prompts rendered with the current LoRA every --validation_steps and at the end, into <output_dir>/samples/step-<N>/ and TensorBoard: a .txt file (one prompt per line) or prompts separated by '|'. A short-lived T5 process encodes them once (cached in <output_dir>/validation/); T5 never enters the training process, the VAE only while validating.")
+    validation_images: Optional[str] = opt(None, "InP models: the first frame of each validation video (image-to-video), one for all prompts or one per prompt: a .txt file (one path per line) or paths separated by '|'. Without it InP validation is text-to-video.")
+    validation_steps: int = opt(2000, "Render the validation prompts every this many optimizer steps (and after the last step).")
+    validation_negative_prompt: str = opt(NEGATIVE_PROMPT, "Negative prompt of the validation videos (classifier-free guidance).")
+    validation_num_frames: Optional[int] = opt(None, "Frames per validation video (4k+1); default --video_sample_n_frames.")
+    validation_height: Optional[int] = opt(None, "Validation video height (multiple of 16); default --video_sample_size.")
+    validation_width: Optional[int] = opt(None, "Validation video width (multiple of 16); default --video_sample_size.")
+    validation_num_inference_steps: int = opt(25, "Denoising steps per validation video.")
+    validation_guidance_scale: float = opt(4.5, "Classifier-free guidance scale of the validation videos (1 = none).")
+    eval_samples: float = opt(0.0, "Hold this many cached samples out of training for a deterministic eval loss (a value below 1 is a fraction of the samples); the same samples on every rank and on resume. 0 = off.")
+    eval_steps: int = opt(100, "Compute the held-out eval loss (9 fixed timesteps, fixed noise) every this many optimizer steps, before the first step and after the last.")
+
+
+@dataclass
+class SampleArgs:
+    """`cogfun sample`: videos from a model folder, optionally with a trained LoRA."""
+    lora: Optional[str] = opt(None, "LoRA to apply: a diffusers-format or kohya/ComfyUI .safetensors file, a training output dir or a checkpoint-<N>/ dir (the diffusers file is preferred when both are there).")
+    lora_scale: float = opt(1.0, "Multiplier on the LoRA's own scale alpha/rank stored in the file (1 = as trained, 0 = off), like diffusers' set_adapters weight and ComfyUI's strength.")
+    prompt: Optional[str] = opt(None, "The prompt (or use --prompts).")
+    prompts: Optional[str] = opt(None, "A .txt file with one prompt per line: one video each.")
+    negative_prompt: str = opt(NEGATIVE_PROMPT, "Negative prompt (classifier-free guidance).")
+    image: Optional[str] = opt(None, "InP models: the first frame (image-to-video). It is resized to cover --height x --width and center-cropped.")
+    end_image: Optional[str] = opt(None, "InP models: the last frame (with --image: first and last frame known).")
+    num_frames: Optional[int] = opt(None, "Frames per video (4k+1); default: the model's sample_frames (49 for CogVideoX-Fun 2b/5b).")
+    height: Optional[int] = opt(None, "Video height (multiple of 16); default: the model's sample_height x 8.")
+    width: Optional[int] = opt(None, "Video width (multiple of 16); default: the model's sample_width x 8.")
+    num_inference_steps: int = opt(50, "Denoising steps.")
+    guidance_scale: float = opt(6.0, "Classifier-free guidance scale (1 = none).")
+    seed: int = opt(42, "Seed of the initial noise (the same for every prompt, so prompts and LoRA scales compare on equal noise) and of the reference-image noise.")
+    fps: Optional[int] = opt(None, "Frame rate of the mp4; default the model's: 8 (CogVideoX 1.0), 16 (CogVideoX 1.5).")
+    output: Optional[str] = opt(None, "The mp4 to write (one prompt).")
+    output_dir: Optional[str] = opt(None, "Folder for one mp4 per prompt (<index>-<words of the prompt>.mp4).")
+    mixed_precision: str = opt("bf16", "Compute dtype of the transformer, VAE and T5.", choices=MIXED_PRECISION)
+    low_vram: bool = opt(False, "Small GPU: T5 and the transformer stream their layers from the CPU (accelerate offload), the VAE decodes in tiles. Slower; the same videos up to tile seams.")
+
+
+@dataclass
+class SampleConfig(ModelArgs, SampleArgs):
+    """`cogfun sample`."""
+
+
 @dataclass
 class PrecomputeConfig(ModelArgs, DataArgs, EncodeArgs):
     """`cogfun precompute`."""
 
 
 @dataclass
-class TrainConfig(ModelArgs, DataArgs, EncodeArgs, ShardReadArgs, TrainArgs):
+class TrainConfig(ModelArgs, DataArgs, EncodeArgs, ShardReadArgs, TrainArgs, ValidationArgs):
     """`cogfun train` (data and encode flags are used when it must precompute first)."""
 
 

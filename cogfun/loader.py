@@ -23,6 +23,7 @@ sizes train on the same data.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -32,6 +33,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from cogfun import shards
+from cogfun.config import ConfigError
 from cogfun.storage import ShardStore, as_store
 
 
@@ -275,3 +277,24 @@ def batches(dataset: CachedSamples, sampler: BucketBatchSampler, *, threads: int
             yield ahead.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def held_out(dataset: CachedSamples, eval_samples: float, seed: int) -> list[int]:
+    """Global indices of the samples held out of training for the eval loss (sorted).
+
+    `eval_samples` of them (a value below 1 is a fraction of all samples), the first ones in the
+    order of a seeded hash of their keys: the same set on every rank, on resume, and for any
+    world size. Each view of a clip (`--num_views`) is a sample of its own.
+    """
+    if eval_samples <= 0:
+        return []
+    idx = dataset.index
+    total = len(idx["key"])
+    if eval_samples >= 1 and eval_samples != int(eval_samples):
+        raise ConfigError(f"--eval_samples {eval_samples}: a count (>= 1, whole) or a fraction (< 1)")
+    n = max(1, round(eval_samples * total)) if eval_samples < 1 else int(eval_samples)
+    if n >= total:
+        raise ConfigError(f"--eval_samples {eval_samples}: holds out {n} of the {total} cached samples, "
+                          f"leaving none to train on")
+    order = sorted(range(total), key=lambda j: hashlib.sha256(f"{seed}:eval:{idx['key'][j]}".encode()).hexdigest())
+    return sorted(dataset.global_index(idx["shard"][j], idx["position"][j]) for j in order[:n])

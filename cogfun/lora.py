@@ -43,6 +43,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from cogfun.shards import apply_umask
+
 #: CogVideoX-Fun users write the feed-forward layers as `ff.0` / `ff.2` (an `nn.Sequential`
 #: view of the MLP); in diffusers' `FeedForward` they are `ff.net.0.proj` (the Linear inside the
 #: GELU module) and `ff.net.2`. An alias is used only when the literal suffix matches nothing.
@@ -53,6 +55,7 @@ TARGET_ALIASES: dict[str, str] = {
 
 PREFIX = "transformer"  # diffusers' CogVideoXLoraLoaderMixin.transformer_name
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"  # the same LoRA for ComfyUI / CogVideoX-Fun
 KOHYA_PREFIX = "lora_unet__"  # CogVideoX-Fun LoRANetwork naming, see module docstring
 
 # Wrapper segments that FSDP1 / activation checkpointing / torch.compile insert into names.
@@ -318,6 +321,7 @@ def save_lora(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], *, r
                   **extra}
         tmp = f"{filename}.tmp"
         save_file(weights, tmp, metadata=header)
+        apply_umask(Path(tmp))  # safetensors writes 0600: others (ComfyUI, a server) could not read it
         os.replace(tmp, filename)
 
     CogVideoXPipeline.save_lora_weights(
@@ -375,6 +379,7 @@ def save_kohya_lora(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(file.name + ".tmp")
     save_file(to_kohya(state_dict, rank=rank, alpha=alpha), str(tmp), metadata=header)
+    apply_umask(tmp)
     os.replace(tmp, file)
     return file
 

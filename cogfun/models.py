@@ -64,6 +64,11 @@ class TransformerFamily:
     def latent_multiple(self) -> int:
         return self.patch_size_t or 1
 
+    @property
+    def inpaint(self) -> bool:
+        """A CogVideoX-Fun InP model (noisy latents + mask + masked-video latents), else text-to-video."""
+        return self.in_channels == 2 * self.latent_channels + 1
+
 
 def transformer_family(model: str | Path) -> TransformerFamily:
     """Read and vet transformer/config.json: every key that changes the maths is either known to
@@ -237,3 +242,16 @@ def load_scheduler(model: str | Path):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_pretrained(component_dir(model, "scheduler"))
+
+
+def load_sampling_scheduler(model: str | Path):
+    """The sampler the model folder names (scheduler_config.json `_class_name`: CogVideoXDDIMScheduler
+    for CogVideoX(-Fun) 2b, CogVideoXDPMScheduler for 5b), with the folder's settings."""
+    import diffusers
+
+    name = read_component_config(model, "scheduler").get("_class_name", "CogVideoXDDIMScheduler")
+    cls = getattr(diffusers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise FileNotFoundError(f"{component_dir(model, 'scheduler')}: unknown scheduler class {name!r} "
+                                f"in scheduler_config.json")
+    return cls.from_pretrained(component_dir(model, "scheduler"))

@@ -119,12 +119,47 @@ def save_tensors(tensors: dict, path: Path) -> None:
 
     try:
         save_file(tensors, str(path))
+        apply_umask(path)  # safetensors writes 0600 files
     except Exception as exc:
         found = re.search(r"os error (\d+)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
         if found is None:
             raise
         code = int(found.group(1))
         raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+def user_umask() -> int:
+    """This process's umask, read without changing it where /proc allows (os.umask can only be
+    read by setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def apply_umask(path: Path) -> None:
+    """Give `path` (a file, or a folder and everything under it) the permissions the user's umask
+    allows: 0666 & ~umask for files, 0777 & ~umask for folders.
+
+    safetensors (and `tempfile.mkstemp`) create 0600 files whatever the umask, so a LoRA or a
+    checkpoint written by the training account would be unreadable to a ComfyUI or inference
+    server running as another account. Call it on a file before it is renamed into place.
+    """
+    mask = user_umask()
+    path = Path(path)
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            os.chmod(root, 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    else:
+        os.chmod(path, 0o666 & ~mask)
 
 
 def _as_bytes(member) -> bytes:

@@ -25,11 +25,12 @@ import os
 import random
 import string
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from cogfun.video import write_mp4, write_video
 
 if TYPE_CHECKING:
     from transformers import T5Tokenizer
@@ -380,74 +381,6 @@ def synthetic_frames(height: int, width: int, n_frames: int, *, seed: int = 0) -
     return out
 
 
-def _rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
-    """RGB uint8 [H, W, 3] -> planar yuv420p [H * 3 / 2, W] (BT.601, limited range, 2x2 chroma mean),
-    the conversion decoders assume for untagged SD video. Explicit, so the bytes are ours."""
-    h, w, _ = frame.shape
-    rgb = frame.astype(np.float32)
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    y = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
-    cb = 128.0 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255.0
-    cr = 128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0
-
-    def sub(c: np.ndarray) -> np.ndarray:
-        return c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
-
-    planes = [np.clip(np.rint(p), 0, 255).astype(np.uint8).ravel() for p in (y, sub(cb), sub(cr))]
-    return np.concatenate(planes).reshape(h * 3 // 2, w)
-
-
-def _write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
-    """H.264 / yuv420p mp4 via PyAV, byte-reproducible."""
-    # Reproducible bytes: x264's threads and its macroblock-tree rate control (SIMD reads of
-    # uninitialised padding, it seems) both made the output vary between identical calls.
-    write_video(path, frames, fps, options={"crf": "12", "preset": "veryfast", "threads": "1",
-                                            "x264-params": "mbtree=0"})
-
-
-def write_video(path: PathLike, frames: np.ndarray, fps: int, *, codec: str = "libx264", fmt: str = "mp4",
-                pix_fmt: str = "yuv420p", options: dict[str, str] | None = None, rotation: int | None = None,
-                hflip: bool = False, extra_streams: list[np.ndarray] = ()) -> None:
-    """Encode RGB frames [F, H, W, 3] with PyAV's FFmpeg (`codec` into container `fmt`).
-
-    `rotation` (degrees counter-clockwise) and `hflip` write a display matrix, as a phone does;
-    `extra_streams`: more video streams (same codec, muxed before the main one: e.g. a
-    thumbnail track), each [F, h, w, 3]. yuv420p frames are converted by :func:`_rgb_to_yuv420p`
-    (our bytes), others by FFmpeg. libx265 needs a width of at least 64 (narrower frames corrupt
-    its heap in this build)."""
-    import av
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w", format=fmt) as container:
-        streams = []
-        for clip in [*extra_streams, frames]:
-            n, h, w, _ = clip.shape
-            if pix_fmt.startswith("yuv420") and (h % 2 or w % 2):
-                raise ValueError(f"{pix_fmt} needs even sizes, got {h}x{w}")
-            stream = container.add_stream(codec, rate=fps)
-            stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
-            stream.time_base = Fraction(1, fps)
-            stream.codec_context.thread_type = "NONE"
-            stream.codec_context.thread_count = 1
-            stream.options = dict(options or {})
-            streams.append((stream, clip))
-        if rotation is not None or hflip:
-            streams[-1][0].set_display_rotation(rotation or 0, hflip=hflip)
-        for i in range(len(frames)):
-            for stream, clip in streams:
-                if pix_fmt == "yuv420p":
-                    vf = av.VideoFrame.from_ndarray(_rgb_to_yuv420p(clip[i]), format="yuv420p")
-                else:
-                    vf = av.VideoFrame.from_ndarray(clip[i], format="rgb24").reformat(format=pix_fmt)
-                vf.pts = i
-                for packet in stream.encode(vf):
-                    container.mux(packet)
-        for stream, _ in streams:
-            for packet in stream.encode():
-                container.mux(packet)
-
-
 def write_audio(path: PathLike, seconds: float = 0.5, *, codec: str = "aac", fmt: str = "mp4",
                 cover: np.ndarray | None = None, empty_video: bool = False) -> None:
     """A sine tone (an audio-only file); `cover`: an RGB image muxed as attached cover art;
@@ -551,7 +484,7 @@ def write_synthetic_dataset(
     captions = caption_corpus(len(clips) + len(images) + 40, seed=seed)
     rows: list[dict[str, str]] = []
     for i, clip in enumerate(clips):
-        _write_mp4(root / clip.file_path, synthetic_frames(clip.height, clip.width, clip.frames, seed=clip.seed), clip.fps)
+        write_mp4(root / clip.file_path, synthetic_frames(clip.height, clip.width, clip.frames, seed=clip.seed), clip.fps)
         text = captions[i]
         if clip.file_path.endswith("square.mp4"):
             text = " ".join(captions[-40:])  # > 226 tokens: exercises truncation
@@ -583,11 +516,11 @@ def write_bad_dataset(root: PathLike) -> Path:
     (root / "videos").mkdir(parents=True, exist_ok=True)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(12345)
-    _write_mp4(root / "videos/good.mp4", synthetic_frames(64, 96, 12, seed=7), 24)
+    write_mp4(root / "videos/good.mp4", synthetic_frames(64, 96, 12, seed=7), 24)
     _write_image(root / "images/good.png", synthetic_frames(64, 64, 1, seed=8)[0])
     (root / "videos/empty.mp4").write_bytes(b"")
     (root / "videos/corrupt.mp4").write_bytes(rng.integers(0, 256, size=4096, dtype=np.uint8).tobytes())
-    _write_mp4(root / "videos/two_frames.mp4", synthetic_frames(64, 64, 2, seed=9), 24)
+    write_mp4(root / "videos/two_frames.mp4", synthetic_frames(64, 64, 2, seed=9), 24)
     (root / "images/garbage.png").write_bytes(rng.integers(0, 256, size=1024, dtype=np.uint8).tobytes())
     (root / "audio").mkdir(exist_ok=True)
     (root / "audio/clip.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVE")

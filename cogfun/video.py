@@ -84,6 +84,7 @@ __all__ = [
     "decode_video",
     "decode_image",
     "frames_to_tensor",
+    "write_mp4",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -710,3 +711,87 @@ def frames_to_tensor(frames_uint8: np.ndarray) -> "torch.Tensor":
         )
     t = torch.from_numpy(np.ascontiguousarray(frames_uint8)).permute(3, 0, 1, 2)
     return t.to(torch.float32).div_(127.5).sub_(1.0).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def _rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+    """RGB uint8 [H, W, 3] -> planar yuv420p [H * 3 / 2, W] (BT.601, limited range, 2x2 chroma mean),
+    the conversion decoders assume for untagged SD video. Explicit, so the bytes are ours."""
+    h, w, _ = frame.shape
+    rgb = frame.astype(np.float32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = 16.0 + (65.481 * r + 128.553 * g + 24.966 * b) / 255.0
+    cb = 128.0 + (-37.797 * r - 74.203 * g + 112.0 * b) / 255.0
+    cr = 128.0 + (112.0 * r - 93.786 * g - 18.214 * b) / 255.0
+
+    def sub(c: np.ndarray) -> np.ndarray:
+        return c.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+
+    planes = [np.clip(np.rint(p), 0, 255).astype(np.uint8).ravel() for p in (y, sub(cb), sub(cr))]
+    return np.concatenate(planes).reshape(h * 3 // 2, w)
+
+
+def write_video(path: PathLike, frames: np.ndarray, fps: int, *, codec: str = "libx264", fmt: str = "mp4",
+                pix_fmt: str = "yuv420p", options: dict[str, str] | None = None, rotation: int | None = None,
+                hflip: bool = False, extra_streams: Sequence[np.ndarray] = (), comment: str | None = None) -> Path:
+    """Encode RGB uint8 frames [F, H, W, 3] at `fps` with PyAV's FFmpeg (`codec` into container `fmt`).
+
+    The one video writer of cogfun (`write_mp4` is its H.264 preset; the media test files use the
+    other codecs). `rotation` (degrees counter-clockwise) and `hflip` write a display matrix, as a
+    phone does; `extra_streams`: more video streams (same codec, muxed before the main one: e.g. a
+    thumbnail track), each [F, h, w, 3]; `comment` goes into the container's comment tag. yuv420p
+    frames are converted by :func:`_rgb_to_yuv420p` (our bytes), others by FFmpeg. Single-threaded
+    encoders (x264's threads made its output vary between identical calls). Written as
+    `<name>.tmp` and renamed, so a reader never sees half a file; the file gets the user's umask.
+    libx265 needs a width of at least 64 (narrower frames corrupt its heap in this build).
+    """
+    path = Path(path)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3 or len(frames) == 0:
+        raise ValueError(f"expected uint8 frames [F, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with av.open(str(tmp), mode="w", format=fmt) as container:
+        if comment is not None:
+            container.metadata["comment"] = comment
+        streams = []
+        for clip in [*extra_streams, frames]:
+            n, h, w, _ = clip.shape
+            if pix_fmt.startswith("yuv420") and (h % 2 or w % 2):
+                raise ValueError(f"{pix_fmt} needs even sizes, got {h}x{w}")
+            stream = container.add_stream(codec, rate=fps)
+            stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+            stream.time_base = Fraction(1, fps)
+            stream.codec_context.thread_type = "NONE"
+            stream.codec_context.thread_count = 1
+            stream.options = dict(options or {})
+            streams.append((stream, clip))
+        if rotation is not None or hflip:
+            streams[-1][0].set_display_rotation(rotation or 0, hflip=hflip)
+        for i in range(len(frames)):
+            for stream, clip in streams:
+                if pix_fmt == "yuv420p":
+                    vf = av.VideoFrame.from_ndarray(_rgb_to_yuv420p(clip[i]), format="yuv420p")
+                else:
+                    vf = av.VideoFrame.from_ndarray(clip[i], format="rgb24").reformat(format=pix_fmt)
+                vf.pts = i
+                for packet in stream.encode(vf):
+                    container.mux(packet)
+        for stream, _ in streams:
+            for packet in stream.encode():
+                container.mux(packet)
+    os.replace(tmp, path)
+    return path
+
+
+# x264 settings of `write_mp4`: near-lossless, and reproducible bytes (its macroblock-tree rate
+# control, SIMD reads of uninitialised padding it seems, made the output vary between identical calls).
+MP4_OPTIONS = {"crf": "12", "preset": "veryfast", "threads": "1", "x264-params": "mbtree=0"}
+
+
+def write_mp4(path: PathLike, frames: np.ndarray, fps: int, *, comment: str | None = None) -> Path:
+    """uint8 [F, H, W, 3] RGB -> an H.264 / yuv420p mp4 at `fps`, byte-reproducible (synthetic
+    test clips, `cogfun sample`, validation videos). See `write_video`. Returns the path."""
+    return write_video(path, frames, fps, options=MP4_OPTIONS, comment=comment)

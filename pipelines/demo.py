@@ -35,11 +35,18 @@ def run(workdir: Path, *, steps: int = 20) -> dict:
     print(f"== precompute -> {workdir / 'shards'}")
     summary = precompute(PrecomputeConfig(**data, **common))
     print(f"== train -> {workdir / 'output'}")
+    # validation videos of the first frame of one of the clips at the middle and the end; a held-out eval loss
     result = train(TrainConfig(**data, **common, output_dir=str(workdir / "output"), max_train_steps=steps,
                                checkpointing_steps=max(1, steps // 2), learning_rate=1e-3, rank=8,
                                network_alpha=4.0, use_peft_lora=True, report_to="tensorboard",
-                               random_frame_crop=True))
+                               random_frame_crop=True, validation_prompts="A white square slides to the right. | "
+                               "A white square slides over a colourful gradient.",
+                               validation_images=str(meta.parent / "images" / "square.png"),
+                               validation_steps=max(1, steps // 2), validation_num_frames=9, validation_height=64,
+                               validation_width=64, validation_num_inference_steps=10, eval_samples=2.0,
+                               eval_steps=max(1, steps // 4)))
     losses = result["losses"]
     print(f"== demo done: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps; "
-          f"LoRA at {workdir / 'output' / 'pytorch_lora_weights.safetensors'}")
+          f"LoRA at {workdir / 'output' / 'pytorch_lora_weights.safetensors'}; "
+          f"validation videos in {workdir / 'output' / 'samples'}")
     return {"precompute": summary, "train": result}

@@ -252,6 +252,61 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
     return model_in.to(dtype), prompts.to(dtype), timesteps, target.float()
 
 
+EVAL_TIMESTEPS = 9
+
+
+def eval_loss(accelerator, transformer, dataset, indices: list[int], *, cfg: TrainConfig, scheduler, scaling: float,
+              policies: list[str], device, dtype, family) -> float:
+    """Mean velocity MSE of the held-out samples at 9 fixed timesteps (the midpoints of 9 equal
+    quantiles of [0, T)), with fixed noise per (sample, timestep), the posterior mean as x0, the
+    sample's own caption and a fixed mask policy per sample (clean conditioning, no reference noise):
+    the same weights give the same number. CogVideoX 1.5: padded for the patch as in training.
+
+    Split across the ranks and reduced; every rank runs the same number of forwards (FSDP gathers
+    weights in each). Call on every rank.
+    """
+    import torch
+
+    from cogfun import models
+    from cogfun.masks import conditioning
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_t = scheduler.config.num_train_timesteps
+    timesteps = torch.tensor([int((k + 0.5) * n_t / EVAL_TIMESTEPS) for k in range(EVAL_TIMESTEPS)], device=device)
+    mine = indices[rank::world]
+    model = accelerator.unwrap_model(transformer)
+    model.eval()
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    for j in range(-(-len(indices) // world)):
+        sample = dataset[(mine[j] if j < len(mine) else indices[0], -1)]
+        meta = sample["meta"]
+        t = {k: v[None].to(device) for k, v in sample["tensors"].items()}
+        rng = random.Random(f"{cfg.seed}:eval:{meta['source']}:{meta['view']}")
+        gen = torch.Generator(device=device).manual_seed(rng.getrandbits(63))
+        latents = (t["latent_mean"].float() * scaling).expand(EVAL_TIMESTEPS, *t["latent_mean"].shape[1:])
+        noise = torch.randn(latents.shape, generator=gen, device=device)
+        model_in = scheduler.add_noise(latents, noise, timesteps)
+        target = scheduler.get_velocity(latents, noise, timesteps)
+        if policies:
+            allowed = ["t2v"] + policies
+            policy = rng.choices(allowed, weights=[POLICY_WEIGHTS[p] for p in allowed])[0]
+            cond = conditioning(policy, t, 0, frames=meta["frames"], keep=latents.shape[1], scaling=scaling,
+                                device=device)
+            model_in = torch.cat([model_in, cond.expand(EVAL_TIMESTEPS, *cond.shape[1:])], dim=2)
+        model_in, n_frames = models.pad_for_patch_t(model_in, family.patch_size_t)
+        rope = rotary_embedding(model.config, model_in.shape, device)
+        for k in range(EVAL_TIMESTEPS):  # one timestep per forward: a training step's activation size
+            with torch.no_grad(), accelerator.autocast():
+                pred = model(hidden_states=model_in[k:k + 1].to(dtype), encoder_hidden_states=t["prompt_embeds"].to(dtype),
+                             timestep=timesteps[k:k + 1], image_rotary_emb=rope, return_dict=False)[0][:, :n_frames]
+            if j < len(mine):
+                total += torch.stack([torch.nn.functional.mse_loss(pred.float(), target[k:k + 1]).double(),
+                                      torch.ones((), device=device, dtype=torch.float64)])
+    model.train()
+    total = accelerator.reduce(total, reduction="sum")
+    return (total[0] / total[1]).item()
+
+
 def rotary_embedding(transformer_config, latent_shape, device):
     """CogVideoX 5b-style 3D RoPE for this latent size (None for 2b-style models)."""
     if not transformer_config.use_rotary_positional_embeddings:
@@ -369,6 +424,7 @@ def save_checkpoint(accelerator, model, optimizer, lr_scheduler, cfg: TrainConfi
                   f"sees it (written on their machines): --output_dir is not shared, and resuming from this "
                   f"checkpoint will fail. Use one shared directory for --output_dir on every machine.",
                   file=sys.stderr)
+        shards.apply_umask(tmp)  # accelerate's safetensors files are 0600: another account could not read them
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -389,8 +445,8 @@ def train(cfg: TrainConfig) -> dict:
     from safetensors.torch import load
     from tqdm import tqdm
 
-    from cogfun import models
-    from cogfun.loader import BucketBatchSampler, CachedSamples, batches, index_rows
+    from cogfun import models, validation
+    from cogfun.loader import BucketBatchSampler, CachedSamples, batches, held_out, index_rows
     from cogfun.lora import inject_lora
     from cogfun.storage import open_store
 
@@ -416,6 +472,8 @@ def train(cfg: TrainConfig) -> dict:
 
     check_shards_fit(manifest, SimpleNamespace(**{"out_channels": 16, "in_channels": 16, "text_embed_dim": 4096,
                                                   **tcfg_dict}), cfg.train_mode, family)
+    # validation prompts: encoded by a side process (T5 never enters this one), before the transformer loads
+    validation_set = validation.prepare(cfg, output_dir, accelerator)
     transformer = models.load_transformer(cfg.pretrained_model_name_or_path, weight_dtype)
     scheduler = models.load_scheduler(cfg.pretrained_model_name_or_path)
     scaling = float(manifest["model"]["scaling_factor"])
@@ -431,7 +489,10 @@ def train(cfg: TrainConfig) -> dict:
     transformer.to(device)
 
     dataset = CachedSamples(store, manifest)
-    sampler = BucketBatchSampler(index_rows(dataset), batch_size=cfg.train_batch_size, world=world,
+    eval_indices = held_out(dataset, cfg.eval_samples, cfg.seed)  # same on every rank and on resume
+    excluded = set(eval_indices)
+    train_rows = [r for r in index_rows(dataset) if r[0] not in excluded]
+    sampler = BucketBatchSampler(train_rows, batch_size=cfg.train_batch_size, world=world,
                                  rank=rank, accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed,
                                  video_repeat=cfg.video_repeat)
     steps_per_epoch = sampler.steps_per_epoch()
@@ -462,7 +523,7 @@ def train(cfg: TrainConfig) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         run_config = {"config": to_dict(cfg), "launch": launch_kind(), "world_size": world,
                       "lora_targets": targets, "steps_per_epoch": steps_per_epoch, "max_train_steps": max_steps,
-                      "shards_fingerprint": manifest["fingerprint"]}
+                      "shards_fingerprint": manifest["fingerprint"], "eval_samples_held_out": len(eval_indices)}
         shards.write_json_atomic(output_dir / "run_config.json", run_config)
     if accelerator.log_with:
         accelerator.init_trackers("cogfun", config={k: v for k, v in to_dict(cfg).items()
@@ -473,6 +534,19 @@ def train(cfg: TrainConfig) -> dict:
         log_path.write_text("".join(line + "\n" for line in kept))
     transformer.train()
     unwrapped_config = unwrapped.config
+    sampling_scheduler = models.load_sampling_scheduler(cfg.pretrained_model_name_or_path) if validation_set else None
+
+    def evaluate() -> float:
+        return eval_loss(accelerator, transformer, dataset, eval_indices, cfg=cfg, scheduler=scheduler,
+                         scaling=scaling, policies=policies, device=device, dtype=weight_dtype,
+                         family=family)
+
+    if eval_indices and global_step == 0:  # the baseline the held-out loss falls from
+        logs = {"eval_loss": evaluate()}
+        accelerator.log(logs, step=0)
+        if main:
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps({"step": 0, **logs}) + "\n")
 
     # ------------------------------------------------------------ loop
     bar = tqdm(total=max_steps, initial=global_step, desc="train", unit="step", disable=not main,
@@ -518,6 +592,9 @@ def train(cfg: TrainConfig) -> dict:
             if grad_norm is not None:
                 logs["grad_norm"] = float(grad_norm)
             t_step = now
+            if eval_indices and (global_step % cfg.eval_steps == 0 or global_step == max_steps):
+                logs["eval_loss"] = evaluate()
+                t_step = time.time()
             accelerator.log(logs, step=global_step)
             if main:
                 with open(log_path, "a") as fh:
@@ -528,6 +605,12 @@ def train(cfg: TrainConfig) -> dict:
                 save_checkpoint(accelerator, transformer, optimizer, lr_scheduler, cfg, output_dir, global_step,
                                 {"epoch": epoch}, targets, manifest)
                 t_step = time.time()  # the save is not the next step's time
+            if validation_set and (global_step % cfg.validation_steps == 0 or global_step == max_steps):
+                seconds = validation.render(validation_set, accelerator, transformer, cfg=cfg, step=global_step,
+                                            output_dir=output_dir, scheduler=sampling_scheduler, dtype=weight_dtype,
+                                            same_forward_count=launch_kind() == "fsdp")
+                accelerator.log({"validation_seconds": seconds}, step=global_step)
+                t_step = time.time()
             if global_step >= max_steps:
                 break
     bar.close()

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from cogfun.config import (ConfigError, InspectConfig, PrecomputeConfig, TrainConfig, fingerprint_keys, load_toml,
-                           mask_policy_list)
+from cogfun.config import (ConfigError, InspectConfig, PrecomputeConfig, SampleConfig, TrainConfig, fingerprint_keys,
+                           load_toml, mask_policy_list)
 from cogfun.dataset import MetadataError, load_sources, read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def parse(command, args):
 
 def test_every_setting_is_an_option_with_help():
     for command, cls in ((cli.train, TrainConfig), (cli.precompute, PrecomputeConfig),
-                         (cli.inspect_buckets, InspectConfig)):
+                         (cli.inspect_buckets, InspectConfig), (cli.sample, SampleConfig)):
         opts = {p.name: p for p in command.params}
         for f in fields(cls):
             assert f.name in opts, f"{command.name} lacks --{f.name}"
@@ -106,7 +106,8 @@ def test_mask_policies_validated():
 
 
 def test_help_is_instant_and_does_not_import_torch():
-    code = "import sys, cli; cli.main(['train', '--help'], standalone_mode=False); assert 'torch' not in sys.modules"
+    code = ("import sys, cli; cli.main(['train', '--help'], standalone_mode=False); "
+            "cli.main(['sample', '--help'], standalone_mode=False); assert 'torch' not in sys.modules")
     t0 = time.time()
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -1,0 +1,96 @@
+"""`cogfun sample`: videos from a CogVideoX(-Fun) model folder, optionally with a trained LoRA.
+
+Reads top to bottom: what to generate -> prompts (T5, then freed) and the InP conditioning (VAE)
+-> transformer + LoRA -> denoise every video -> VAE decode -> mp4 files. One big component on the
+device at a time. Every step is a `cogfun.sampling` function shared with validation during
+training. Under `accelerate launch` the videos are split across the processes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cogfun
+from cogfun.config import ConfigError, SampleConfig
+
+
+def sample(cfg: SampleConfig) -> list[Path]:
+    import torch
+
+    from cogfun import dist, models, sampling, video
+
+    # ------------------------------------------------------------ what to generate
+    if not cfg.pretrained_model_name_or_path:
+        raise ConfigError("--pretrained_model_name_or_path is required")
+    model = cfg.pretrained_model_name_or_path
+    tcfg = models.read_component_config(model, "transformer")
+    family = models.transformer_family(model)  # refuses what cogfun cannot run (Control/Pose, unknown keys)
+    inpaint = family.inpaint
+    if cfg.prompts and not (Path(cfg.prompts).suffix.lower() == ".txt" and Path(cfg.prompts).is_file()):
+        raise ConfigError(f"--prompts {cfg.prompts}: not a .txt file (one prompt per line); use --prompt for one prompt")
+    prompts = ([cfg.prompt] if cfg.prompt else []) + sampling.read_list(cfg.prompts, "--prompts")
+    if not prompts:
+        raise ConfigError("no prompt: give --prompt \"...\" or --prompts FILE")
+    requests = sampling.requests_for(prompts, [cfg.image] if cfg.image else [],
+                                     [cfg.end_image] if cfg.end_image else [], family)
+    geo = sampling.geometry(tcfg, cfg.num_frames, cfg.height, cfg.width)
+    if cfg.output and len(requests) > 1:
+        raise ConfigError(f"--output names one file but there are {len(requests)} prompts: use --output_dir")
+    if not (cfg.output or cfg.output_dir):
+        raise ConfigError("give --output out.mp4 (one prompt) or --output_dir D (one mp4 per prompt)")
+    outputs = [Path(cfg.output)] if cfg.output else \
+        [Path(cfg.output_dir) / f"{sampling.slug(i, r.prompt)}.mp4" for i, r in enumerate(requests)]
+    fps = cfg.fps or sampling.default_fps(tcfg)
+    state = dist.partial_state()
+    mine = list(range(state.process_index, len(requests), state.num_processes))
+    device, dtype = state.device, models.dtype_of(cfg.mixed_precision)
+    if not mine:
+        return []
+    requests = [requests[i] for i in mine]
+
+    # ------------------------------------------------------------ 1. prompts (T5, freed) + InP conditioning
+    vae = models.load_vae(model, dtype, device, slicing=True) if inpaint else None  # encodes the images
+    inputs = sampling.encode_inputs(model, requests, cfg.negative_prompt, geo, dtype=dtype, device=device,
+                                    seed=cfg.seed, low_vram=cfg.low_vram, vae=vae)
+    if vae is not None:
+        vae.to("cpu")  # back when decoding: the transformer has the device meanwhile
+
+    # ------------------------------------------------------------ 2. transformer + LoRA
+    transformer = models.load_transformer(model, dtype).requires_grad_(False).eval()
+    lora = sampling.load_lora(transformer, cfg.lora, cfg.lora_scale) if cfg.lora else None
+    if cfg.low_vram and device.type != "cpu":
+        from accelerate import cpu_offload
+
+        cpu_offload(transformer, execution_device=device)
+    else:
+        transformer.to(device)
+    scheduler = models.load_sampling_scheduler(model)
+
+    # ------------------------------------------------------------ 3. denoise
+    latents = []
+    for j, request in enumerate(requests):
+        latents.append(sampling.denoise(
+            transformer, scheduler, inputs[f"prompt_embeds.{j}"], inputs["negative_prompt_embeds"],
+            inputs.get(f"condition.{j}"), geo, steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+            seed=cfg.seed, device=device, dtype=dtype, desc=f"video {mine[j] + 1}/{len(outputs)}").cpu())
+    del transformer
+    sampling.free_memory()
+
+    # ------------------------------------------------------------ 4. decode, write
+    vae = models.load_vae(model, dtype, device, slicing=True) if vae is None else vae.to(device)
+    if cfg.low_vram:
+        vae.enable_tiling()
+    written = []
+    for j, request in enumerate(requests):
+        settings = {"prompt": request.prompt, "negative_prompt": cfg.negative_prompt, "image": request.image,
+                    "end_image": request.end_image, "model": str(model), "lora": lora, "seed": cfg.seed,
+                    "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
+                    "num_frames": geo.frames, "height": geo.height, "width": geo.width, "fps": fps,
+                    "cogfun_version": cogfun.__version__}
+        path = video.write_mp4(outputs[mine[j]], sampling.decode(vae, latents[j]), fps,
+                               comment=json.dumps(settings, sort_keys=True))
+        written.append(path)
+        print(f"wrote {path} ({geo.frames} frames, {geo.width}x{geo.height}, {fps} fps"
+              + (f", LoRA {lora['file']} x{lora['scale']:g}" if lora else "") + ")")
+    return written
