@@ -25,6 +25,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 NULL_PROMPT = "null_prompt.safetensors"
+BLACK_LATENTS = "black_latents.safetensors"  # inpaint: per bucket, the latents of an all -1 clip
 INTENT = ".precompute.json"
 HASH_CACHE = ".model-hash-cache.json"
 WORK = ".work"                      # per-run scratch (T5 spill files), emptied by the next run
