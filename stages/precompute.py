@@ -317,9 +317,9 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
                         "crop_box": list(plan.crop_box),
                         "frames": plan.frames, "height": plan.height, "width": plan.width,
                         "latent_frames": plan.latent_frames, "tokens": plan.tokens,
-                        "input": inputs[plan.identity]}
+                        "input": inputs[plan.identity]}  # the source's digest: stale leftovers are spotted
                 if policies:
-                    meta["masks"] = geometries[b]  # {policy: geometry}: train rebuilds each mask from it  # the source's digest: stale leftovers are spotted
+                    meta["masks"] = geometries[b]  # {policy: geometry}: train rebuilds each mask from it
                 writers.write(plan.bucket, shards.encode_sample(plan.key, meta, tensors))
 
         bar = tqdm(total=n_work_total, desc="precompute", unit="clip", disable=not (progress and main),

@@ -244,6 +244,9 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
         weights = weights_for(policies, frames, parse_weights(cfg.mask_policy_weights))  # checked by mask_weights
         allowed = [p for p in weights if keep == f_lat or p in PREFIX_SAFE]
         bucket = batch["metas"][0]["bucket"]
+        if sum(weights[p] for p in allowed) <= 0:
+            raise ConfigError(f"--mask_policy_weights gives every conditioning of bucket {bucket} "
+                              f"({', '.join(allowed)}{', frame-cropped' if keep < f_lat else ''}) weight 0")
         if black is not None:
             t[BLACK_LATENTS] = black[bucket][None].to(device)
         conds = []

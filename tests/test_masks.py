@@ -307,3 +307,18 @@ def test_training_draws_the_reference_weights_and_the_black_clip():
         mask_weights(focused, list(masks.DEFAULT_POLICIES))
     assert mask_weights(TrainConfig(train_mode="inpaint", mask_policy_weights="first_n=0.6"),
                         list(masks.DEFAULT_POLICIES))["video"]["first_n"] == 0.6
+
+
+def test_shards_without_mask_geometry_are_refused_for_inpaint():
+    """Inpaint shards of an older cogfun (temporal masks, no stored geometry, image copies) are refused
+    with what to do; this cogfun's are accepted."""
+    from types import SimpleNamespace
+
+    from cogfun.shards import ShardError
+    from stages.train import check_shards_fit
+
+    tcfg = SimpleNamespace(out_channels=16, text_embed_dim=32, in_channels=33)
+    manifest = {"model": {"latent_channels": 16, "text_dim": 32}, "mask_policies": ["i2v", "first_last"]}
+    with pytest.raises(ShardError, match="mask design.*re-run precompute"):
+        check_shards_fit(manifest, tcfg, "inpaint")
+    check_shards_fit({**manifest, "mask_design": masks.MASK_DESIGN}, tcfg, "inpaint")
