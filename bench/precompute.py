@@ -1,7 +1,7 @@
 """Precompute throughput vs the VAE-encode-only bound, and scaling from 1 to 2 ranks.
 
 Same tiny InP model, same clips (one 17x128x128 bucket, inpaint with i2v + first_last cached,
-so 3 VAE encodes per clip), fp32, side by side round after round:
+so 3 VAE encodes per clip, + 1 per bucket for the all -1 clip), fp32, side by side round after round:
   precompute  `stages.precompute.precompute` in this process, fresh shard dir: probe, T5,
               decode (DataLoader worker), VAE encodes, tar writing, index + manifest
   bound       the same encodes on clips decoded beforehand: `models.encode_clips` on the clip and
@@ -42,7 +42,7 @@ def main() -> None:
     from cogfun.buckets import Sampling
     from cogfun.config import mask_policy_list
     from cogfun.dataset import load_sources, probe_and_plan
-    from cogfun.masks import is_identity, masked_clip
+    from cogfun.masks import black_clip, draw_geometries, masked_clip
     from cogfun.video import decode_video, frames_to_tensor
     from stages.precompute import precompute
 
@@ -52,11 +52,14 @@ def main() -> None:
     cfg = C.precompute_config(model, meta, out / "shards", size=size, frames=args.frames, overwrite=True)
     sources, _ = load_sources(cfg.train_data_meta, cfg.train_data_dir)
     plans, _, by_key = probe_and_plan(sources, Sampling.from_config(cfg), workers=1, progress=False)
-    policies = [p for p in mask_policy_list(cfg) if not is_identity(p, plans[0].frames)]
+    geometries = [draw_geometries(mask_policy_list(cfg), p.frames, p.height, p.width, seed=cfg.seed, key=p.key)
+                  for p in plans]
+    policies = list(geometries[0])
     clips = [frames_to_tensor(decode_video(by_key[p.key].path, p.frame_indices, p.resize_hw, p.crop_box,
                                            media=by_key[p.key].media))[None]
              for p in plans]
-    inputs = [x for px in clips for x in (px, *(masked_clip(px, pol) for pol in policies))]
+    inputs = [x for px, g in zip(clips, geometries) for x in (px, *(masked_clip(px, pol, geo) for pol, geo in g.items()))]
+    inputs += [black_clip(p.frames, p.height, p.width) for p in {p.bucket: p for p in plans}.values()]
     vae = models.load_vae(cfg.pretrained_model_name_or_path, torch.float32, "cpu")
     C.quiet(models.load_text_encoder, cfg.pretrained_model_name_or_path, torch.float32, "cpu")  # its imports too
 

@@ -103,7 +103,7 @@ def main() -> None:
                 m0 = encode(masked)
                 resp = {}
                 for k in range(2):  # the cached noise response of pattern k (k = 0: what cogfun stores)
-                    resp[k] = masks.encode_conditioning(encode, pixels, [policy], clean=clean_latent,
+                    resp[k] = masks.encode_conditioning(encode, pixels, [{policy: None}],
                                                         keys=[f"clip{c}-{k}"], seed=42, reference_noise=True)
                 d0 = resp[0][f"{masks.NOISE_RESPONSE}.{policy}"]
                 d1 = resp[1][f"{masks.NOISE_RESPONSE}.{policy}"]

@@ -28,7 +28,7 @@ SHAPES = [  # (frames, height, width, mask policies)
     (49, 480, 720, ()),                # same, normal (text-to-video): no masked latents
     (49, 512, 512, C.REAL_POLICIES),   # the doc's token budget at 512
     (9, 1024, 1024, C.REAL_POLICIES),  # the doc's 1024 x 9 frames
-    (1, 512, 512, C.REAL_POLICIES),    # an image sample
+    (1, 512, 512, ("block", "ellipse")),  # an image sample (its default policies)
 ]
 
 

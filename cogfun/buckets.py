@@ -66,12 +66,16 @@ class Sampling:
     training_with_video_token_length: bool = False
     enable_bucket: bool = False
     seed: int = 42
-    num_views: int = 1
+    num_views: int | str = 1   # a count, or "auto" (about clip frames / window frames, at most max_views)
+    max_views: int = 8
     latent_multiple: int = 1   # the model's patch_size_t (CogVideoX 1.5: 2); not a flag
 
     @classmethod
     def from_config(cls, cfg, *, latent_multiple: int = 1) -> "Sampling":
+        from cogfun.config import num_views_setting
+
         flags = {k: getattr(cfg, k) for k in cls.__dataclass_fields__ if k != "latent_multiple"}
+        flags["num_views"] = num_views_setting(flags["num_views"])
         return cls(**flags, latent_multiple=latent_multiple)
 
     def validate(self) -> None:
@@ -83,8 +87,10 @@ class Sampling:
             raise ValueError(f"--video_sample_stride must be >= 1, got {self.video_sample_stride}")
         if self.video_sample_n_frames < 1:
             raise ValueError(f"--video_sample_n_frames must be >= 1, got {self.video_sample_n_frames}")
-        if self.num_views < 1:
-            raise ValueError(f"--num_views must be >= 1, got {self.num_views}")
+        if self.num_views != "auto" and not (isinstance(self.num_views, int) and self.num_views >= 1):
+            raise ValueError(f"--num_views must be >= 1 or 'auto', got {self.num_views!r}")
+        if self.max_views < 1:
+            raise ValueError(f"--max_views must be >= 1, got {self.max_views}")
         if self.latent_multiple < 1:
             raise ValueError(f"patch_size_t must be >= 1, got {self.latent_multiple}")
 
@@ -224,6 +230,17 @@ def clip_rng(seed: int, identity: str, view: int) -> random.Random:
     return random.Random(f"{seed}:{identity}:{view}")
 
 
+def auto_views(s: Sampling, kind: str, frames: int) -> int:
+    """--num_views auto: about clip frames / window frames views of a video (rounded, 1 to
+    max_views), the window being N frames `stride` apart; an image has one."""
+    if kind == "image":
+        return 1
+    available = (frames - 1) // s.video_sample_stride + 1 if frames > 0 else 0
+    n = max(1, floor_4k1(min(s.video_sample_n_frames, available)))
+    window = (n - 1) * s.video_sample_stride + 1
+    return max(1, min(s.max_views, math.floor(frames / window + 0.5)))
+
+
 def plan_clip(s: Sampling, source: str, kind: str, *, frames: int, height: int, width: int,
               identity: str | None = None) -> list[SamplePlan]:
     """All views of one probed clip (`identity`: the sample's source identity, default the
@@ -237,7 +254,9 @@ def plan_clip(s: Sampling, source: str, kind: str, *, frames: int, height: int, 
                        f"{MIN_SOURCE_SIDE} px, one transformer token)", "too small")
     identity = identity or source
     plans = []
-    for view in range(s.num_views):
+    auto = s.num_views == "auto"
+    views = auto_views(s, kind, frames) if auto else s.num_views
+    for view in range(views):
         rng = clip_rng(s.seed, identity, view)
         base = rng.choice(base_sizes(s, kind))
         h, w = bucket_hw(height, width, base, s.enable_bucket)
@@ -258,7 +277,11 @@ def plan_clip(s: Sampling, source: str, kind: str, *, frames: int, height: int, 
                     f"{stride}; need at least {need} (one 4-frame latent group after the first frame)",
                     "too short")
             window = (n - 1) * stride + 1
-            start = rng.randint(0, frames - window)
+            if auto:  # stratified: view v starts in the v-th of `views` equal parts of the start range
+                lo, hi = view * (frames - window + 1) // views, (view + 1) * (frames - window + 1) // views - 1
+                start = rng.randint(min(lo, frames - window), max(min(lo, frames - window), hi))
+            else:
+                start = rng.randint(0, frames - window)
             # the window is drawn for n frames and, for patch_size_t, its prefix kept (as CogVideoX-Fun)
             indices = tuple(start + i * stride for i in range(patch_t_frames(n, s.latent_multiple)))
             dropped = n - len(indices)

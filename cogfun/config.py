@@ -21,13 +21,19 @@ from typing import Any, Optional
 
 TRAIN_MODES = ("normal", "inpaint", "i2v")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-MASK_POLICIES = ("i2v", "first_k", "first_last")
+# Mask policies (cogfun.masks.POLICIES, repeated here to keep this module torch- and import-free;
+# a test checks they agree) and the default cached set (cogfun.masks.DEFAULT_POLICIES).
+MASK_POLICIES = ("i2v", "first_n", "first_last", "first_last_n", "random_frames", "block", "block_range",
+                 "ellipse", "pixel_noise", "small_blocks", "first_k")
+DEFAULT_MASK_POLICIES = "first_n,first_last_n,block,block_range,ellipse"
 
 
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
-        fingerprint: bool = False, hidden: bool = False) -> Any:
-    """A setting: default, help text, allowed choices, and whether it changes shard bytes."""
-    meta = {"help": help, "choices": choices, "fingerprint": fingerprint, "hidden": hidden}
+        fingerprint: bool = False, hidden: bool = False, int_or_word: bool = False) -> Any:
+    """A setting: default, help text, allowed choices, and whether it changes shard bytes.
+    `int_or_word`: a str setting that is a number or a word (TOML may give it as an integer)."""
+    meta = {"help": help, "choices": choices, "fingerprint": fingerprint, "hidden": hidden,
+            "int_or_word": int_or_word}
     return field(default=default, metadata=meta)
 
 
@@ -55,8 +61,10 @@ class DataArgs:
     video_repeat: int = opt(1, "Videos weigh this many times more than images when batches are drawn (0 counts as 1, as in CogVideoX-Fun).")
     train_mode: str = opt("normal", "normal: text-to-video (in_channels 16); inpaint / i2v: InP models (in_channels 33), masked-clip latents are cached.", choices=TRAIN_MODES, fingerprint=True)
     seed: int = opt(42, "Seed of every random choice (base sizes, frame windows, batch order, noise).", fingerprint=True)
-    num_views: int = opt(1, "Independent draws (base size, frame window) stored per clip, so augmentation survives caching.", fingerprint=True)
-    mask_policies: str = opt("i2v,first_last", "Inpaint/i2v only: masked-clip policies to cache (comma-separated of i2v, first_k, first_last); t2v (everything masked, conditioning zeroed) needs no cache and is always available.", fingerprint=True)
+    num_views: str = opt("1", "Views (base size, frame window) stored per clip; training shows one view of each clip per epoch, cycling through them. 'auto': about clip frames / window frames views per video (stratified windows covering the clip; images 1), at most --max_views.", fingerprint=True, int_or_word=True)
+    max_views: int = opt(8, "Most views per clip that --num_views auto stores.", fingerprint=True)
+    mask_policies: str = opt(DEFAULT_MASK_POLICIES, "Inpaint/i2v only: masked-clip policies to cache, comma-separated of " + ", ".join(MASK_POLICIES) + " (or 'all'). Each is one VAE encode and one latent per sample (two with reference noise); images cache only block and ellipse. t2v (everything masked) needs no cache and is always drawn. The default covers 85 % of CogVideoX-Fun's mask distribution for videos, 100 % for images.", fingerprint=True)
+    mask_policy_weights: str = opt("", "Inpaint/i2v only: train-time draw weights overriding CogVideoX-Fun's (which are the defaults), e.g. 'i2v=0.6,t2v=0.1' for an i2v-focused LoRA; a cached policy not named keeps its default.")
     probe_workers: int = opt(8, "Threads probing clips (inspect-buckets and precompute).")
     max_image_pixels: int = opt(89_478_485, "Decompression-bomb limit: images (and animation frames) with more pixels are skipped, with their size in the report. The default is Pillow's.")
 
@@ -264,6 +272,8 @@ def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
         typ = _base_type(by_name[key], cls)
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        if by_name[key].metadata.get("int_or_word") and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
         if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
             raise ConfigError(f"{path}: '{key}' must be {typ.__name__}, got {value!r}")
         choices = by_name[key].metadata.get("choices")
@@ -288,7 +298,22 @@ def mask_policy_list(cfg: DataArgs) -> list[str]:
     if cfg.train_mode == "normal":
         return []
     names = [p.strip() for p in cfg.mask_policies.split(",") if p.strip()]
+    if names == ["all"]:
+        names = list(MASK_POLICIES)
     bad = [p for p in names if p not in MASK_POLICIES]
     if bad:
         raise ConfigError(f"--mask_policies: unknown policy {', '.join(bad)}; choose from {', '.join(MASK_POLICIES)}")
     return sorted(set(names), key=MASK_POLICIES.index)
+
+
+def num_views_setting(value) -> int | str:
+    """--num_views: a count >= 1 or 'auto'."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--num_views must be a number >= 1 or 'auto', got {value!r}") from None
+    if n < 1:
+        raise ConfigError(f"--num_views must be >= 1 or 'auto', got {value!r}")
+    return n

@@ -26,14 +26,14 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
     if not cfg.train_data_meta:
         raise ConfigError("give --train_data_meta (a dataset to probe) or --shard_dir (a finished precompute)")
     text_dim = cfg.text_dim
-    n_policies = len(mask_policy_list(cfg))
+    policies = mask_policy_list(cfg)
     multiple, noise = 1, False
     if cfg.pretrained_model_name_or_path:  # the model's frame rule and reference noise (config reads only)
         from cogfun.models import read_component_config, transformer_family
 
         text_dim = read_component_config(cfg.pretrained_model_name_or_path, "text_encoder")["d_model"]
         family = transformer_family(cfg.pretrained_model_name_or_path)
-        multiple, noise = family.latent_multiple, family.reference_noise and n_policies > 0
+        multiple, noise = family.latent_multiple, family.reference_noise and bool(policies)
     sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir)
     plans, skips, by_key = probe_and_plan(sources, Sampling.from_config(cfg, latent_multiple=multiple),
                                           workers=cfg.probe_workers, max_pixels=cfg.max_image_pixels)
@@ -46,15 +46,17 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
     buckets = []
     for name, count in counts.items():
         h, w, f = parse_bucket(name)
-        cached = n_policies * (2 if noise else 1)  # reference noise: + the noise response per policy
+        cached = conditioning_latents(policies, f, noise)
         per = sample_bytes(f, h, w, text_dim=0, n_mask_policies=cached) + SAMPLE_OVERHEAD
+        prompt_per_sample = prompts / len(plans)  # caption tables: each distinct caption once, shared out
         buckets.append({"name": name, "height": h, "width": w, "frames": f, "count": count,
                         "videos": kinds[name]["video"], "images": kinds[name]["image"],
                         "tokens": tokens_per_sample(f, h, w, multiple),
-                        "bytes": per * count + round(prompts * count / len(plans))})
+                        "bytes": per * count + round(prompt_per_sample * count),
+                        "bytes_per_sample": per + round(prompt_per_sample), "encodes_per_sample": 1 + cached})
     skipped = [s.to_json() for s in sorted(row_skips + skips, key=lambda s: s.file_path)]
     notes = model_notes(multiple, noise, trimmed=sum(1 for p in plans if p.frames_dropped))
-    return _finish(buckets, skipped, sources=len(sources) + len(row_skips), estimated=True,
+    return _finish(buckets, skipped, sources=len(sources) + len(row_skips), estimated=True, masks=mask_report(policies),
                    video_repeat=cfg.video_repeat, notes=notes, **media_report(by_key.values()))
 
 
@@ -72,6 +74,25 @@ def model_notes(multiple: int, noise: bool, trimmed: int | None = None) -> list[
     return notes
 
 
+def conditioning_latents(policies: list[str], frames: int, noise: bool) -> int:
+    """Cached conditioning latents (= extra VAE encodes) of one sample: one per policy it caches (an
+    image caches only the spatial ones), two with reference noise."""
+    from cogfun.masks import sample_policies
+
+    return len(sample_policies(policies, frames)) * (2 if noise else 1)
+
+
+def mask_report(policies: list[str]) -> dict:
+    """The cached mask policies and how much of CogVideoX-Fun's mask distribution they reproduce
+    (videos at 49 frames, images); {} without inpaint."""
+    if not policies:
+        return {}
+    from cogfun.masks import coverage, sample_policies
+
+    return {"policies": policies, "image_policies": sample_policies(policies, 1),
+            "video_coverage": round(coverage(policies, 49), 4), "image_coverage": round(coverage(policies, 1), 4)}
+
+
 def report_from_shards(cfg: InspectConfig) -> dict:
     """From a finished shard dir (local path or URL): manifest + index only, no tar is read."""
     from cogfun.shards import read_index, require_manifest
@@ -86,20 +107,23 @@ def report_from_shards(cfg: InspectConfig) -> dict:
     prompts = sum(manifest["prompt_tables"].values())   # caption tables, shared by the buckets by sample count
     samples = manifest["num_samples"] or 1
     buckets = []
+    noise = bool(manifest.get("reference_noise"))
     for name, b in manifest["buckets"].items():
         size = sum(manifest["shard_bytes"][s] for s in b["shards"]) + round(prompts * b["count"] / samples)
         buckets.append({"name": name, "height": b["height"], "width": b["width"], "frames": b["frames"],
                         "count": b["count"], "videos": kinds[(name, "video")], "images": kinds[(name, "image")],
-                        "tokens": b["tokens"], "bytes": size})
-    notes = model_notes(manifest.get("latent_frame_multiple", 1), bool(manifest.get("reference_noise")))
+                        "tokens": b["tokens"], "bytes": size, "bytes_per_sample": size // max(1, b["count"]),
+                        "encodes_per_sample": 1 + conditioning_latents(manifest["mask_policies"], b["frames"], noise)})
+    notes = model_notes(manifest.get("latent_frame_multiple", 1), noise)
     return _finish(buckets, manifest["skipped"], sources=manifest["num_sources"], estimated=False,
                    video_repeat=manifest["config"].get("video_repeat", 1), fingerprint=manifest["fingerprint"],
-                   decoders=manifest.get("decoders", {}), warnings=manifest.get("warnings", []), notes=notes)
+                   decoders=manifest.get("decoders", {}), warnings=manifest.get("warnings", []), notes=notes,
+                   masks=mask_report(manifest["mask_policies"]))
 
 
 def _finish(buckets: list[dict], skipped: list[dict], *, sources: int, estimated: bool, video_repeat: int,
             fingerprint: str | None = None, decoders: dict | None = None, warnings: list | None = None,
-            notes: list[str] = ()) -> dict:
+            notes: list[str] = (), masks: dict | None = None) -> dict:
     buckets.sort(key=lambda b: (b["frames"], b["height"] * b["width"], b["height"]))
     samples = sum(b["count"] for b in buckets)
     weight = sum(b["videos"] * video_repeat + b["images"] for b in buckets) or 1
@@ -107,25 +131,39 @@ def _finish(buckets: list[dict], skipped: list[dict], *, sources: int, estimated
         b["share"] = round((b["videos"] * video_repeat + b["images"]) / weight, 4)
     total = {"samples": samples, "sources": sources, "skipped": len(skipped), "buckets": len(buckets),
              "bytes": sum(b["bytes"] for b in buckets), "tokens": sum(b["tokens"] * b["count"] for b in buckets),
-             "bytes_estimated": estimated}
+             "bytes_estimated": estimated,
+             # precompute time follows the VAE work: encodes, and their pixel volume (frames x H x W)
+             "vae_encodes": sum(b["encodes_per_sample"] * b["count"] for b in buckets),
+             "vae_megapixel_frames": round(sum(b["encodes_per_sample"] * b["count"] * b["frames"] * b["height"]
+                                               * b["width"] for b in buckets) / 1e6, 3)}
     if fingerprint:
         total["fingerprint"] = fingerprint
     return {"buckets": buckets, "skipped": skipped, "skipped_by_reason": count_by_category(skipped),
-            "decoders": decoders or {}, "warnings": warnings or [], "total": total, "model_notes": list(notes)}
+            "decoders": decoders or {}, "warnings": warnings or [], "total": total, "model_notes": list(notes),
+            "masks": masks or {}}
 
 
 def format_table(report: dict) -> str:
     lines = [f"{'bucket (HxWxF)':>16} {'samples':>8} {'videos':>7} {'images':>7} {'tokens/sample':>14} "
-             f"{'bytes':>11} {'share':>7}"]
+             f"{'bytes/sample':>12} {'encodes':>7} {'bytes':>11} {'share':>7}"]
     for b in report["buckets"]:
         lines.append(f"{b['name']:>16} {b['count']:>8} {b['videos']:>7} {b['images']:>7} {b['tokens']:>14,} "
-                     f"{_human(b['bytes']):>11} {b['share']:>7.1%}")
+                     f"{_human(b['bytes_per_sample']):>12} {b['encodes_per_sample']:>7} {_human(b['bytes']):>11} "
+                     f"{b['share']:>7.1%}")
     t = report["total"]
     est = " (estimated)" if t["bytes_estimated"] else " (on disk)"
-    lines.append(f"{'total':>16} {t['samples']:>8} {'':>7} {'':>7} {t['tokens']:>14,} {_human(t['bytes']):>11}"
-                 f"{est}")
-    lines.append(f"{t['sources']} sources -> {t['samples']} samples in {t['buckets']} buckets; {t['skipped']} skipped")
+    lines.append(f"{'total':>16} {t['samples']:>8} {'':>7} {'':>7} {t['tokens']:>14,} {'':>12} {t['vae_encodes']:>7} "
+                 f"{_human(t['bytes']):>11}{est}")
+    lines.append(f"{t['sources']} sources -> {t['samples']} samples in {t['buckets']} buckets; {t['skipped']} skipped; "
+                 f"precompute: {t['vae_encodes']} VAE encodes of {t['vae_megapixel_frames']:,} megapixel-frames "
+                 f"(its time scales with these)")
     lines.extend(report.get("model_notes", []))
+    m = report.get("masks")
+    if m:
+        lines.append(f"mask policies {', '.join(m['policies'])} (+ t2v): {m['video_coverage']:.0%} of CogVideoX-Fun's "
+                     f"mask distribution for videos, {m['image_coverage']:.0%} for images (images cache "
+                     f"{', '.join(m['image_policies']) or 'none'}); each cached policy is one VAE encode and one "
+                     f"latent per sample")
     lines.extend(media_lines(report))
     return "\n".join(lines)
 

@@ -13,7 +13,8 @@ worker processes would have to move every batch through shared memory, which cos
 itself (bench/streaming.py). A remote shard dir's tars come through the node's cache
 (`storage.ShardStore.local_path`), fetched by the reading thread the first time a tar is used.
 
-Global batch order: per epoch, each bucket's samples are shuffled (videos repeated
+Global batch order: per epoch, one view of each clip is taken (cycling through a clip's views
+across epochs, see `BucketBatchSampler`), each bucket's samples are shuffled (videos repeated
 `video_repeat` times), cut into batches of `batch_size`, and all batches are shuffled together
 (so buckets mix in proportion to their size). Global batch g goes to rank g % world; a step of
 W ranks x A accumulation micro-batches consumes W*A consecutive global batches. The same global
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import tarfile
@@ -194,30 +196,50 @@ def collate(samples: list[dict], pin_memory: bool = False) -> dict:
 
 
 class BucketBatchSampler:
-    """Yields this rank's batches: lists of (global sample index, global batch id)."""
+    """Yields this rank's batches: lists of (global sample index, global batch id).
 
-    def __init__(self, rows: list[tuple[int, str, str]], *, batch_size: int, world: int, rank: int,
+    The views of one clip (samples whose keys differ only in `_v<view>`) are shown one per epoch:
+    epoch e shows view (e + o) mod V of a clip with V views, o a seeded offset per clip, as
+    CogVideoX-Fun shows one fresh window of each clip per epoch. When views land in different
+    buckets an epoch's batch count can vary; `steps_in_epoch` and `locate_step` account for it.
+    """
+
+    def __init__(self, rows: list[tuple], *, batch_size: int, world: int, rank: int,
                  accumulation: int, seed: int, video_repeat: int = 1):
-        """rows: (global index, bucket, kind) per sample."""
+        """rows: (global index, bucket, kind[, sample key]) per sample; without a key each row is its own clip."""
         if video_repeat < 0:
             raise ValueError(f"--video_repeat must be >= 0, got {video_repeat}")
         self.rows, self.batch_size, self.world, self.rank = rows, batch_size, world, rank
         self.accumulation, self.seed = accumulation, seed
         self.video_repeat = max(1, video_repeat)  # CogVideoX-Fun: 0 means "no extra repeats"
         self.epoch = 0
-        self.n_batches = len(self.global_batches(0))  # the same every epoch (per-bucket counts are fixed)
+        clips: dict[str, list[tuple[int, tuple]]] = {}
+        for row in rows:
+            clip, _, view = row[3].rpartition("_v") if len(row) > 3 else (str(row[0]), "", "0")
+            clips.setdefault(clip, []).append((int(view), tuple(row[:3])))
+        self.clips = []   # (seeded offset, the clip's views in view order)
+        for clip in sorted(clips):
+            offset = random.Random(f"{seed}:views:{clip}").randrange(len(clips[clip]))
+            self.clips.append((offset, [r for _, r in sorted(clips[clip])]))
+        self.period = math.lcm(*{len(views) for _, views in self.clips}) if self.clips else 1
+        self._counts: dict[int, int] = {}
+        self.n_batches = self.batches_in_epoch(0)
         if self.n_batches == 0:
             raise ValueError(
-                f"not enough samples for one step: {len(rows)} cached samples give fewer than "
-                f"{world} ranks x {accumulation} accumulation batches of {batch_size} from one bucket each")
+                f"not enough samples for one step: {len(self.clips)} clips ({len(rows)} cached samples) give fewer "
+                f"than {world} ranks x {accumulation} accumulation batches of {batch_size} from one bucket each")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def epoch_rows(self, epoch: int) -> list[tuple]:
+        """The (index, bucket, kind) rows an epoch shows: one view of each clip."""
+        return [views[(epoch + offset) % len(views)] for offset, views in self.clips]
+
     def global_batches(self, epoch: int) -> list[list[int]]:
         rng = random.Random(f"{self.seed}:batches:{epoch}")
         by_bucket: dict[str, list[int]] = {}
-        for index, bucket, kind in self.rows:
+        for index, bucket, kind in self.epoch_rows(epoch):
             repeat = self.video_repeat if kind == "video" else 1
             by_bucket.setdefault(bucket, []).extend([index] * repeat)
         batches = []
@@ -230,11 +252,31 @@ class BucketBatchSampler:
         per_step = self.world * self.accumulation
         return batches[: len(batches) // per_step * per_step]
 
-    def steps_per_epoch(self) -> int:
-        return self.n_batches // (self.world * self.accumulation)
+    def batches_in_epoch(self, epoch: int) -> int:
+        """len(global_batches(epoch)) from the bucket counts alone (memoised over the views' period)."""
+        key = epoch % self.period
+        if key not in self._counts:
+            sizes: dict[str, int] = {}
+            for _, bucket, kind in self.epoch_rows(epoch):
+                sizes[bucket] = sizes.get(bucket, 0) + (self.video_repeat if kind == "video" else 1)
+            n = sum(size // self.batch_size for size in sizes.values())
+            per_step = self.world * self.accumulation
+            self._counts[key] = n // per_step * per_step
+        return self._counts[key]
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return self.batches_in_epoch(epoch) // (self.world * self.accumulation)
+
+    def locate_step(self, step: int) -> tuple[int, int]:
+        """(epoch, optimizer steps before that epoch) of the epoch that holds optimizer step `step`."""
+        epoch, before = 0, 0
+        while before + self.steps_in_epoch(epoch) <= step:
+            before += self.steps_in_epoch(epoch)
+            epoch += 1
+        return epoch, before
 
     def __len__(self) -> int:
-        return self.n_batches // self.world
+        return self.batches_in_epoch(self.epoch) // self.world
 
     def __iter__(self):
         batches = self.global_batches(self.epoch)
@@ -242,11 +284,11 @@ class BucketBatchSampler:
             yield [(index, g) for index in batches[g]]
 
 
-def index_rows(dataset: CachedSamples) -> list[tuple[int, str, str]]:
-    """(global index, bucket, kind) for every indexed sample."""
+def index_rows(dataset: CachedSamples) -> list[tuple[int, str, str, str]]:
+    """(global index, bucket, kind, sample key) for every indexed sample."""
     idx = dataset.index
-    return [(dataset.global_index(s, p), b, k)
-            for s, p, b, k in zip(idx["shard"], idx["position"], idx["bucket"], idx["kind"])]
+    return [(dataset.global_index(s, p), b, k, key)
+            for s, p, b, k, key in zip(idx["shard"], idx["position"], idx["bucket"], idx["kind"], idx["key"])]
 
 
 def batches(dataset: CachedSamples, sampler: BucketBatchSampler, *, threads: int, skip: int = 0,

@@ -1,16 +1,36 @@
-"""Inpaint / i2v mask policies.
+"""Inpaint / i2v mask policies: CogVideoX-Fun's random masks, cached.
 
-CogVideoX-Fun draws a random pixel mask every step and VAE-encodes the masked clip every step.
-We cache the masked-clip latents for a fixed set of temporal policies instead (DESIGN §3) and
-rebuild the 1-channel mask at train time exactly as CogVideoX-Fun does (`resize_mask`: first
-frame on its own, the rest trilinearly resized to the remaining latent frames), multiplied by
-the VAE scaling factor like the masked latents.
+CogVideoX-Fun (`get_random_mask` in VideoX-Fun) draws a random pixel mask per sample and step
+(1 = to generate, masked pixels set to -1) and VAE-encodes the masked clip every step. We cache the
+masked-clip latents for a recorded set of *policies* instead (DESIGN §3). Each policy stands for
+part of the reference's mask distribution; per sample and policy, precompute draws the mask's
+geometry with a seeded RNG (seed, sample key, policy) exactly as the reference draws it, stores it
+in the sample's json and encodes that masked clip; train rebuilds the pixel mask from the stored
+geometry and resizes it exactly as CogVideoX-Fun does (`resize_mask`: 1 - mask, first frame on its
+own, the rest trilinearly resized to the remaining latent frames), times the VAE scaling factor.
 
-Policies (pixel frames known to the model; everything else is masked to -1 before encoding):
-  t2v         nothing known; mask channel and masked latents are all zero (not cached)
-  i2v         the first frame
-  first_k     the first 1 + 4*((F'-1)//2) frames (the first half of the latent groups)
-  first_last  the first and the last frame
+The reference's families (videos; images in brackets) and the policy that caches each:
+  all masked            20 % [70 %]  t2v (not cached: conditioning zeroed; 10 % of these steps get
+                                     mask 0 + the latents of an all -1 clip, cached once per bucket)
+  first k known, k=1     5 %         i2v
+  first k known, k=2..4 15 %         first_n (also k=1 when i2v is not cached)
+  first+last k, k=1      5 %         first_last
+  first+last k, k=2..4  15 %         first_last_n (also k=1 when first_last is not cached)
+  random whole frames    5 %         random_frames
+  block, all frames      5 % [20 %]  block
+  block, frame range     5 %         block_range
+  ellipse / circle in frame 0 (all other frames known)  10 % + 5 % [5 % + 5 %]  ellipse
+  per-pixel noise        5 %         pixel_noise
+  small blocks, random frames  5 %   small_blocks
+  (cogfun's own, not in the reference: first_k = the first half of the latent groups known)
+A draw whose mask hides nothing (first+last k with 2k >= F frames, random frames none masked) is
+a copy task; cogfun never caches one: those draws are left out of the geometry. Image samples
+(1 frame) cache only the policies of the image distribution (block, ellipse); every other policy
+would be the identity there.
+
+Default draw weights at train time are the reference's mass of what each cached policy stands for
+(`default_weights`); `coverage` is that mass summed, t2v included. Users may override them
+(`--mask_policy_weights`).
 
 Reference-video noise (`add_noise_in_inpaint_model: true`, CogVideoX-Fun V1.1 / V1.5 InP): its
 trainer adds N(0, sigma^2) to the known pixels before every masked-clip encode, sigma =
@@ -24,18 +44,38 @@ and the conditioning's spread follows sigma step by step. Cost: one more VAE enc
 cached latent per policy. The measured closeness to fresh per-step noise is in bench/README.md
 (`bench/reference_noise.py`).
 
-Precompute calls `encode_conditioning`, train calls `conditioning`; both build on `masked_clip`
-and `mask_channel`, where a policy is defined, so a new policy slots in there.
+Precompute calls `draw_geometries` and `encode_conditioning`, train calls `conditioning`; all build
+on `pixel_mask` (where a policy's mask is defined) and `mask_channel`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import random
 
-# Policies whose conditioning stays valid when a latent-frame prefix is kept (random_frame_crop):
-PREFIX_SAFE = ("t2v", "i2v", "first_k")
+# Every policy, in a fixed order (the config's choices). t2v needs no cache.
+POLICIES = ("i2v", "first_n", "first_last", "first_last_n", "random_frames", "block", "block_range",
+            "ellipse", "pixel_noise", "small_blocks", "first_k")
+# The default cached set: >= 80 % of the reference's mask mass for videos (85 %) and images (100 %)
+# at the fewest encodes (5 per video, 2 per image).
+DEFAULT_POLICIES = ("first_n", "first_last_n", "block", "block_range", "ellipse")
+SPATIAL = ("block", "block_range", "ellipse", "pixel_noise", "small_blocks")
+# Policies whose conditioning stays what it says when a latent-frame prefix is kept (random_frame_crop):
+PREFIX_SAFE = ("t2v", "i2v", "first_k", "first_n", "random_frames") + SPATIAL
+FIRST_K_WEIGHT = 0.2        # first_k is not in the reference: its weight when cached
+BLACK_SHARE = 0.1           # reference: 10 % of all-masked steps get mask 0 + an all -1 clip's latents
+BLACK = "t2v_black"         # that conditioning's name in draws; its latents: `black_latents` per bucket
+# The mask design, recorded in the manifest and the precompute fingerprint: a change of the rules
+# that draw or build masks must change it.
+MASK_DESIGN = "cogvideox-fun-get_random_mask/1"
 
+# The reference's draws: (family, k, probability). k: frames known at each end (None: no k).
+VIDEO_DRAWS = (("block", None, 0.05), ("all", None, 0.20),
+               *(("first", k, 0.05) for k in (1, 2, 3, 4)), *(("first_last", k, 0.05) for k in (1, 2, 3, 4)),
+               ("block_range", None, 0.05), ("pixel_noise", None, 0.05), ("small_blocks", None, 0.05),
+               ("ellipse", None, 0.10), ("circle", None, 0.05), ("random_frames", None, 0.05))
+IMAGE_DRAWS = (("block", None, 0.20), ("all", None, 0.70), ("ellipse", None, 0.05), ("circle", None, 0.05))
 # CogVideoX-Fun's reference-video noise (`add_noise_in_inpaint_model: true` in a transformer config):
 # in training, sigma = exp(N(-3, 0.5)) per sample; at inference a fixed `noise_aug_strength`.
 REFERENCE_NOISE_LOG_MEAN = -3.0
@@ -45,6 +85,7 @@ INFERENCE_NOISE_AUG_STRENGTH = 0.0563
 REFERENCE_NOISE_SIGMA0 = math.exp(REFERENCE_NOISE_LOG_MEAN)
 MASKED = "masked_latents"          # cached tensor names: f"{MASKED}.{policy}", f"{NOISE_RESPONSE}.{policy}"
 NOISE_RESPONSE = "masked_noise_response"
+BLACK_LATENTS = "black_latents"    # the all -1 clip's latents of a bucket (train puts them in a batch's tensors)
 
 
 def reference_noise_design() -> dict:
@@ -55,33 +96,195 @@ def reference_noise_design() -> dict:
             "tensors": f"{MASKED}.<policy> (clean), {NOISE_RESPONSE}.<policy> (response at sigma0)"}
 
 
-def known_frames(policy: str, frames: int) -> list[bool]:
-    """Per pixel frame: is it given to the model (True) or masked (False)?"""
-    known = [False] * frames
-    if policy == "t2v":
-        return known
-    if policy == "i2v":
-        known[0] = True
-    elif policy == "first_k":
-        latent = (frames - 1) // 4 + 1
-        k = 1 + 4 * ((latent - 1) // 2)
-        for i in range(k):
-            known[i] = True
-    elif policy == "first_last":
-        known[0] = True
-        known[-1] = True
-    else:
-        raise ValueError(f"unknown mask policy {policy!r}")
-    return known
+# ---------------------------------------------------------------- which policy stands for which draws
+
+def reference_draws(frames: int) -> tuple:
+    """The reference's (family, k, probability) draws for a clip of `frames` pixel frames."""
+    return IMAGE_DRAWS if frames == 1 else VIDEO_DRAWS
 
 
-def masked_clip(pixels, policy: str):
-    """pixels [..., 3, F, H, W] in [-1, 1] -> the same clip with masked frames set to -1."""
+def route(family: str, k: int | None, policies) -> str | None:
+    """The policy that stands for a reference draw, given the cached `policies` (t2v always), or None."""
+    if family == "all":
+        return "t2v"
+    if family in ("first", "first_last"):
+        single, several = ("i2v", "first_n") if family == "first" else ("first_last", "first_last_n")
+        if k == 1 and single in policies:
+            return single
+        return several if several in policies else None
+    family = "ellipse" if family == "circle" else family
+    return family if family in policies else None
+
+
+def _hides_something(family: str, k: int | None, frames: int) -> bool:
+    return not ((family == "first" and k >= frames) or (family == "first_last" and 2 * k >= frames))
+
+
+def draws_of(policy: str, policies, frames: int) -> list[tuple]:
+    """The reference draws `policy` stands for on a `frames`-frame clip (copy tasks left out)."""
+    return [d for d in reference_draws(frames)
+            if route(d[0], d[1], policies) == policy and _hides_something(d[0], d[1], frames)]
+
+
+def sample_policies(policies, frames: int) -> list[str]:
+    """The policies cached for a sample of `frames` frames: those that hide something there (an image
+    gets only block and ellipse; every temporal policy would be its identity)."""
+    return [p for p in policies if draws_of(p, policies, frames) or (p == "first_k" and frames > 1)]
+
+
+def default_weights(policies, frames: int) -> dict[str, float]:
+    """Train-time draw weights of t2v and the sample's cached policies: the reference's mass of the
+    draws each stands for (first_k, cogfun's own, FIRST_K_WEIGHT)."""
+    weights = {"t2v": sum(p for f, _, p in reference_draws(frames) if f == "all")}
+    for policy in sample_policies(policies, frames):
+        weights[policy] = FIRST_K_WEIGHT if policy == "first_k" else sum(p for *_, p in draws_of(policy, policies, frames))
+    return weights
+
+
+def coverage(policies, frames: int) -> float:
+    """The share of the reference's mask draws on a `frames`-frame clip that the cached `policies`
+    (and t2v) reproduce."""
+    return sum(p for f, k, p in reference_draws(frames)
+               if route(f, k, policies) is not None and _hides_something(f, k, frames))
+
+
+def parse_weights(spec: str) -> dict[str, float]:
+    """`--mask_policy_weights` "i2v=0.6,t2v=0.1" -> {"i2v": 0.6, "t2v": 0.1} (names and values checked)."""
+    out = {}
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in ("t2v",) + POLICIES:
+            raise ValueError(f"--mask_policy_weights: expected policy=weight with a policy among t2v, "
+                             f"{', '.join(POLICIES)}; got {item!r}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise ValueError(f"--mask_policy_weights: {name}={value!r} is not a number") from None
+        if not out[name] >= 0 or math.isinf(out[name]):
+            raise ValueError(f"--mask_policy_weights: {name} must be a finite weight >= 0, got {value}")
+    return out
+
+
+def weights_for(policies, frames: int, overrides: dict[str, float]) -> dict[str, float]:
+    """The draw weights of one sample kind: the defaults, with the user's overrides where they apply."""
+    return {p: overrides.get(p, w) for p, w in default_weights(policies, frames).items()}
+
+
+# ---------------------------------------------------------------- geometry: drawn once, stored, rebuilt
+
+def draw_geometries(policies, frames: int, height: int, width: int, *, seed: int, key: str) -> dict[str, dict]:
+    """{policy: geometry} of one sample (JSON): the reference's draw for each cached policy, seeded by
+    (seed, sample key, policy), in pixels of the H x W sample."""
+    out = {}
+    for policy in sample_policies(policies, frames):
+        rng = random.Random(f"{seed}:{key}:mask:{policy}")
+        out[policy] = {} if policy == "first_k" else _draw(draws_of(policy, policies, frames), frames, height,
+                                                           width, rng)
+    return out
+
+
+def _block(rng: random.Random, height: int, width: int) -> dict:
+    cx, cy = rng.randrange(width), rng.randrange(height)
+    bx, by = rng.randrange(width // 4, width // 4 * 3), rng.randrange(height // 4, height // 4 * 3)
+    return {"y0": max(cy - by // 2, 0), "y1": min(cy + by // 2, height),
+            "x0": max(cx - bx // 2, 0), "x1": min(cx + bx // 2, width)}
+
+
+def _draw(draws: list[tuple], f: int, h: int, w: int, rng: random.Random) -> dict:
+    """One geometry, as get_random_mask draws it, for one of `draws` (picked by probability)."""
+    family, k, _ = rng.choices(draws, weights=[d[2] for d in draws])[0]
+    if family in ("first", "first_last"):
+        return {"k": k}
+    if family == "random_frames":  # each frame masked with probability 1/2; none or all is another policy
+        while True:
+            masked = [int(rng.random() > 0.5) for _ in range(f)]
+            if 0 < sum(masked) < f:
+                return {"masked": masked}
+    if family == "block":
+        return _block(rng, h, w)
+    if family == "block_range":
+        return {**_block(rng, h, w), "t0": rng.randrange(0, f // 2), "t1": rng.randrange(f // 2, f)}
+    side = min(h, w)
+    if family == "ellipse":
+        return {"shape": "ellipse", "cx": rng.randrange(w), "cy": rng.randrange(h),
+                "a": rng.randrange(side // 8, side // 4), "b": rng.randrange(side // 8, side // 4)}
+    if family == "circle":
+        return {"shape": "circle", "cx": rng.randrange(w), "cy": rng.randrange(h),
+                "r": rng.randrange(side // 8, side // 4)}
+    if family == "pixel_noise":
+        return {"seed": rng.getrandbits(63)}
+    if family == "small_blocks":
+        blocks = []
+        for t in rng.sample(range(f), rng.randint(1, max(f // 2, 1))):
+            bh, bw = rng.randint(1, h // 4), rng.randint(1, w // 4)
+            y, x = rng.randint(0, h - bh), rng.randint(0, w - bw)
+            blocks.append([t, y, y + bh, x, x + bw])
+        return {"blocks": blocks}
+    raise ValueError(f"unknown mask family {family!r}")
+
+
+def pixel_mask(policy: str, geometry: dict | None, frames: int, height: int, width: int, *, device=None):
+    """The reference-layout pixel mask [F, 1, H, W] uint8, 1 = masked (to generate), of a policy and
+    its stored geometry (`draw_geometries`; None for the policies that have none: t2v, i2v,
+    first_last, first_k)."""
     import torch
 
-    keep = torch.tensor(known_frames(policy, pixels.shape[-3]), dtype=torch.bool, device=pixels.device)
-    keep = keep.view(*([1] * (pixels.dim() - 3)), -1, 1, 1)
-    return torch.where(keep, pixels, torch.full_like(pixels, -1.0))
+    g = geometry or {}
+    if policy == "pixel_noise":  # drawn on the CPU: the same bits at precompute and train on any device
+        gen = torch.Generator().manual_seed(g["seed"])
+        return torch.randint(0, 2, (frames, 1, height, width), generator=gen, dtype=torch.uint8).to(device)
+    mask = torch.zeros(frames, 1, height, width, dtype=torch.uint8, device=device)
+    if policy == "t2v":
+        mask[:] = 1
+    elif policy == "i2v":
+        mask[1:] = 1
+    elif policy == "first_n":
+        mask[g["k"]:] = 1
+    elif policy == "first_last":
+        mask[1:-1] = 1
+    elif policy == "first_last_n":
+        mask[g["k"]:-g["k"]] = 1
+    elif policy == "first_k":
+        latent = (frames - 1) // 4 + 1
+        mask[1 + 4 * ((latent - 1) // 2):] = 1
+    elif policy == "random_frames":
+        for t, masked in enumerate(g["masked"][:frames]):
+            mask[t] = masked
+    elif policy == "block":
+        mask[:, :, g["y0"]:g["y1"], g["x0"]:g["x1"]] = 1
+    elif policy == "block_range":
+        mask[g["t0"]:g["t1"], :, g["y0"]:g["y1"], g["x0"]:g["x1"]] = 1
+    elif policy == "ellipse":  # frame 0 only, the reference's float32 formula
+        y, x = torch.meshgrid(torch.arange(height, dtype=torch.float32, device=device),
+                              torch.arange(width, dtype=torch.float32, device=device), indexing="ij")
+        if g["shape"] == "circle":
+            inside = (y - g["cy"]) ** 2 + (x - g["cx"]) ** 2 < g["r"] ** 2
+        else:
+            inside = ((y - g["cy"]) ** 2) / (g["b"] ** 2) + ((x - g["cx"]) ** 2) / (g["a"] ** 2) < 1
+        mask[0, 0] = inside.to(torch.uint8)
+    elif policy == "small_blocks":
+        for t, y0, y1, x0, x1 in g["blocks"]:
+            mask[t, 0, y0:y1, x0:x1] = 1
+    else:
+        raise ValueError(f"unknown mask policy {policy!r}")
+    return mask
+
+
+def known_frames(policy: str, frames: int, geometry: dict | None = None) -> list[bool]:
+    """Per pixel frame of a temporal policy: is it given to the model (True) or masked (False)?"""
+    if policy in SPATIAL:
+        raise ValueError(f"{policy} masks part of a frame: use pixel_mask")
+    return [not bool(m) for m in pixel_mask(policy, geometry, frames, 1, 1).flatten().tolist()]
+
+
+def masked_clip(pixels, policy: str, geometry: dict | None = None):
+    """pixels [..., 3, F, H, W] in [-1, 1] -> the same clip with the policy's masked pixels set to -1."""
+    import torch
+
+    frames, height, width = pixels.shape[-3:]
+    mask = pixel_mask(policy, geometry, frames, height, width, device=pixels.device).permute(1, 0, 2, 3)
+    return torch.where(mask.bool(), torch.full_like(pixels, -1.0), pixels)
 
 
 def draw_reference_sigma(batch: int, *, generator=None, device=None):
@@ -110,11 +313,6 @@ def add_reference_noise(pixels, sigma, *, generator=None, noise=None):
     return pixels + torch.where(pixels == -1, torch.zeros_like(noise), noise)
 
 
-def is_identity(policy: str, frames: int) -> bool:
-    """True when the policy masks nothing (the masked clip is the clip itself)."""
-    return all(known_frames(policy, frames))
-
-
 def resize_mask(mask, latent_shape):
     """CogVideoX-Fun's resize_mask: mask [B, 1, F, H, W] -> [B, 1, F', h, w] (first frame alone)."""
     import torch
@@ -128,19 +326,25 @@ def resize_mask(mask, latent_shape):
     return torch.cat([first, rest], dim=2)
 
 
-def mask_channel(policy: str, frames: int, f_lat: int, h: int, w: int, scaling_factor: float,
-                 *, dtype=None, device=None):
-    """The conditioning mask channel [1, F', 1, h, w] (transformer layout): 1 = known, x scaling.
+def mask_channel(policy: str, frames: int, f_lat: int, h: int, w: int, scaling: float,
+                 *, geometry: dict | None = None, dtype=None, device=None):
+    """The conditioning mask channel [1, F', 1, h, w] (transformer layout): resize_mask(1 - mask) x scaling.
 
-    `frames` is the pixel frame count the policy was applied to, F' the latent frames kept.
+    `frames`: the pixel frames the policy was drawn for; F' the latent frames kept (a prefix: the
+    pixel mask is cut to the frames they cover first, as CogVideoX-Fun cuts it for random_frame_crop).
+    Temporal policies are built at 8 x 8 pixels and resized to 1 x 1 (their mask is constant in space,
+    so this is exact); spatial ones at the sample's h*8 x w*8 pixels.
     """
     import torch
 
-    known = torch.tensor(known_frames(policy, frames), dtype=torch.float32, device=device)
-    pixel = known.view(1, 1, frames, 1, 1).expand(1, 1, frames, 8, 8)  # temporal-only masks
-    full_lat = (frames - 1) // 4 + 1
-    small = resize_mask(pixel, (full_lat, 1, 1))[:, :, :f_lat]
-    out = small.expand(1, 1, f_lat, h, w).permute(0, 2, 1, 3, 4) * scaling_factor
+    from cogfun.buckets import VAE_SPATIAL, VAE_TEMPORAL
+
+    spatial = policy in SPATIAL
+    size = (h * VAE_SPATIAL, w * VAE_SPATIAL) if spatial else (8, 8)
+    mask = pixel_mask(policy, geometry, frames, *size, device=device)[:(f_lat - 1) * VAE_TEMPORAL + 1]
+    known = (1 - mask.float()).permute(1, 0, 2, 3)[None]           # [1, 1, F, H, W]
+    small = resize_mask(known, (f_lat, h, w) if spatial else (f_lat, 1, 1))
+    out = small.expand(1, 1, f_lat, h, w).permute(0, 2, 1, 3, 4) * scaling
     return out.to(dtype=dtype or torch.float32)
 
 
@@ -156,23 +360,23 @@ def noise_pattern(shape, seed: int, key: str, policy: str):
     return torch.randn(shape, generator=gen)
 
 
-def encode_conditioning(encode, pixels, policies: list[str], *, clean, keys: list[str], seed: int,
+def encode_conditioning(encode, pixels, geometries: list[dict], *, keys: list[str], seed: int,
                         reference_noise: bool) -> dict:
     """The cached conditioning of one bucket batch: {tensor name: [B, F', C, h, w]}.
 
     `encode`: pixels [B, 3, F, H, W] -> posterior mean [B, F', C, h, w] (the VAE); `pixels` on the
-    CPU in [-1, 1]; `clean`: the clips' own means (reused when a policy masks nothing). Per policy,
-    `masked_latents.<policy>` = the masked clip's mean; with `reference_noise`, also
-    `masked_noise_response.<policy>` = encode(masked + sigma0 * n) - encode(masked), n the seeded
-    `noise_pattern` of each sample, noise on known pixels only (float32 difference).
+    CPU in [-1, 1]; `geometries`: per sample {policy: geometry} (`draw_geometries`; the same policies
+    for every sample of a bucket). Per policy, `masked_latents.<policy>` = the masked clip's mean;
+    with `reference_noise`, also `masked_noise_response.<policy>` = encode(masked + sigma0 * n) -
+    encode(masked), n the seeded `noise_pattern` of each sample, noise on known pixels only (float32
+    difference).
     """
     import torch
 
     out = {}
-    frames = pixels.shape[2]
-    for policy in policies:
-        masked = masked_clip(pixels, policy)
-        mean = clean if is_identity(policy, frames) else encode(masked)  # same input, same encode
+    for policy in geometries[0] if geometries else ():
+        masked = torch.cat([masked_clip(pixels[b:b + 1], policy, g[policy]) for b, g in enumerate(geometries)])
+        mean = encode(masked)
         out[f"{MASKED}.{policy}"] = mean
         if reference_noise:
             noise = torch.stack([noise_pattern(masked.shape[1:], seed, k, policy) for k in keys])
@@ -181,16 +385,24 @@ def encode_conditioning(encode, pixels, policies: list[str], *, clean, keys: lis
     return out
 
 
+def black_clip(frames: int, height: int, width: int):
+    """The all -1 clip [1, 3, F, H, W] whose latents the reference feeds on 10 % of all-masked steps."""
+    import torch
+
+    return torch.full((1, 3, frames, height, width), -1.0)
+
+
 # ---------------------------------------------------------------- train: what the transformer sees
 
 def conditioning(policy: str, tensors: dict, b: int, *, frames: int, keep: int, scaling: float,
-                 noise_scale=None, device=None):
+                 noise_scale=None, geometry: dict | None = None, device=None):
     """Sample b's conditioning [1, keep, 1 + C, h, w] (mask channel + masked latents, both x scaling).
 
     `tensors`: the batch's cached tensors [B, F', ...]; `frames`: the pixel frames the policy was
     applied to; `keep`: latent frames kept (random_frame_crop prefix); `noise_scale`: s * sigma /
     sigma0 of this sample's reference noise (None: the model has none), applied to the cached
-    noise response. `t2v` is all zeros.
+    noise response; `geometry`: the sample's stored geometry of the policy. `t2v` is all zeros;
+    `t2v_black` (BLACK) is mask 0 + the bucket's all -1 clip latents (`black_latents`, [1, F', C, h, w]).
     """
     import torch
 
@@ -198,8 +410,11 @@ def conditioning(policy: str, tensors: dict, b: int, *, frames: int, keep: int, 
     channels, h, w = latents.shape[-3:]
     if policy == "t2v":
         return torch.zeros(1, keep, 1 + channels, h, w, device=device)
+    if policy == BLACK:
+        black = tensors[BLACK_LATENTS][:1, :keep].float().to(device)
+        return torch.cat([torch.zeros(1, keep, 1, h, w, device=device), black * scaling], dim=2)
     masked = tensors[f"{MASKED}.{policy}"][b:b + 1, :keep].float()
     if noise_scale is not None:
         masked = masked + noise_scale * tensors[f"{NOISE_RESPONSE}.{policy}"][b:b + 1, :keep].float()
-    mask = mask_channel(policy, frames, keep, h, w, scaling, device=device)
+    mask = mask_channel(policy, frames, keep, h, w, scaling, geometry=geometry, device=device)
     return torch.cat([mask, masked * scaling], dim=2)

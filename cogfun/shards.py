@@ -30,6 +30,7 @@ MANIFEST = "manifest.json"
 INDEX = "index.parquet"
 NULL_PROMPT = "null_prompt.safetensors"
 PROMPTS = "prompts"                 # caption tables
+BLACK_LATENTS = "black_latents.safetensors"  # inpaint: per bucket, the latents of an all -1 clip
 INTENT = ".precompute.json"
 HASH_CACHE = ".model-hash-cache.json"
 ALLOWED_MEMBERS = ("json", "safetensors")

@@ -86,10 +86,16 @@ def settings_of(cfg: PrecomputeConfig, family=None) -> dict:
 
     `family` (models.TransformerFamily): the model's frame rule (patch_size_t) and reference-noise
     design, recorded only where they apply, so shards of other models keep their fingerprint."""
-    from cogfun.masks import reference_noise_design
+    from cogfun.config import num_views_setting
+    from cogfun.masks import MASK_DESIGN, reference_noise_design
 
     settings = {k: getattr(cfg, k) for k in fingerprint_keys(PrecomputeConfig)}
+    settings["num_views"] = num_views_setting(cfg.num_views)   # "1" and 1 are the same shards
+    if settings["num_views"] != "auto":
+        settings.pop("max_views")                               # only --num_views auto reads it
     settings["mask_policies"] = mask_policy_list(cfg)
+    if settings["mask_policies"]:  # the rules that draw geometries and build masks
+        settings["mask_design"] = MASK_DESIGN
     # inpaint and i2v cache the same tensors (they differ only at train time)
     settings["train_mode"] = "normal" if cfg.train_mode == "normal" else "inpaint"
     # A batched VAE encode differs from one-at-a-time in the last bits (bf16 values move), and a
@@ -165,7 +171,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     import torch
 
     from cogfun import dist, models
-    from cogfun.masks import encode_conditioning, reference_noise_design
+    from cogfun.masks import MASK_DESIGN, draw_geometries, encode_conditioning, reference_noise_design
     from cogfun.video import MEDIA_READERS
 
     t_start = time.time()
@@ -293,8 +299,10 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         def flush(batch: list[tuple[SamplePlan, torch.Tensor]]):
             pixels = torch.stack([px for _, px in batch])
             mean, logvar = models.encode_clips(vae, pixels)
-            conditioning = encode_conditioning(lambda px: models.encode_clips(vae, px)[0], pixels, policies,
-                                               clean=mean, keys=[plan.key for plan, _ in batch], seed=cfg.seed,
+            geometries = [draw_geometries(policies, plan.frames, plan.height, plan.width, seed=cfg.seed, key=plan.key)
+                          for plan, _ in batch]
+            conditioning = encode_conditioning(lambda px: models.encode_clips(vae, px)[0], pixels, geometries,
+                                               keys=[plan.key for plan, _ in batch], seed=cfg.seed,
                                                reference_noise=reference_noise)
             for b, (plan, _) in enumerate(batch):
                 text = caption_of[plan.key]
@@ -311,6 +319,8 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
                         "frames": plan.frames, "height": plan.height, "width": plan.width,
                         "latent_frames": plan.latent_frames, "tokens": plan.tokens,
                         "input": inputs[plan.identity]}  # the source's digest: stale leftovers are spotted
+                if policies:
+                    meta["masks"] = geometries[b]  # {policy: geometry}: train rebuilds each mask from it
                 writers.write(plan.bucket, shards.encode_sample(plan.key, meta, tensors))
 
         bar = tqdm(total=n_work_total, desc="precompute", unit="clip", disable=not (progress and main),
@@ -338,7 +348,11 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             writers.abort()  # e.g. disk full: drop the unfinished tars now, quietly
             raise
         bar.close()
-        del vae
+    black = None
+    if main and policies:  # the all -1 clip's latents of every bucket (the reference's 10 % of t2v steps)
+        black = black_latents(shard_dir, all_plans, lambda: vae if work else models.load_vae(
+            cfg.pretrained_model_name_or_path, dtype, device, slicing=cfg.low_vram))
+    vae = None
     writers.close()
     all_decode_skips = dist.gather(decode_skips, state)
     all_decode_notes = dist.gather(decode_notes, state)
@@ -376,6 +390,10 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             (shard_dir / unused).unlink()
         shards.save_tensors({"prompt_embeds": null_prompt}, shard_dir / (shards.NULL_PROMPT + ".tmp"))
         (shard_dir / (shards.NULL_PROMPT + ".tmp")).replace(shard_dir / shards.NULL_PROMPT)
+        if black is not None:
+            black = {k: v for k, v in black.items() if k in {r.bucket for r in rows}}
+            shards.save_tensors(black, shard_dir / (shards.BLACK_LATENTS + ".tmp"))
+            (shard_dir / (shards.BLACK_LATENTS + ".tmp")).replace(shard_dir / shards.BLACK_LATENTS)
         shards.write_index(shard_dir, rows, table_of)
         buckets: dict[str, dict] = {}
         for r in rows:
@@ -393,6 +411,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         manifest = {
             "format_version": shards.FORMAT_VERSION, "fingerprint": fp, "fingerprint_parts": parts,
             "inputs": inputs, "config": config, "model": identity, "mask_policies": policies,
+            "mask_design": MASK_DESIGN if policies else None,
             "transformer": {"in_channels": family.in_channels, "patch_size_t": family.patch_size_t,
                             "add_noise_in_inpaint_model": family.reference_noise},
             "latent_frame_multiple": family.latent_multiple,
@@ -418,6 +437,26 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         print_summary(shard_dir, summary)
     state.wait_for_everyone()
     return summary
+
+
+def black_latents(shard_dir: Path, plans: list[SamplePlan], get_vae) -> dict:
+    """{bucket: latents [F', C, h, w]} of an all -1 clip for every bucket of `plans`: those already in
+    the shard dir kept, the others encoded with `get_vae()` (called only when one is missing)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cogfun import models
+    from cogfun.masks import black_clip
+
+    path = shard_dir / shards.BLACK_LATENTS
+    have = load_file(str(path)) if path.is_file() else {}
+    vae = None
+    for plan in sorted({p.bucket: p for p in plans}.values(), key=lambda p: p.bucket):
+        if plan.bucket not in have:
+            vae = vae or get_vae()
+            mean = models.encode_clips(vae, black_clip(plan.frames, plan.height, plan.width))[0][0]
+            have[plan.bucket] = mean.to("cpu", torch.bfloat16).contiguous()
+    return have
 
 
 def print_summary(shard_dir: Path, s: dict) -> None:

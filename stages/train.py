@@ -16,7 +16,6 @@ run (and a run on another world size) sees the same noise for the same batch.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -28,12 +27,12 @@ from pathlib import Path
 
 from cogfun import shards
 from cogfun.config import ConfigError, TrainConfig, to_dict
+from cogfun.masks import MASK_DESIGN
 from cogfun.shards import ShardError
 
 CHECKPOINT_STATE = "cogfun_state.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
-POLICY_WEIGHTS = {"t2v": 0.1, "i2v": 0.5, "first_k": 0.2, "first_last": 0.2}
 CROP_FULL_PROB = 0.9
 
 
@@ -145,8 +144,38 @@ def check_shards_fit(manifest: dict, tcfg, train_mode: str, family=None) -> None
     if inpaint and not manifest["mask_policies"]:
         problems.append("--train_mode inpaint needs masked-clip latents, but the shards were precomputed with "
                         "--train_mode normal")
+    elif inpaint and manifest.get("mask_design") != MASK_DESIGN:
+        problems.append(f"mask design: the shards' masks were made by {manifest.get('mask_design') or 'an older cogfun'} "
+                        f"(no per-sample mask geometry), this cogfun trains {MASK_DESIGN}; re-run precompute "
+                        f"(with --overwrite, or into a new --shard_dir)")
     if problems:
         raise ShardError("the shards do not fit this transformer:\n  " + "\n  ".join(problems))
+
+
+def mask_weights(cfg: TrainConfig, policies: list[str]) -> dict[str, dict[str, float]]:
+    """The train-time draw weights {"video": .., "image": ..}: CogVideoX-Fun's over the cached policies,
+    with --mask_policy_weights applied. Refuses a weight for a policy the shards do not cache, and
+    weights that leave nothing to draw."""
+    from cogfun.masks import PREFIX_SAFE, parse_weights, weights_for
+
+    if not policies:
+        return {}
+    try:
+        overrides = parse_weights(cfg.mask_policy_weights)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    missing = [p for p in overrides if p != "t2v" and p not in policies]
+    if missing:
+        raise ConfigError(f"--mask_policy_weights names {', '.join(missing)}, which the shards do not cache "
+                          f"(cached: {', '.join(policies)}); precompute with --mask_policies including it")
+    out = {"video": weights_for(policies, 49, overrides), "image": weights_for(policies, 1, overrides)}
+    for kind, weights in out.items():
+        crop = [w for p, w in weights.items() if p in PREFIX_SAFE] if kind == "video" and cfg.random_frame_crop else []
+        if sum(weights.values()) <= 0 or (crop and sum(crop) <= 0):
+            raise ConfigError(f"--mask_policy_weights leaves no {kind} conditioning to draw"
+                              + (" for a frame-cropped sample (--random_frame_crop keeps only "
+                                 f"{', '.join(p for p in weights if p in PREFIX_SAFE)})" if sum(weights.values()) else ""))
+    return out
 
 
 def find_checkpoint(output_dir: Path, spec: str | None) -> Path | None:
@@ -196,16 +225,20 @@ def agree_on_checkpoint(accelerator, output_dir: Path, spec: str | None) -> Path
 # ------------------------------------------------------------------ one batch -> loss inputs
 
 def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scaling: float, policies: list[str],
-                 null_prompt, device, dtype, family=None):
+                 null_prompt, device, dtype, family=None, black=None):
     """(model input, prompt embeds, timesteps, velocity target) for one bucket batch.
 
     All randomness comes from (seed, epoch, batch id): independent of rank, world size, resume.
     `family` (models.TransformerFamily): random_frame_crop keeps multiples of its patch_size_t;
     with its reference noise, a sigma and a sign per sample scale the cached noise response.
+    Inpaint: a mask policy per sample, drawn with `mask_weights` among t2v and the sample's cached
+    policies (its json's `masks`: {policy: geometry}); `black` ({bucket: latents} of an all -1 clip):
+    10 % of t2v draws get mask 0 + those latents, as CogVideoX-Fun's t2v_flag does.
     """
     import torch
 
-    from cogfun.masks import PREFIX_SAFE, REFERENCE_NOISE_SIGMA0, conditioning, draw_reference_sigma
+    from cogfun.masks import (BLACK, BLACK_LATENTS, BLACK_SHARE, PREFIX_SAFE, REFERENCE_NOISE_SIGMA0,
+                              conditioning, draw_reference_sigma, parse_weights, weights_for)
 
     gid = batch["batch_id"]
     rng = random.Random(f"{cfg.seed}:step-draws:{epoch}:{gid}")
@@ -242,12 +275,22 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
             sigma = draw_reference_sigma(bsz, generator=gen, device=device)
             sign = torch.randint(0, 2, (bsz,), generator=gen, device=device) * 2 - 1
             noise_scale = list(sign * sigma / REFERENCE_NOISE_SIGMA0)
-        allowed = ["t2v"] + [p for p in policies if keep == f_lat or p in PREFIX_SAFE]
+        weights = weights_for(policies, frames, parse_weights(cfg.mask_policy_weights))  # checked by mask_weights
+        allowed = [p for p in weights if keep == f_lat or p in PREFIX_SAFE]
+        bucket = batch["metas"][0]["bucket"]
+        if sum(weights[p] for p in allowed) <= 0:
+            raise ConfigError(f"--mask_policy_weights gives every conditioning of bucket {bucket} "
+                              f"({', '.join(allowed)}{', frame-cropped' if keep < f_lat else ''}) weight 0")
+        if black is not None:
+            t[BLACK_LATENTS] = black[bucket][None].to(device)
         conds = []
         for b in range(bsz):
-            policy = rng.choices(allowed, weights=[POLICY_WEIGHTS[p] for p in allowed])[0]
+            policy = rng.choices(allowed, weights=[weights[p] for p in allowed])[0]
+            if policy == "t2v" and black is not None and rng.random() < BLACK_SHARE:
+                policy = BLACK
+            geometry = batch["metas"][b]["masks"].get(policy)
             conds.append(conditioning(policy, t, b, frames=frames, keep=keep, scaling=scaling,
-                                      noise_scale=noise_scale[b], device=device))
+                                      noise_scale=noise_scale[b], geometry=geometry, device=device))
         model_in = torch.cat([noisy, torch.cat(conds)], dim=2)
     return model_in.to(dtype), prompts.to(dtype), timesteps, target.float()
 
@@ -268,7 +311,7 @@ def eval_loss(accelerator, transformer, dataset, indices: list[int], *, cfg: Tra
     import torch
 
     from cogfun import models
-    from cogfun.masks import conditioning
+    from cogfun.masks import conditioning, parse_weights, weights_for
 
     world, rank = accelerator.num_processes, accelerator.process_index
     n_t = scheduler.config.num_train_timesteps
@@ -287,11 +330,12 @@ def eval_loss(accelerator, transformer, dataset, indices: list[int], *, cfg: Tra
         noise = torch.randn(latents.shape, generator=gen, device=device)
         model_in = scheduler.add_noise(latents, noise, timesteps)
         target = scheduler.get_velocity(latents, noise, timesteps)
-        if policies:
-            allowed = ["t2v"] + policies
-            policy = rng.choices(allowed, weights=[POLICY_WEIGHTS[p] for p in allowed])[0]
+        if policies:  # drawn as in training, among the sample's cached policies (geometry from its json)
+            weights = weights_for(policies, meta["frames"], parse_weights(cfg.mask_policy_weights))
+            allowed = [p for p, w in weights.items() if w > 0]
+            policy = rng.choices(allowed, weights=[weights[p] for p in allowed])[0]
             cond = conditioning(policy, t, 0, frames=meta["frames"], keep=latents.shape[1], scaling=scaling,
-                                device=device)
+                                geometry=meta.get("masks", {}).get(policy), device=device)
             model_in = torch.cat([model_in, cond.expand(EVAL_TIMESTEPS, *cond.shape[1:])], dim=2)
         model_in, n_frames = models.pad_for_patch_t(model_in, family.patch_size_t)
         rope = rotary_embedding(model.config, model_in.shape, device)
@@ -478,7 +522,9 @@ def train(cfg: TrainConfig) -> dict:
     scheduler = models.load_scheduler(cfg.pretrained_model_name_or_path)
     scaling = float(manifest["model"]["scaling_factor"])
     policies = list(manifest["mask_policies"]) if cfg.train_mode != "normal" else []
+    weights = mask_weights(cfg, policies)  # checked before any work
     null_prompt = load(store.read_bytes(shards.NULL_PROMPT))["prompt_embeds"].float()
+    black = load(store.read_bytes(shards.BLACK_LATENTS)) if policies else None
 
     transformer.requires_grad_(False)
     targets = inject_lora(transformer, rank=cfg.rank, alpha=cfg.network_alpha, target_name=cfg.target_name,
@@ -495,9 +541,8 @@ def train(cfg: TrainConfig) -> dict:
     sampler = BucketBatchSampler(train_rows, batch_size=cfg.train_batch_size, world=world,
                                  rank=rank, accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed,
                                  video_repeat=cfg.video_repeat)
-    steps_per_epoch = sampler.steps_per_epoch()
-    max_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
-    epochs = math.ceil(max_steps / steps_per_epoch)
+    steps_per_epoch = sampler.steps_in_epoch(0)  # the same every epoch unless a clip's views differ in bucket
+    max_steps = cfg.max_train_steps or sum(sampler.steps_in_epoch(e) for e in range(cfg.num_train_epochs))
 
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
@@ -523,7 +568,8 @@ def train(cfg: TrainConfig) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         run_config = {"config": to_dict(cfg), "launch": launch_kind(), "world_size": world,
                       "lora_targets": targets, "steps_per_epoch": steps_per_epoch, "max_train_steps": max_steps,
-                      "shards_fingerprint": manifest["fingerprint"], "eval_samples_held_out": len(eval_indices)}
+                      "shards_fingerprint": manifest["fingerprint"], "eval_samples_held_out": len(eval_indices),
+                      "mask_policy_weights": weights}
         shards.write_json_atomic(output_dir / "run_config.json", run_config)
     if accelerator.log_with:
         accelerator.init_trackers("cogfun", config={k: v for k, v in to_dict(cfg).items()
@@ -551,21 +597,19 @@ def train(cfg: TrainConfig) -> dict:
     # ------------------------------------------------------------ loop
     bar = tqdm(total=max_steps, initial=global_step, desc="train", unit="step", disable=not main,
                dynamic_ncols=True)
-    first_epoch = global_step // steps_per_epoch
+    epoch, epoch_start = sampler.locate_step(global_step)
     losses: list[float] = []
     t_step = time.time()
-    for epoch in range(first_epoch, epochs):
-        if global_step >= max_steps:
-            break
+    while global_step < max_steps:
         sampler.set_epoch(epoch)
-        skip = max(0, (global_step - epoch * steps_per_epoch) * cfg.gradient_accumulation_steps)  # resume
+        skip = max(0, (global_step - epoch_start) * cfg.gradient_accumulation_steps)  # resume
         micro_losses = []
         for batch in batches(dataset, sampler, threads=cfg.dataloader_num_workers, skip=skip,
                              pin_memory=torch.cuda.is_available()):
             with accelerator.accumulate(transformer):
                 model_in, prompts, timesteps, target = batch_inputs(
                     batch, epoch=epoch, cfg=cfg, scheduler=scheduler, scaling=scaling, policies=policies,
-                    null_prompt=null_prompt, device=device, dtype=weight_dtype, family=family)
+                    null_prompt=null_prompt, device=device, dtype=weight_dtype, family=family, black=black)
                 model_in, n_frames = models.pad_for_patch_t(model_in, family.patch_size_t)
                 rope = rotary_embedding(unwrapped_config, model_in.shape, device)
                 with accelerator.autocast():
@@ -613,6 +657,8 @@ def train(cfg: TrainConfig) -> dict:
                 t_step = time.time()
             if global_step >= max_steps:
                 break
+        epoch_start += sampler.steps_in_epoch(epoch)
+        epoch += 1
     bar.close()
 
     # ------------------------------------------------------------ save the LoRA

@@ -1,5 +1,6 @@
 """The bucket planner against DESIGN §3's rules: table-driven cases and properties."""
 
+import dataclasses
 import random
 
 import pytest
@@ -152,3 +153,23 @@ def test_plan_does_not_depend_on_other_clips_or_order():
                            "a.mp4", "video", frames=200, height=480, width=720)
     assert [p.frame_indices for p in other_seed] != [p.frame_indices for p in a] or \
            [p.base for p in other_seed] != [p.base for p in a]
+
+
+def test_num_views_auto_covers_the_clip_with_stratified_windows():
+    """--num_views auto: about clip frames / window frames views (a clip of 3x the window: 3), their
+    windows in successive thirds of the clip; images 1 view; capped by --max_views."""
+    s = Sampling(num_views="auto", video_sample_n_frames=17, video_sample_stride=2, seed=5)   # window 33 frames
+    plans = plan_clip(s, "long.mp4", "video", frames=99, height=64, width=64)
+    assert [p.view for p in plans] == [0, 1, 2] and len({p.key for p in plans}) == 3
+    starts = [p.frame_indices[0] for p in plans]
+    span = 99 - 33 + 1
+    assert all(v * span // 3 <= start < (v + 1) * span // 3 for v, start in enumerate(starts)), starts
+    assert all(p.frame_indices[-1] < 99 and p.frames == 17 for p in plans)
+    assert len(plan_clip(s, "short.mp4", "video", frames=40, height=64, width=64)) == 1
+    assert len(plan_clip(s, "img.png", "image", frames=1, height=64, width=64)) == 1
+    assert len(plan_clip(s, "huge.mp4", "video", frames=5000, height=64, width=64)) == 8      # --max_views
+    assert len(plan_clip(dataclasses.replace(s, max_views=2), "long.mp4", "video", frames=99, height=64,
+                         width=64)) == 2
+    # an explicit count keeps its seeded, independent windows (shards made before stay valid)
+    fixed = plan_clip(dataclasses.replace(s, num_views=3), "long.mp4", "video", frames=99, height=64, width=64)
+    assert [p.key for p in fixed] == [p.key for p in plans]

@@ -163,3 +163,20 @@ def test_bad_rows_are_skipped_with_reasons(tmp_path):
     assert "no text" in reasons["b.mp4"][0]
     assert "audio" in reasons["c.wav"][0]
     assert reasons["a.mp4"] == ("row 5 repeats row 0 (same file_path, text and type): one sample", "duplicate row")
+
+
+def test_mask_policy_names_and_num_views_setting(tmp_path):
+    from cogfun import masks
+    from cogfun.config import DEFAULT_MASK_POLICIES, MASK_POLICIES, num_views_setting
+
+    assert MASK_POLICIES == masks.POLICIES and DEFAULT_MASK_POLICIES.split(",") == list(masks.DEFAULT_POLICIES)
+    assert mask_policy_list(PrecomputeConfig(train_mode="inpaint", mask_policies="all")) == list(MASK_POLICIES)
+    toml = tmp_path / "views.toml"
+    toml.write_text("num_views = 3\n")
+    assert load_toml(toml, PrecomputeConfig) == {"num_views": "3"}            # an integer in TOML is fine
+    assert num_views_setting("3") == 3 and num_views_setting(2) == 2 and num_views_setting("auto") == "auto"
+    for bad in ("0", "many"):
+        with pytest.raises(ConfigError, match="num_views"):
+            num_views_setting(bad)
+    cfg = parse(cli.precompute, ["--num_views", "auto", "--max_views", "4", "--mask_policies", "i2v,block"])
+    assert (cfg.num_views, cfg.max_views, cfg.mask_policies) == ("auto", 4, "i2v,block")

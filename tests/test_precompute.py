@@ -35,7 +35,7 @@ from cogfun.shards import ShardError
 from stages.precompute import precompute
 
 ROOT = Path(__file__).resolve().parents[1]
-POLICIES = ["i2v", "first_last"]
+POLICIES = ["i2v", "first_last", "block"]
 TEXT_DIM = 32  # cogfun.tiny.T5_D_MODEL
 
 
@@ -46,7 +46,7 @@ def make_cfg(model, meta, shard_dir, **over) -> PrecomputeConfig:
                     train_data_dir=str(Path(meta).parent), shard_dir=str(shard_dir),
                     video_sample_size=64, image_sample_size=64, token_sample_size=64,
                     video_sample_n_frames=9, video_sample_stride=2, enable_bucket=True,
-                    train_mode="inpaint", mask_policies="i2v,first_last", mixed_precision="no",
+                    train_mode="inpaint", mask_policies="i2v,first_last,block", mixed_precision="no",
                     dataloader_num_workers=0, probe_workers=2)
     settings.update(over)
     return PrecomputeConfig(**settings)
@@ -154,7 +154,7 @@ def encoders(tiny_model_inp):
 def test_round_trip_matches_direct_encode(base, encoders, tiny_model_inp):
     from safetensors.torch import load_file
 
-    from cogfun import models, video
+    from cogfun import masks, models, video
     from cogfun.loader import CachedSamples
     from cogfun.masks import masked_clip
     from cogfun.tiny import VAE_SCALING_FACTOR
@@ -200,8 +200,13 @@ def test_round_trip_matches_direct_encode(base, encoders, tiny_model_inp):
         f_lat = (f - 1) // 4 + 1
         assert f == (9 if meta["kind"] == "video" else 1) and meta["latent_frames"] == f_lat
         assert meta["tokens"] == f_lat * (h // 16) * (w // 16)
-        assert set(tensors) == {"latent_mean", "latent_logvar", "masked_latents.i2v", "masked_latents.first_last"}
+        # images cache only what hides something in one frame (block); never a copy of the clip
+        cached = POLICIES if meta["kind"] == "video" else ["block"]
+        assert set(tensors) == {"latent_mean", "latent_logvar"} | {f"masked_latents.{p}" for p in cached}
         assert meta["prompt"] == shards.prompt_key(meta["caption"])       # T5: in the caption table
+        assert sorted(meta["masks"]) == sorted(cached)
+        for p in cached:
+            assert not torch.equal(tensors[f"masked_latents.{p}"], tensors["latent_mean"]), (key, p)
         for name, t in tensors.items():
             assert t.dtype == torch.bfloat16, name
             assert torch.isfinite(t.float()).all(), name
@@ -213,12 +218,7 @@ def test_round_trip_matches_direct_encode(base, encoders, tiny_model_inp):
         if meta["kind"] == "video":
             assert meta["frame_indices"] == list(range(meta["frame_indices"][0], meta["frame_indices"][0] + 18, 2))
             assert meta["fps"] > 0
-            # the masks were applied: the masked clip's latents are not the clip's
-            assert not torch.equal(tensors["masked_latents.i2v"], tensors["latent_mean"])
             assert not torch.equal(tensors["masked_latents.i2v"], tensors["masked_latents.first_last"])
-        else:
-            # one frame, known under both policies: the masked clip is the clip
-            assert torch.equal(tensors["masked_latents.i2v"], tensors["latent_mean"])
 
     # -- index.parquet: one row per sample, pointing at the right tar and position, and caption table
     index = shards.read_index(shard_dir)
@@ -264,11 +264,18 @@ def test_round_trip_matches_direct_encode(base, encoders, tiny_model_inp):
         mean, logvar = models.encode_clips(vae, pixels)
         assert torch.equal(tensors["latent_mean"], mean[0].to(torch.bfloat16)), source
         assert torch.equal(tensors["latent_logvar"], logvar[0].to(torch.bfloat16)), source
-        for policy in POLICIES:
-            masked = models.encode_clips(vae, masked_clip(pixels, policy))[0][0].to(torch.bfloat16)
+        for policy, geometry in meta["masks"].items():  # the stored geometry rebuilds the encoded mask
+            masked = models.encode_clips(vae, masked_clip(pixels, policy, geometry))[0][0].to(torch.bfloat16)
             assert torch.equal(tensors[f"masked_latents.{policy}"], masked), (source, policy)
         prompt = models.encode_prompts(tokenizer, t5, [meta["caption"]])[0].to(torch.bfloat16)
         assert torch.equal(tensors["prompt_embeds"], prompt), source
+
+    # -- the all -1 clip's latents, once per bucket (the reference's 10 % of all-masked steps)
+    black = load_file(str(shard_dir / shards.BLACK_LATENTS))
+    assert set(black) == set(manifest["buckets"])
+    for name, b in manifest["buckets"].items():
+        want = models.encode_clips(vae, masks.black_clip(b["frames"], b["height"], b["width"]))[0][0]
+        assert torch.equal(black[name], want.to(torch.bfloat16)), name
 
     # -- the empty-caption embedding, stored once
     null = load_file(str(shard_dir / shards.NULL_PROMPT))
@@ -366,7 +373,7 @@ def test_reuse_incremental_and_mismatch(tiny_model_inp, synthetic_data, tmp_path
     # a byte-relevant setting: refused, naming the key and both values; nothing touched
     with pytest.raises(ShardError, match=re.escape("settings.video_sample_size: 64 -> 96")):
         precompute(dataclasses.replace(cfg, video_sample_size=96), progress=False)
-    with pytest.raises(ShardError, match=re.escape("settings.mask_policies: ['i2v', 'first_last'] -> ['i2v']")):
+    with pytest.raises(ShardError, match=re.escape("settings.mask_policies: ['i2v', 'first_last', 'block'] -> ['i2v']")):
         precompute(dataclasses.replace(cfg, mask_policies="i2v"), progress=False)
     assert mtimes(shard_dir) == before
 
@@ -823,3 +830,36 @@ def test_skipped_sources_are_retried_when_cogfun_may_read_them_now(tiny_model_in
     again = precompute(cfg, progress=False)              # the short clip is probed again, still too short
     assert again["status"] == "incremental" and again["encoded"] == 0 and again["samples"] == 7
     assert precompute(cfg, progress=False)["status"] == "up to date"
+
+
+def test_num_views_auto_stores_views_and_an_epoch_shows_one(tiny_model_inp, synthetic_data, tmp_path):
+    """--num_views auto on real clips: 24-frame clips at a 9-frame window get 3 views, the 36-frame one 4, the
+    6-frame one (a 5-frame window) 1,
+    images 1; the trainer's sampler shows one view of each clip per epoch. An explicit count and its
+    string form are the same shards as before (fingerprint)."""
+    from cogfun.loader import BucketBatchSampler, CachedSamples, index_rows
+    from stages.precompute import settings_of
+
+    cfg = make_cfg(tiny_model_inp, synthetic_data, tmp_path / "auto", train_mode="normal", video_sample_stride=1,
+                   num_views="auto")
+    precompute(cfg, progress=False)
+    index = shards.read_index(cfg.shard_dir)
+    views: dict = {}
+    for source, view in zip(index["source"], index["view"]):
+        views.setdefault(source, set()).add(view)
+    assert {s: len(v) for s, v in views.items()} == {
+        "videos/landscape.mp4": 3, "videos/portrait.mp4": 3, "videos/square.mp4": 4, "videos/wide.mp4": 3,
+        "videos/short.mp4": 1,
+        "images/landscape.jpg": 1, "images/portrait.png": 1, "images/square.png": 1}
+    manifest = shards.read_manifest(cfg.shard_dir)
+    dataset = CachedSamples(cfg.shard_dir, manifest)
+    sampler = BucketBatchSampler(index_rows(dataset), batch_size=1, world=1, rank=0,
+                                 accumulation=1, seed=0)
+    source_of = {dataset.global_index(s, p): (src, v) for s, p, src, v in
+                 zip(index["shard"], index["position"], index["source"], index["view"])}
+    shown = [source_of[i] for batch in sampler for i, _ in batch]
+    assert sorted(s for s, _ in shown) == sorted(views)                      # one view of every clip
+    assert settings_of(dataclasses.replace(cfg, num_views="1")) == settings_of(dataclasses.replace(cfg, num_views=1))
+    assert "max_views" not in settings_of(dataclasses.replace(cfg, num_views=2))
+    assert "mask_design" not in settings_of(cfg) and "mask_design" in settings_of(make_cfg(tiny_model_inp,
+                                                                                           synthetic_data, tmp_path))

@@ -198,6 +198,11 @@ def test_inspect_buckets_shows_the_frame_rule(models, synthetic_data, v15):
     # the noise response doubles the cached masked latents: the estimate counts them
     image = next(b for b in v15_report["buckets"] if b["name"] == "64x64x1")
     assert image["bytes"] == next(b for b in plain["buckets"] if b["name"] == "64x64x1")["bytes"] + 2 * 16 * 8 * 8 * 2
+    # images cache block + ellipse (2 latents, 4 with the noise); a video the 5 default policies
+    assert (image["encodes_per_sample"], next(b for b in v15_report["buckets"] if b["videos"])["encodes_per_sample"]) \
+        == (1 + 4, 1 + 10)
+    assert plain["masks"] == {"policies": ["first_n", "first_last_n", "block", "block_range", "ellipse"],
+                              "image_policies": ["block", "ellipse"], "video_coverage": 0.85, "image_coverage": 1.0}
     table = CliRunner().invoke(cli.main, ["inspect-buckets", "--shard_dir", str(v15)])
     assert table.exit_code == 0 and "frame rule (patch_size_t 2" in table.output
 
@@ -241,7 +246,8 @@ def test_one_frame_padding_for_patch_size_t():
 
 @pytest.fixture(scope="module")
 def noise_shards(models, synthetic_data, tmp_path_factory) -> dict[str, Path]:
-    """Images only (cheap), inpaint, for a model with reference noise and one without."""
+    """Images only (cheap), inpaint with the image policies (block, ellipse), for a model with reference
+    noise and one without."""
     from stages.precompute import precompute
 
     root = tmp_path_factory.mktemp("noise")
@@ -253,7 +259,8 @@ def noise_shards(models, synthetic_data, tmp_path_factory) -> dict[str, Path]:
         shard_dir = root / variant
         precompute(PrecomputeConfig(pretrained_model_name_or_path=str(models[variant]), shard_dir=str(shard_dir),
                                     train_data_meta=str(meta), train_data_dir=str(synthetic_data.parent),
-                                    train_mode="inpaint", **DATA), progress=False)
+                                    train_mode="inpaint", **{**DATA, "mask_policies": "block,ellipse"}),
+                   progress=False)
         out[variant] = shard_dir
     return out
 
@@ -281,20 +288,21 @@ def test_reference_noise_reaches_the_cached_conditioning(models, noise_shards, s
     for s in noisy:
         meta, t = s["meta"], s["tensors"]
         assert sorted(k for k in t if k.startswith(masks.NOISE_RESPONSE)) == [
-            f"{masks.NOISE_RESPONSE}.first_last", f"{masks.NOISE_RESPONSE}.i2v"]
+            f"{masks.NOISE_RESPONSE}.block", f"{masks.NOISE_RESPONSE}.ellipse"]
         frames = decode_image(str(synthetic_data.parent / meta["source"]), tuple(meta["resize_hw"]),
                               tuple(meta["crop_box"]))
         pixels = frames_to_tensor(frames)[None]
-        for policy in ("i2v", "first_last"):
+        for policy in ("block", "ellipse"):
+            masked = masks.masked_clip(pixels, policy, meta["masks"][policy])    # the stored geometry's mask
             n = masks.noise_pattern(pixels.shape[1:], 42, sample_key(meta["source"], meta["view"]), policy)
-            want = encode_clips(vae, masks.add_reference_noise(pixels, masks.REFERENCE_NOISE_SIGMA0, noise=n[None]))[0] \
-                - encode_clips(vae, pixels)[0]
+            want = encode_clips(vae, masks.add_reference_noise(masked, masks.REFERENCE_NOISE_SIGMA0, noise=n[None]))[0] \
+                - encode_clips(vae, masked)[0]
             got = t[f"{masks.NOISE_RESPONSE}.{policy}"].float()
             assert got.abs().max() > 1e-3                                    # the noise is there
             torch.testing.assert_close(got, want[0], atol=2e-3, rtol=1e-2)   # bf16 storage
     for a, b in zip(plain, noisy):  # the clean masked latents are the same with and without (same VAE weights)
         assert a["meta"]["source"] == b["meta"]["source"]
-        assert torch.equal(a["tensors"]["masked_latents.i2v"], b["tensors"]["masked_latents.i2v"])
+        assert torch.equal(a["tensors"]["masked_latents.block"], b["tensors"]["masked_latents.block"])
 
 
 def test_training_draws_fresh_reference_noise_per_step(noise_shards):
@@ -306,7 +314,7 @@ def test_training_draws_fresh_reference_noise_per_step(noise_shards):
     from diffusers import DDPMScheduler
     from stages.train import batch_inputs
 
-    cfg = TrainConfig(caption_dropout=0.0, seed=3, train_mode="inpaint")
+    cfg = TrainConfig(caption_dropout=0.0, seed=3, train_mode="inpaint", mask_policy_weights="ellipse=0,t2v=0")
     for variant, shard_dir in noise_shards.items():
         manifest = shards.read_manifest(shard_dir)
         sample = CachedSamples(shard_dir, manifest)[(0, 0)]
@@ -317,15 +325,15 @@ def test_training_draws_fresh_reference_noise_per_step(noise_shards):
         seen = []
         for epoch in range(40):
             model_in = batch_inputs(batch, epoch=epoch, cfg=cfg, scheduler=DDPMScheduler(), scaling=0.7,
-                                    policies=["i2v"], null_prompt=torch.zeros(226, 32), device="cpu",
+                                    policies=["block", "ellipse"], null_prompt=torch.zeros(226, 32), device="cpu",
                                     dtype=torch.float32, family=family)[0]
             cond = model_in[0, :, 17:]
             if not cond.any():
                 continue                                                      # a t2v draw
-            clean = t["masked_latents.i2v"][0].float() * 0.7
+            clean = t["masked_latents.block"][0].float() * 0.7
             if family.reference_noise:
-                scale = (cond - clean) / (t[f"{masks.NOISE_RESPONSE}.i2v"][0].float() * 0.7)
-                finite = torch.isfinite(scale) & (t[f"{masks.NOISE_RESPONSE}.i2v"][0].abs() > 1e-2)
+                scale = (cond - clean) / (t[f"{masks.NOISE_RESPONSE}.block"][0].float() * 0.7)
+                finite = torch.isfinite(scale) & (t[f"{masks.NOISE_RESPONSE}.block"][0].abs() > 1e-2)
                 s = scale[finite].median()
                 torch.testing.assert_close(scale[finite], torch.full_like(scale[finite], float(s)), atol=1e-3, rtol=1e-3)
                 seen.append(float(s))
