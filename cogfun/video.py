@@ -539,19 +539,21 @@ def decode_video(
     *,
     media: MediaInfo | None = None,
     num_threads: int = 1,
+    max_pixels: int = MAX_IMAGE_PIXELS,
     notes: list[str] | None = None,
 ) -> np.ndarray:
     """Decode source frames ``indices`` (in that order) upright, resize each to ``resize_hw`` =
     (h, w) and crop ``crop_box`` = (top, left, height, width). Returns uint8 [F, height, width, 3].
 
     ``media`` is the file's probe (probed here when not given): it names the decoder. When decord
-    fails on a file mid-way, PyAV reads it instead and a line saying so is appended to ``notes``."""
+    fails on a file mid-way, PyAV reads it instead and a line saying so is appended to ``notes``.
+    ``max_pixels``: the decompression-bomb limit of an animation's frames (Pillow-read files)."""
     _check_geometry(resize_hw, crop_box)
     idx = [int(i) for i in indices]
     if not idx:
         raise ValueError("indices is empty")
     p = _check_file(path)
-    return _interruptible(lambda: _decode_video(p, idx, resize_hw, crop_box, media, num_threads, notes))
+    return _interruptible(lambda: _decode_video(p, idx, resize_hw, crop_box, media, num_threads, max_pixels, notes))
 
 
 def _decode_video(
@@ -561,10 +563,11 @@ def _decode_video(
     crop_box: tuple[int, int, int, int],
     media: MediaInfo | None,
     num_threads: int,
+    max_pixels: int,
     notes: list[str] | None,
 ) -> np.ndarray:
     if media is None:
-        media = _probe_video(p, num_threads, MAX_IMAGE_PIXELS)
+        media = _probe_video(p, num_threads, max_pixels)
     bad = [i for i in idx if i < 0 or i >= media.frames]
     if bad:
         raise ValueError(f"frame indices {bad[:5]} out of range for {p} ({media.frames} frames)")
@@ -580,7 +583,7 @@ def _decode_video(
     elif media.decoder == "pyav":
         frames = _pyav_frames(p, idx, media, num_threads)
     elif media.decoder == "pillow":
-        frames = _pillow_frames(p, idx)
+        frames = _pillow_frames(p, idx, max_pixels)
     else:
         raise ValueError(f"unknown video decoder {media.decoder!r}")
     out = np.stack([_resize_crop(f, resize_hw, crop_box, orientation) for f in frames])
@@ -658,9 +661,9 @@ def _pyav_decode(p: Path, index: int, wanted: list[int], order: list[int], packe
     return got
 
 
-def _pillow_frames(p: Path, idx: list[int]) -> list[Image.Image]:
+def _pillow_frames(p: Path, idx: list[int], max_pixels: int) -> list[Image.Image]:
     got: dict[int, Image.Image] = {}
-    with _open_image(p, MAX_IMAGE_PIXELS) as img:
+    with _open_image(p, max_pixels) as img:
         for i in sorted(set(idx)):
             try:
                 img.seek(i)
@@ -695,7 +698,7 @@ def decode(path: PathLike, kind: str, indices: Sequence[int], resize_hw: tuple[i
            max_pixels: int = MAX_IMAGE_PIXELS, notes: list[str] | None = None) -> np.ndarray:
     """Decode a planned sample of ``kind`` "video" (frames ``indices``) or "image"."""
     if kind == "video":
-        return decode_video(path, indices, resize_hw, crop_box, media=media, notes=notes)
+        return decode_video(path, indices, resize_hw, crop_box, media=media, max_pixels=max_pixels, notes=notes)
     if kind == "image":
         return decode_image(path, resize_hw, crop_box, max_pixels=max_pixels, notes=notes)
     raise ValueError(f"unknown media kind {kind!r}: expected 'video' or 'image'")

@@ -207,3 +207,19 @@ def test_more_precise_reasons(zoo: Path, tmp_path: Path) -> None:
     with pytest.raises(MediaError, match=r"an audio file \(aac\), not an image") as e:
         probe(zoo.parent / "zoo/audio.mp4", "image")
     assert e.value.category == "not an image"
+
+
+def test_max_image_pixels_governs_animation_frames(zoo: Path, monkeypatch) -> None:
+    """--max_image_pixels reaches the decode of an animation listed as a video (Pillow reads its
+    frames), in both directions: a lower limit refuses it, a higher one than the default reads it."""
+    from cogfun import video
+
+    gif = zoo.parent / "zoo/anim.gif"
+    info = probe(gif, "video")
+    args = (gif, "video", [0, 2, 4], (H, W), (0, 0, H, W))
+    with pytest.raises(MediaError, match=r"^image too large: 64x32 = 2,048 pixels") as e:
+        video.decode(*args, media=info, max_pixels=1000)
+    assert e.value.category == "too large"
+    monkeypatch.setattr(video, "MAX_IMAGE_PIXELS", 1000)   # a default below the file: the flag raised above it
+    assert video.decode(*args, media=info, max_pixels=2048).shape == (3, H, W, 3)
+    assert video.decode(*args, max_pixels=2048).shape == (3, H, W, 3)   # probed inside the decode
