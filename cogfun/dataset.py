@@ -141,11 +141,15 @@ def load_sources(meta: str | Path, data_dir: str | Path | None) -> tuple[list[So
     skipped: list[Skipped] = []
     seen: dict[tuple[str, str, str], int] = {}      # (file_path, text, type) -> first row
     variants: dict[str, int] = {}                    # file_path -> variants so far
-    file_paths = {row.get("file_path") for row in rows}
+    file_paths = {row["file_path"] for row in rows if isinstance(row.get("file_path"), str)}
     for i, row in enumerate(rows):
         file_path = row.get("file_path")
-        if not file_path or not isinstance(file_path, str):
+        if not file_path:
             skipped.append(Skipped(f"<row {i}>", "row has no file_path"))
+            continue
+        if not isinstance(file_path, str):
+            skipped.append(Skipped(f"<row {i}>", f"file_path must be one path (a string), got "
+                                                 f"{type(file_path).__name__} {file_path!r:.80}"))
             continue
         text = row.get("text")
         if text is None or not isinstance(text, str):

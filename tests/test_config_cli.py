@@ -154,12 +154,14 @@ def test_bad_rows_are_skipped_with_reasons(tmp_path):
         {"file_path": "a.mp4", "text": "again", "type": "video"},    # a caption variant: a second sample
         {"file_path": "a.mp4", "text": "ok", "type": "video"},       # an exact repeat: one sample, reported
         {"file_path": "a.mp4", "text": "ok", "type": "image"},       # its first frame, as an image
+        {"file_path": ["a.mp4", "b.mp4"], "text": "two", "type": "video"},   # not one path
     ]))
     sources, skipped = load_sources(meta, tmp_path)
     assert [(s.identity, s.text, s.kind) for s in sources] == [
         ("a.mp4", "ok", "video"), ("a.mp4#2", "again", "video"), ("a.mp4#3", "ok", "image")]
     reasons = {s.file_path: (s.reason, s.category) for s in skipped}
     assert reasons["<row 1>"] == ("row has no file_path", "bad row")
+    assert reasons["<row 7>"] == ("file_path must be one path (a string), got list ['a.mp4', 'b.mp4']", "bad row")
     assert "no text" in reasons["b.mp4"][0]
     assert "audio" in reasons["c.wav"][0]
     assert reasons["a.mp4"] == ("row 5 repeats row 0 (same file_path, text and type): one sample", "duplicate row")
