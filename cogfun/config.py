@@ -137,7 +137,7 @@ class ValidationArgs:
     validation_width: Optional[int] = opt(None, "Validation video width (multiple of 16); default --video_sample_size.")
     validation_num_inference_steps: int = opt(25, "Denoising steps per validation video.")
     validation_guidance_scale: float = opt(4.5, "Classifier-free guidance scale of the validation videos (1 = none).")
-    eval_samples: float = opt(0.0, "Hold this many cached samples out of training for a deterministic eval loss (a value below 1 is a fraction of the samples); the same samples on every rank and on resume. 0 = off.")
+    eval_samples: float = opt(0.0, "Hold this many source files out of training, with all their samples (every view and caption variant), for a deterministic eval loss (a value below 1 is a fraction of the files); the same files on every rank, on resume and for any number of ranks. 0 = off.")
     eval_steps: int = opt(100, "Compute the held-out eval loss (9 fixed timesteps, fixed noise) every this many optimizer steps, before the first step and after the last.")
 
 

@@ -324,19 +324,22 @@ def batches(dataset: CachedSamples, sampler: BucketBatchSampler, *, threads: int
 def held_out(dataset: CachedSamples, eval_samples: float, seed: int) -> list[int]:
     """Global indices of the samples held out of training for the eval loss (sorted).
 
-    `eval_samples` of them (a value below 1 is a fraction of all samples), the first ones in the
-    order of a seeded hash of their keys: the same set on every rank, on resume, and for any
-    world size. Each view of a clip (`--num_views`) is a sample of its own.
+    Whole source files are held out: every sample of a file (all its views, `--num_views`, and all
+    its caption variants, `file#k`, which share the index's `source` column) or none, so nothing of
+    a held-out clip is trained on. `eval_samples` counts source files (a value below 1 is a
+    fraction of them), the first ones in the order of a seeded hash of their paths: the same set
+    on every rank, on resume, and for any world size.
     """
     if eval_samples <= 0:
         return []
     idx = dataset.index
-    total = len(idx["key"])
+    sources = sorted(set(idx["source"]))
     if eval_samples >= 1 and eval_samples != int(eval_samples):
-        raise ConfigError(f"--eval_samples {eval_samples}: a count (>= 1, whole) or a fraction (< 1)")
-    n = max(1, round(eval_samples * total)) if eval_samples < 1 else int(eval_samples)
-    if n >= total:
-        raise ConfigError(f"--eval_samples {eval_samples}: holds out {n} of the {total} cached samples, "
-                          f"leaving none to train on")
-    order = sorted(range(total), key=lambda j: hashlib.sha256(f"{seed}:eval:{idx['key'][j]}".encode()).hexdigest())
-    return sorted(dataset.global_index(idx["shard"][j], idx["position"][j]) for j in order[:n])
+        raise ConfigError(f"--eval_samples {eval_samples}: a count of source files (>= 1, whole) or a fraction (< 1)")
+    n = max(1, round(eval_samples * len(sources))) if eval_samples < 1 else int(eval_samples)
+    if n >= len(sources):
+        raise ConfigError(f"--eval_samples {eval_samples}: holds out {n} of the {len(sources)} source files of the "
+                          f"shards, leaving none to train on")
+    chosen = set(sorted(sources, key=lambda s: hashlib.sha256(f"{seed}:eval:{s}".encode()).hexdigest())[:n])
+    return sorted(dataset.global_index(shard, position)
+                  for shard, position, source in zip(idx["shard"], idx["position"], idx["source"]) if source in chosen)

@@ -24,7 +24,7 @@ DATA = dict(video_sample_size=64, image_sample_size=64, token_sample_size=64, vi
             num_views=2, seed=42)
 PROMPTS = ["A red fox runs across the meadow.", "A golden owl sleeps near the old bridge.", "A small boat drifts."]
 VALIDATION = dict(validation_steps=2, validation_num_frames=9, validation_height=48, validation_width=64,
-                  validation_num_inference_steps=2, eval_samples=2.0, eval_steps=2)
+                  validation_num_inference_steps=2, eval_samples=1.0, eval_steps=2)
 
 
 @pytest.fixture(autouse=True)
@@ -212,7 +212,7 @@ def learnable_model(src: Path, dst: Path) -> Path:
 
 
 def test_eval_loss_halves_when_overfitting_one_clip(tmp_path, tiny_model_t2v):
-    """One 9-frame clip, two identical views: one held out, the other trained on until memorised.
+    """One 9-frame clip in two files: one file held out, the other trained on until memorised.
     (A random tiny transformer must learn denoising itself: the LoRA also covers its output layers.)"""
     from cogfun.tiny import synthetic_frames
     from cogfun.video import write_mp4
@@ -221,11 +221,13 @@ def test_eval_loss_halves_when_overfitting_one_clip(tmp_path, tiny_model_t2v):
 
     model = learnable_model(tiny_model_t2v, tmp_path / "model")
     data = tmp_path / "data"
-    write_mp4(data / "clip.mp4", synthetic_frames(64, 64, 9, seed=5), 8)
-    (data / "metadata.json").write_text(json.dumps([{"file_path": "clip.mp4", "text": "a square", "type": "video"}]))
+    for name in ("clip.mp4", "copy.mp4"):
+        write_mp4(data / name, synthetic_frames(64, 64, 9, seed=5), 8)
+    (data / "metadata.json").write_text(json.dumps([{"file_path": name, "text": "a square", "type": "video"}
+                                                    for name in ("clip.mp4", "copy.mp4")]))
     common = dict(pretrained_model_name_or_path=str(model), shard_dir=str(tmp_path / "shards"),
                   mixed_precision="no", dataloader_num_workers=0, video_sample_size=64, image_sample_size=64,
-                  token_sample_size=64, video_sample_n_frames=9, video_sample_stride=1, num_views=2, seed=1)
+                  token_sample_size=64, video_sample_n_frames=9, video_sample_stride=1, seed=1)
     precompute(PrecomputeConfig(train_data_meta=str(data / "metadata.json"), train_data_dir=str(data), **common),
                progress=False)
     train(TrainConfig(**common, output_dir=str(tmp_path / "out"), max_train_steps=200, checkpointing_steps=1000,
@@ -236,19 +238,40 @@ def test_eval_loss_halves_when_overfitting_one_clip(tmp_path, tiny_model_t2v):
     assert len(evals) == 5 and evals[-1] < 0.5 * evals[0], evals
 
 
-def test_held_out_samples_are_fixed_by_seed_and_keys(setup):
-    from cogfun import shards
+def test_held_out_are_whole_source_files_fixed_by_seed():
+    """--eval_samples counts source files: every view and every caption variant (`file#k`, same
+    `source`) of a held-out file is held out, the rest trains; the choice is a function of the seed
+    and the paths (the same for any reader of the same index)."""
     from cogfun.loader import CachedSamples, held_out
 
-    manifest = shards.require_manifest(setup["shards"])
-    dataset = CachedSamples(setup["shards"], manifest)
-    total = len(dataset)
-    two = held_out(dataset, 2, seed=42)
-    assert len(two) == 2 and two == held_out(CachedSamples(setup["shards"], manifest), 2, seed=42)
-    assert held_out(dataset, 2 / total, seed=42) == two   # a fraction
-    assert set(two) <= set(held_out(dataset, 3, seed=42))  # growing N keeps the first ones
+    rows = [("a.tar", "x.mp4", "kx_v0"), ("a.tar", "x.mp4", "kx_v1"), ("a.tar", "x.mp4", "kx2_v0"),  # x#2: a variant
+            ("a.tar", "x.mp4", "kx2_v1"), ("a.tar", "y.mp4", "ky_v0"), ("a.tar", "y.mp4", "ky_v1"),
+            ("b.tar", "z.png", "kz_v0"), ("b.tar", "w.mp4", "kw_v0"), ("b.tar", "w.mp4", "kw_v1"),
+            ("b.tar", "v.mp4", "kv_v0")]
+    positions = {"a.tar": 0, "b.tar": 0}
+    index = {"shard": [], "position": [], "source": [], "key": []}
+    for shard, source, key in rows:
+        index["shard"].append(shard)
+        index["position"].append(positions[shard])
+        positions[shard] += 1
+        index["source"].append(source)
+        index["key"].append(key)
+    dataset = CachedSamples("unused", {"shards": positions}, index=index)
+    source_of = {dataset.global_index(sh, p): src for sh, p, src in zip(index["shard"], index["position"], index["source"])}
+    seen = set()
+    for seed in range(12):
+        picks = {n: held_out(dataset, n, seed) for n in (1, 2, 3)}
+        for n, held in picks.items():
+            sources = {source_of[i] for i in held}
+            assert len(sources) == n
+            assert held == sorted(i for i, src in source_of.items() if src in sources)   # all their samples
+        assert set(picks[1]) <= set(picks[2]) <= set(picks[3])   # growing N keeps the first files
+        assert held_out(dataset, 0.4, seed) == picks[2]          # a fraction of the 5 files
+        assert held_out(CachedSamples("unused", {"shards": positions}, index=index), 2, seed) == picks[2]
+        seen.add(frozenset(source_of[i] for i in picks[1]))
+    assert len(seen) > 2                                          # the seed decides
     assert held_out(dataset, 0, seed=42) == []
     with pytest.raises(ConfigError, match="leaving none to train on"):
-        held_out(dataset, total, seed=42)
+        held_out(dataset, 5, seed=42)
     with pytest.raises(ConfigError, match="whole"):
         held_out(dataset, 2.5, seed=42)
