@@ -332,7 +332,11 @@ def read_index(where, columns=None) -> dict[str, list]:
 
     from cogfun.storage import as_store
 
-    return pq.read_table(io.BytesIO(as_store(where).read_bytes(INDEX)), columns=columns).to_pydict()
+    # use_threads=False: once pyarrow's CPU thread pool has run, pyarrow 26 aborts now and then at
+    # interpreter exit ("terminate called without an active exception", exit 134, ~1 run in 10 here,
+    # apache/arrow#39162) after all the work is done; the index is small, threads buy nothing.
+    return pq.read_table(io.BytesIO(as_store(where).read_bytes(INDEX)), columns=columns,
+                         use_threads=False).to_pydict()
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
