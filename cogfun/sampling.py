@@ -81,19 +81,20 @@ class Geometry:
 
 
 def geometry(transformer_config: dict, frames: int | None, height: int | None, width: int | None,
-             *, flag: str = "--") -> Geometry:
-    """Validated video geometry; None = the model's own sample size (config sample_frames / sample_height x 8 / ...)."""
-    frames = frames or transformer_config.get("sample_frames", 49)
-    height = height or transformer_config.get("sample_height", 60) * SPATIAL
-    width = width or transformer_config.get("sample_width", 90) * SPATIAL
+             *, flags: tuple[str, str, str] = ("--num_frames", "--height", "--width")) -> Geometry:
+    """Validated video geometry; None = the model's own sample size (config sample_frames / sample_height x 8 / ...).
+    `flags`: the options the three values came from, named in the messages."""
+    frames = transformer_config.get("sample_frames", 49) if frames is None else frames
+    height = transformer_config.get("sample_height", 60) * SPATIAL if height is None else height
+    width = transformer_config.get("sample_width", 90) * SPATIAL if width is None else width
     if frames < 1 or (frames - 1) % TEMPORAL:
         lo = (max(frames, 1) - 1) // TEMPORAL * TEMPORAL + 1
-        raise ConfigError(f"{flag}num_frames {frames}: must be 4k+1 (the VAE packs 4 frames per latent frame "
+        raise ConfigError(f"{flags[0]} {frames}: must be 4k+1 (the VAE packs 4 frames per latent frame "
                           f"after the first): use {lo} or {lo + TEMPORAL}")
     unit = SPATIAL * transformer_config.get("patch_size", 2)
-    for name, value in (("height", height), ("width", width)):
+    for flag, value in zip(flags[1:], (height, width)):
         if value < unit or value % unit:
-            raise ConfigError(f"{flag}{name} {value}: must be a positive multiple of {unit} "
+            raise ConfigError(f"{flag} {value}: must be a positive multiple of {unit} "
                               f"(VAE {SPATIAL}x times the transformer's {unit // SPATIAL}x{unit // SPATIAL} patches)")
     p_t = transformer_config.get("patch_size_t") or 1
     latent = (frames - 1) // TEMPORAL + 1

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cogfun import models, sampling
+from cogfun.buckets import PATCH, VAE_SPATIAL, floor_4k1
 from cogfun.config import TrainConfig
 
 VALIDATION_DIR = "validation"
@@ -39,8 +40,11 @@ class Validation:
     fps: int
 
 
-def inputs_spec(cfg: TrainConfig, output_dir: Path, device: str) -> tuple[list[sampling.Request], sampling.Geometry, dict]:
-    """The validation requests, their geometry and the encoder spec (`cogfun.sampling.make_spec`)."""
+def plan(cfg: TrainConfig) -> tuple[list[sampling.Request], sampling.Geometry]:
+    """The validation requests and their geometry, checked (the model's configs are read, not the images).
+
+    Defaults: --video_sample_n_frames rounded down to 4k+1 and --video_sample_size floored to a
+    multiple of 16, as precompute rounds them; a message names the flag a value came from."""
     model = cfg.pretrained_model_name_or_path
     tcfg = models.read_component_config(model, "transformer")
     family = models.transformer_family(model)  # refuses what cogfun cannot run
@@ -48,9 +52,24 @@ def inputs_spec(cfg: TrainConfig, output_dir: Path, device: str) -> tuple[list[s
     images = sampling.read_list(cfg.validation_images, "--validation_images")
     requests = sampling.requests_for(prompts, images, [], family,
                                      names=("--validation_prompts", "--validation_images", "-"))
-    geo = sampling.geometry(tcfg, cfg.validation_num_frames or cfg.video_sample_n_frames,
-                            cfg.validation_height or cfg.video_sample_size,
-                            cfg.validation_width or cfg.video_sample_size, flag="--validation_")
+    frames, height, width = cfg.validation_num_frames, cfg.validation_height, cfg.validation_width
+    flags = ["--validation_num_frames", "--validation_height", "--validation_width"]
+    # (a default that rounds to nothing stays as given, so that the message shows the user's value)
+    if frames is None:
+        frames, flags[0] = floor_4k1(cfg.video_sample_n_frames) or cfg.video_sample_n_frames, "--video_sample_n_frames"
+    side = VAE_SPATIAL * PATCH
+    size = cfg.video_sample_size // side * side or cfg.video_sample_size
+    if height is None:
+        height, flags[1] = size, "--video_sample_size"
+    if width is None:
+        width, flags[2] = size, "--video_sample_size"
+    return requests, sampling.geometry(tcfg, frames, height, width, flags=tuple(flags))
+
+
+def inputs_spec(cfg: TrainConfig, output_dir: Path, device: str) -> tuple[list[sampling.Request], sampling.Geometry, dict]:
+    """The validation requests, their geometry and the encoder spec (`cogfun.sampling.make_spec`)."""
+    model = cfg.pretrained_model_name_or_path
+    requests, geo = plan(cfg)
     spec = sampling.make_spec(model, requests, cfg.validation_negative_prompt, geo, seed=cfg.seed,
                               mixed_precision=cfg.mixed_precision, device=device,
                               out=output_dir / VALIDATION_DIR / INPUTS_FILE, low_vram=cfg.low_vram)

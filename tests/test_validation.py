@@ -238,6 +238,26 @@ def test_eval_loss_halves_when_overfitting_one_clip(tmp_path, tiny_model_t2v):
     assert len(evals) == 5 and evals[-1] < 0.5 * evals[0], evals
 
 
+def test_validation_geometry_defaults_round_as_precompute(tiny_model_inp):
+    """Defaults from --video_sample_n_frames / --video_sample_size are rounded as precompute rounds
+    them (50 -> 49 frames, 504 -> 496 px); a value that does not fit names the flag it came from."""
+    from cogfun import sampling, validation
+
+    def geo(**kw):
+        cfg = TrainConfig(pretrained_model_name_or_path=str(tiny_model_inp), validation_prompts="a cat", **kw)
+        return validation.plan(cfg)[1]
+
+    assert geo(video_sample_n_frames=50, video_sample_size=504) == sampling.Geometry(49, 496, 496)
+    assert geo(video_sample_n_frames=50, validation_num_frames=9, validation_height=48,
+               validation_width=64) == sampling.Geometry(9, 48, 64)
+    with pytest.raises(ConfigError, match=r"^--validation_num_frames 10: must be 4k\+1"):
+        geo(validation_num_frames=10)
+    with pytest.raises(ConfigError, match=r"^--validation_width 40: must be a positive multiple of 16"):
+        geo(validation_width=40)
+    with pytest.raises(ConfigError, match=r"^--video_sample_size 8: must be a positive multiple of 16"):
+        geo(video_sample_size=8)
+
+
 def test_held_out_are_whole_source_files_fixed_by_seed():
     """--eval_samples counts source files: every view and every caption variant (`file#k`, same
     `source`) of a held-out file is held out, the rest trains; the choice is a function of the seed
