@@ -5,6 +5,8 @@
   validation prompts, the negative prompt and, for InP models, the first-frame conditioning,
   into `<output_dir>/validation/inputs.safetensors`. A later run (a resume) reuses the file when
   the prompts, images, video size, seed, precision and the T5 / tokenizer / VAE files are the same.
+  Only rank 0 reads or writes that file; it sends the tensors to the other ranks, so the other
+  machines of a run need not share `--output_dir` for validation.
 - **The VAE is loaded only to decode, only while validating**, and freed after (`render`).
 - **Distributed.** The prompts are split across the ranks (prompt i on rank i % world). Under
   FSDP every rank must run the same number of transformer forwards (each gathers the sharded
@@ -77,20 +79,30 @@ def inputs_spec(cfg: TrainConfig, output_dir: Path, device: str) -> tuple[list[s
 
 
 def prepare(cfg: TrainConfig, output_dir: Path, accelerator) -> Validation | None:
-    """The encoded validation inputs on every rank (encoded by a side process on rank 0 when not cached)."""
+    """The encoded validation inputs on every rank: rank 0 encodes them (a side process) or reuses
+    its cached file, and sends the tensors to the other ranks, which never read <output_dir> (it
+    need not be shared between machines)."""
     if not cfg.validation_prompts:
         return None
-    from safetensors.torch import load_file
+    from safetensors.torch import load, save
 
-    requests, geo, spec = inputs_spec(cfg, output_dir, str(accelerator.device))
-    if accelerator.is_main_process and sampling.cached_inputs(spec) is None:
-        t0 = time.time()
-        sampling.encode_in_subprocess(spec)
-        print(f"validation: {len(requests)} prompt(s) encoded by a separate T5 process in {time.time() - t0:.1f} s "
-              f"-> {spec['out']}")
-    accelerator.wait_for_everyone()
+    from cogfun import dist
+
+    blob = None
+    if accelerator.is_main_process:
+        requests, geo, spec = inputs_spec(cfg, output_dir, str(accelerator.device))
+        tensors = sampling.cached_inputs(spec)
+        if tensors is None:
+            t0 = time.time()
+            tensors = sampling.encode_in_subprocess(spec)
+            print(f"validation: {len(requests)} prompt(s) encoded by a separate T5 process in {time.time() - t0:.1f} s "
+                  f"-> {spec['out']}")
+        blob = save(tensors)  # safetensors bytes: a few MB per prompt
+    else:
+        requests, geo = plan(cfg)
+    inputs = load(dist.broadcast(blob, accelerator))
     tcfg = models.read_component_config(cfg.pretrained_model_name_or_path, "transformer")
-    return Validation(requests, geo, load_file(spec["out"]), sampling.default_fps(tcfg))
+    return Validation(requests, geo, inputs, sampling.default_fps(tcfg))
 
 
 def render(v: Validation, accelerator, transformer, *, cfg: TrainConfig, step: int, output_dir: Path, scheduler,

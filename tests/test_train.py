@@ -377,15 +377,23 @@ def test_two_machines_ddp_from_http_match_one_process_and_resume(setup, referenc
 
 def test_two_machines_zero2_from_http_and_an_unshared_output_dir(setup, reference, http_shards, tmp_path):
     """ZeRO-2 on 2 machines from HTTP matches one process; with an output dir per machine (not
-    shared) the checkpoint is reported incomplete when saved, and a resume stops with a message
-    naming what the other machine cannot see."""
+    shared) validation works (rank 0 sends the encoded prompts: machine 1 reads nothing of its
+    output dir) and writes the videos on machine 0, the checkpoint is reported incomplete when
+    saved, and a resume stops with a message naming what the other machine cannot see."""
     outs = [tmp_path / "m0", tmp_path / "m1"]
-    first = launch_machines("deepspeed", lambda r: http_args(setup, http_shards, outs[r], tmp_path / f"cache{r}"),
-                            tmp_path / "a")
+    validation = ["--validation_prompts", "A red fox runs. | A golden owl sleeps.", "--validation_steps", "4",
+                  "--validation_num_frames", "5", "--validation_height", "32", "--validation_width", "32",
+                  "--validation_num_inference_steps", "1"]
+    first = launch_machines("deepspeed", lambda r: http_args(setup, http_shards, outs[r], tmp_path / f"cache{r}")
+                            + validation, tmp_path / "a")
     check_ok(first)
     assert losses(outs[0]) == pytest.approx(losses(reference), rel=1e-5)
     assert_same_lora(lora(outs[0]), lora(reference), atol=1e-5)
     assert "--output_dir is not shared" in first[0].stdout
+    videos = json.loads((outs[0] / "samples" / "step-4" / "index.json").read_text())["videos"]
+    assert [v["prompt"] for v in videos] == ["A red fox runs.", "A golden owl sleeps."]   # one from each machine
+    assert all((outs[0] / "samples" / "step-4" / v["file"]).is_file() for v in videos)
+    assert not (outs[1] / "validation").exists() and not (outs[1] / "samples").exists()
     again = launch_machines("deepspeed", lambda r: http_args(setup, http_shards, outs[r], tmp_path / f"cache{r}")
                             + ["--resume_from_checkpoint", "latest"], tmp_path / "b")
     for result in again:
