@@ -24,7 +24,10 @@ latent frame count divisible by the temporal patch: like diffusers' pipeline we 
 more latent frames (`Geometry.pad`), then drop them before decoding, so the video has exactly the
 asked frames. The extra frames are appended at the END and dropped there (diffusers drops at the
 front): CogVideoX-Fun's InP models were trained with the known first frame at latent 0, which
-must stay first.
+must stay first. With a known last frame (`end_image`) the frame count is trimmed to an even latent
+count instead (49 -> 45), as CogVideoX-Fun's inpaint pipeline does: the last frame must sit in the
+last latent frame, as in training. The default size of a 1.5 model is CogVideoX-Fun's predict
+default, 384 x 672 x its config's sample_frames (85).
 
 Run as `python -m cogfun.sampling SPEC.json`, step 1 alone: the short-lived encoder process of
 validation during training (T5 never enters the training process).
@@ -40,11 +43,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cogfun import models
+from cogfun.buckets import latent_frames, patch_t_frames
 from cogfun.config import ConfigError
 
 TEMPORAL = 4   # CogVideoX VAE: 4 pixel frames per latent frame (the first alone)
 SPATIAL = 8    # and 8x8 pixels per latent
 ADAPTER = "cogfun"
+#: Default video size of a CogVideoX 1.5 (`patch_size_t`) model: CogVideoX-Fun's predict scripts' sample_size.
+PATCH_T_SAMPLE_SIZE = (384, 672)
 
 
 # ------------------------------------------------------------------ what to generate
@@ -81,12 +87,25 @@ class Geometry:
 
 
 def geometry(transformer_config: dict, frames: int | None, height: int | None, width: int | None,
-             *, flags: tuple[str, str, str] = ("--num_frames", "--height", "--width")) -> Geometry:
-    """Validated video geometry; None = the model's own sample size (config sample_frames / sample_height x 8 / ...).
-    `flags`: the options the three values came from, named in the messages."""
+             *, flags: tuple[str, str, str] = ("--num_frames", "--height", "--width"), last_frame_known: bool = False,
+             notes: list[str] | None = None) -> Geometry:
+    """Validated video geometry; None = the model's own sample size: frames from its config's
+    sample_frames; height x width its sample_height x 8 by sample_width x 8 (CogVideoX 1.0), or
+    CogVideoX-Fun's predict default 384 x 672 for a `patch_size_t` model (CogVideoX 1.5), whose
+    config's sample_height/width size its RoPE grid, not a video. `flags`: the options the three
+    values came from, named in the messages.
+
+    CogVideoX 1.5 needs a latent frame count divisible by its temporal patch: by default latent
+    frames are generated beyond the asked ones and dropped (`pad`). With `last_frame_known`
+    (first + last frame given) the count is trimmed instead, as CogVideoX-Fun's inpaint pipeline
+    does (49 -> 45 frames): the known last frame must sit in the last latent frame, as in training,
+    where every 1.5 video has an even latent count. A line saying so goes to `notes`."""
+    p_t = transformer_config.get("patch_size_t") or 1
+    default_hw = PATCH_T_SAMPLE_SIZE if p_t > 1 else (transformer_config.get("sample_height", 60) * SPATIAL,
+                                                      transformer_config.get("sample_width", 90) * SPATIAL)
     frames = transformer_config.get("sample_frames", 49) if frames is None else frames
-    height = transformer_config.get("sample_height", 60) * SPATIAL if height is None else height
-    width = transformer_config.get("sample_width", 90) * SPATIAL if width is None else width
+    height = default_hw[0] if height is None else height
+    width = default_hw[1] if width is None else width
     if frames < 1 or (frames - 1) % TEMPORAL:
         lo = (max(frames, 1) - 1) // TEMPORAL * TEMPORAL + 1
         raise ConfigError(f"{flags[0]} {frames}: must be 4k+1 (the VAE packs 4 frames per latent frame "
@@ -96,9 +115,18 @@ def geometry(transformer_config: dict, frames: int | None, height: int | None, w
         if value < unit or value % unit:
             raise ConfigError(f"{flag} {value}: must be a positive multiple of {unit} "
                               f"(VAE {SPATIAL}x times the transformer's {unit // SPATIAL}x{unit // SPATIAL} patches)")
-    p_t = transformer_config.get("patch_size_t") or 1
-    latent = (frames - 1) // TEMPORAL + 1
-    return Geometry(frames, height, width, pad=-latent % p_t)
+    if last_frame_known and latent_frames(frames) % p_t:
+        trimmed = patch_t_frames(frames, p_t)
+        if trimmed < 1 + TEMPORAL:
+            raise ConfigError(f"{flags[0]} {frames}: with a known last frame this model (patch_size_t {p_t}) needs a "
+                              f"latent frame count divisible by {p_t}: use at least {1 + TEMPORAL * (p_t - 1)}")
+        if notes is not None:
+            notes.append(f"{flags[0]} {frames} -> {trimmed}: with a known last frame, a patch_size_t {p_t} model "
+                         f"(CogVideoX 1.5) needs a latent frame count divisible by {p_t}, so the frame count is "
+                         f"trimmed as CogVideoX-Fun's inpaint pipeline trims it, keeping the last frame in the last "
+                         f"latent frame as in training")
+        frames = trimmed
+    return Geometry(frames, height, width, pad=-latent_frames(frames) % p_t)
 
 
 def default_fps(transformer_config: dict) -> int:

@@ -34,7 +34,9 @@ def sample(cfg: SampleConfig) -> list[Path]:
         raise ConfigError("no prompt: give --prompt \"...\" or --prompts FILE")
     requests = sampling.requests_for(prompts, [cfg.image] if cfg.image else [],
                                      [cfg.end_image] if cfg.end_image else [], family)
-    geo = sampling.geometry(tcfg, cfg.num_frames, cfg.height, cfg.width)
+    notes: list[str] = []
+    geo = sampling.geometry(tcfg, cfg.num_frames, cfg.height, cfg.width, last_frame_known=bool(cfg.end_image),
+                            notes=notes)
     if cfg.output and len(requests) > 1:
         raise ConfigError(f"--output names one file but there are {len(requests)} prompts: use --output_dir")
     if not (cfg.output or cfg.output_dir):
@@ -43,6 +45,9 @@ def sample(cfg: SampleConfig) -> list[Path]:
         [Path(cfg.output_dir) / f"{sampling.slug(i, r.prompt)}.mp4" for i, r in enumerate(requests)]
     fps = cfg.fps or sampling.default_fps(tcfg)
     state = dist.partial_state()
+    if state.is_main_process:
+        for note in notes:
+            print(f"note: {note}")
     mine = list(range(state.process_index, len(requests), state.num_processes))
     device, dtype = state.device, models.dtype_of(cfg.mixed_precision)
     if not mine:

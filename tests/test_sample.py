@@ -89,12 +89,12 @@ def test_samples_with_and_without_lora(request, tmp_path, images, model_fixture)
     tcfg = json.loads((model / "transformer" / "config.json").read_text())
     inpaint = tcfg["in_channels"] == 33
     cond = {}
-    if inpaint:  # image-to-video; first + last frame on the 1.5 variant (9 frames = 3 latents: padded to 4)
+    if inpaint:  # image-to-video; first + last frame on the 1.5 variant (9 frames = 3 latents: trimmed to 5 = 2)
         cond = {"image": images["first"], **({"end_image": images["last"]} if tcfg.get("patch_size_t") else {})}
     lora_dir = write_lora(model, tmp_path / "lora")
 
     base = run_sample(model, tmp_path / "base.mp4", **cond)
-    assert base["codec"] == "h264" and base["frames"].shape == (9, 48, 64, 3)
+    assert base["codec"] == "h264" and base["frames"].shape == (5 if "end_image" in cond else 9, 48, 64, 3)
     assert base["fps"] == (16 if tcfg.get("patch_size_t") else 8)
     assert json.loads(base["comment"])["prompt"] == "A red fox runs across the meadow."
     assert base["frames"].std() > 1  # a picture, not a constant
@@ -203,6 +203,22 @@ def test_lora_paths_and_inputs_are_checked(tmp_path, tiny_model_t2v, tiny_model_
     listing.write_text("a fox\n\n  a cat  \n")
     assert sampling.read_list(str(listing), "--prompts") == ["a fox", "a cat"]
     assert sampling.read_list("a fox | a cat", "--prompts") == ["a fox", "a cat"]
+
+
+def test_cogvideox_15_geometry(tiny_model_v15):
+    """A patch_size_t model: CogVideoX-Fun's predict size by default (its config's sample_height/width
+    are no video size); i2v pads the latent frames to the patch, first + last frame trims them
+    (49 -> 45, with a note) so the last frame is in the last latent frame, as in training."""
+    tcfg = json.loads((tiny_model_v15 / "transformer" / "config.json").read_text())
+    assert sampling.geometry(tcfg, None, None, None) == sampling.Geometry(85, 384, 672)
+    assert sampling.geometry(tcfg, 49, 64, 64) == sampling.Geometry(49, 64, 64, pad=1)
+    notes = []
+    assert sampling.geometry(tcfg, 49, 64, 64, last_frame_known=True, notes=notes) == sampling.Geometry(45, 64, 64)
+    assert len(notes) == 1 and notes[0].startswith("--num_frames 49 -> 45")
+    assert sampling.geometry(tcfg, 45, 64, 64, last_frame_known=True, notes=notes) == sampling.Geometry(45, 64, 64)
+    assert len(notes) == 1
+    with pytest.raises(ConfigError, match="use at least 5"):
+        sampling.geometry(tcfg, 1, 64, 64, last_frame_known=True)
 
 
 def test_cli_sample_writes_one_video_per_prompt(tmp_path, tiny_model_t2v):
