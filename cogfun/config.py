@@ -57,7 +57,7 @@ class DataArgs:
     random_hw_adapt: bool = opt(False, "Draw each sample's base size between min(video_sample_size, 512) and image_sample_size.", fingerprint=True)
     training_with_video_token_length: bool = opt(False, "Trade frames for resolution: a video at base s gets the largest 4k+1 <= N*T^2/s^2 frames; bases range from video_sample_size to image_sample_size.", fingerprint=True)
     enable_bucket: bool = opt(False, "Keep each clip's aspect ratio (nearest ratio bucket) instead of center-cropping a square.", fingerprint=True)
-    random_frame_crop: bool = opt(False, "At train time, keep a random-length prefix of the latent frames (full length ~90% of the time).")
+    random_frame_crop: bool = opt(False, "At train time, keep a prefix of each batch's frames, as CogVideoX-Fun: a length drawn from 5, 9, ..., video_sample_n_frames (the shards' value) pixel frames, the full length 90% of the time and the others uniformly; never one latent frame of a video (CogVideoX 1.5: even latent counts).")
     video_repeat: int = opt(1, "Videos weigh this many times more than images when batches are drawn (0 counts as 1, as in CogVideoX-Fun).")
     train_mode: str = opt("normal", "normal: text-to-video (in_channels 16); inpaint / i2v: InP models (in_channels 33), masked-clip latents are cached.", choices=TRAIN_MODES, fingerprint=True)
     seed: int = opt(42, "Seed of every random choice (base sizes, frame windows, batch order, noise).", fingerprint=True)

@@ -33,7 +33,7 @@ from cogfun.shards import ShardError
 CHECKPOINT_STATE = "cogfun_state.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
-CROP_FULL_PROB = 0.9
+CROP_FULL_PROB = 0.9   # --random_frame_crop: CogVideoX-Fun keeps all video_sample_n_frames 90 % of the time
 
 
 # ------------------------------------------------------------------ launch
@@ -225,18 +225,25 @@ def agree_on_checkpoint(accelerator, output_dir: Path, spec: str | None) -> Path
 # ------------------------------------------------------------------ one batch -> loss inputs
 
 def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scaling: float, policies: list[str],
-                 null_prompt, device, dtype, family=None, black=None):
+                 null_prompt, device, dtype, family=None, black=None, sample_n_frames: int | None = None):
     """(model input, prompt embeds, timesteps, velocity target) for one bucket batch.
 
     All randomness comes from (seed, epoch, batch id): independent of rank, world size, resume.
-    `family` (models.TransformerFamily): random_frame_crop keeps multiples of its patch_size_t;
-    with its reference noise, a sigma and a sign per sample scale the cached noise response.
+    random_frame_crop, as CogVideoX-Fun's trainer: it draws T pixel frames from 5, 9, ..., N
+    (N = `sample_n_frames`, the --video_sample_n_frames the shards were made with; default the
+    config's), T = N with probability 0.9 and the others uniformly, keeps the first min(clip, T)
+    frames, and for CogVideoX 1.5 drops an odd latent frame. In latent frames: L from 2..N', keep
+    min(F', L), less keep % patch_size_t; a video never keeps a single latent frame, an image is
+    never cropped.
+    `family` (models.TransformerFamily): its patch_size_t (above); with its reference noise, a sigma
+    and a sign per sample scale the cached noise response.
     Inpaint: a mask policy per sample, drawn with `mask_weights` among t2v and the sample's cached
     policies (its json's `masks`: {policy: geometry}); `black` ({bucket: latents} of an all -1 clip):
     10 % of t2v draws get mask 0 + those latents, as CogVideoX-Fun's t2v_flag does.
     """
     import torch
 
+    from cogfun.buckets import floor_4k1, latent_frames
     from cogfun.masks import (BLACK, BLACK_LATENTS, BLACK_SHARE, PREFIX_SAFE, REFERENCE_NOISE_SIGMA0,
                               conditioning, draw_reference_sigma, parse_weights, weights_for)
 
@@ -252,11 +259,13 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
     frames = batch["metas"][0]["frames"]
 
     keep = f_lat
-    multiple = family.latent_multiple if family is not None else 1
-    if cfg.random_frame_crop and f_lat > 1 and rng.random() >= CROP_FULL_PROB:
-        lengths = list(range(multiple, f_lat, multiple))  # CogVideoX 1.5: even prefixes only
-        if lengths:
-            keep = rng.choices(lengths, weights=lengths)[0]  # longer prefixes more likely, short ones rare
+    longest = latent_frames(floor_4k1(sample_n_frames or cfg.video_sample_n_frames))
+    if cfg.random_frame_crop and f_lat > 1 and longest >= 2:
+        lengths = list(range(2, longest + 1))   # latent frames of 5, 9, ..., N pixel frames
+        shorter = (1 - CROP_FULL_PROB) / (len(lengths) - 1) if len(lengths) > 1 else 0.0
+        drawn = rng.choices(lengths, weights=[shorter] * (len(lengths) - 1) + [CROP_FULL_PROB])[0]
+        keep = min(f_lat, drawn)
+        keep -= keep % (family.latent_multiple if family is not None else 1)   # CogVideoX 1.5: whole patches
     eps = torch.randn(mean.shape, generator=gen, device=device)
     latents = (mean + torch.exp(0.5 * logvar) * eps)[:, :keep] * scaling
     noise = torch.randn(latents.shape, generator=gen, device=device)
@@ -525,6 +534,7 @@ def train(cfg: TrainConfig) -> dict:
     weights = mask_weights(cfg, policies)  # checked before any work
     null_prompt = load(store.read_bytes(shards.NULL_PROMPT))["prompt_embeds"].float()
     black = load(store.read_bytes(shards.BLACK_LATENTS)) if policies else None
+    sample_n_frames = manifest["config"]["video_sample_n_frames"]  # --random_frame_crop's longest length
 
     transformer.requires_grad_(False)
     targets = inject_lora(transformer, rank=cfg.rank, alpha=cfg.network_alpha, target_name=cfg.target_name,
@@ -609,7 +619,8 @@ def train(cfg: TrainConfig) -> dict:
             with accelerator.accumulate(transformer):
                 model_in, prompts, timesteps, target = batch_inputs(
                     batch, epoch=epoch, cfg=cfg, scheduler=scheduler, scaling=scaling, policies=policies,
-                    null_prompt=null_prompt, device=device, dtype=weight_dtype, family=family, black=black)
+                    null_prompt=null_prompt, device=device, dtype=weight_dtype, family=family, black=black,
+                    sample_n_frames=sample_n_frames)
                 model_in, n_frames = models.pad_for_patch_t(model_in, family.patch_size_t)
                 rope = rotary_embedding(unwrapped_config, model_in.shape, device)
                 with accelerator.autocast():

@@ -208,24 +208,30 @@ def test_inspect_buckets_shows_the_frame_rule(models, synthetic_data, v15):
 
 
 def test_random_frame_crop_keeps_whole_patches():
+    """CogVideoX-Fun's draw: T from 5, 9, ..., N pixel frames (N: the shards' video_sample_n_frames, here
+    21 = 6 latents, not the config's default 17), all N 90 % of the time, the rest uniform; a prefix
+    of min(F', L) latents, whole patches for CogVideoX 1.5, never one latent frame of a video."""
+    from collections import Counter
+
     from cogfun.models import TransformerFamily
     from diffusers import DDPMScheduler
     from stages.train import batch_inputs
 
     cfg = TrainConfig(random_frame_crop=True, caption_dropout=0.0, seed=3)
-    tensors = {"latent_mean": torch.zeros(1, 6, 16, 2, 2), "latent_logvar": torch.zeros(1, 6, 16, 2, 2),
-               "prompt_embeds": torch.zeros(1, 226, 8)}
-    batch = {"tensors": tensors, "metas": [{"frames": 21}], "batch_id": 0}
-    kept = {1: set(), 2: set()}
-    for p_t in (1, 2):
+    kept = {}
+    for p_t, f_lat in ((1, 6), (2, 6), (1, 4)):
+        tensors = {"latent_mean": torch.zeros(1, f_lat, 16, 2, 2), "latent_logvar": torch.zeros(1, f_lat, 16, 2, 2),
+                   "prompt_embeds": torch.zeros(1, 226, 8)}
+        batch = {"tensors": tensors, "metas": [{"frames": 4 * f_lat - 3}], "batch_id": 0}
         family = TransformerFamily(in_channels=16, latent_channels=16, patch_size_t=p_t if p_t > 1 else None,
                                    reference_noise=False)
-        for epoch in range(300):
-            model_in = batch_inputs(batch, epoch=epoch, cfg=cfg, scheduler=DDPMScheduler(), scaling=1.0, policies=[],
-                                    null_prompt=torch.zeros(226, 8), device="cpu", dtype=torch.float32,
-                                    family=family)[0]
-            kept[p_t].add(model_in.shape[1])
-    assert kept[2] == {2, 4, 6} and kept[1] == {1, 2, 3, 4, 5, 6}
+        kept[p_t, f_lat] = Counter(
+            batch_inputs(batch, epoch=epoch, cfg=cfg, scheduler=DDPMScheduler(), scaling=1.0, policies=[],
+                         null_prompt=torch.zeros(226, 8), device="cpu", dtype=torch.float32, family=family,
+                         sample_n_frames=21)[0].shape[1] for epoch in range(400))
+    assert set(kept[1, 6]) == {2, 3, 4, 5, 6} and set(kept[2, 6]) == {2, 4, 6}
+    assert 0.86 < kept[1, 6][6] / 400 < 0.94 and kept[2, 6][6] == kept[1, 6][6]   # the same draws, L = 6
+    assert 0.92 < kept[1, 4][4] / 400 < 0.98 and set(kept[1, 4]) == {2, 3, 4}     # a shorter clip: L >= 4 keeps it
 
 
 def test_one_frame_padding_for_patch_size_t():
