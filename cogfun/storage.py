@@ -46,6 +46,17 @@ def is_url(location: str | os.PathLike) -> bool:
     return "://" in str(location) and not str(location).startswith("file://")
 
 
+def plain_path(location: str | os.PathLike) -> str:
+    """A `file:` location as the plain path fsspec reads for it (`file:///data/s` -> `/data/s`,
+    `file://rel/s` -> `rel/s`); any other location unchanged. Precompute (pathlib) and the readers
+    (fsspec) resolve a shard dir through this, so both see the same folder."""
+    text = str(location)
+    for prefix in ("file://", "file:"):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
+
+
 class IncompleteFetch(OSError):
     """A download ended with fewer (or more) bytes than the manifest records."""
 
@@ -86,7 +97,7 @@ class ShardStore:
         import fsspec
         from fsspec.implementations.local import LocalFileSystem
 
-        self.location = str(location).rstrip("/")
+        self.location = plain_path(location).rstrip("/")
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.location)
         except (ImportError, ValueError) as exc:

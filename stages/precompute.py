@@ -24,7 +24,7 @@ from cogfun.buckets import SamplePlan, Sampling
 from cogfun.config import PrecomputeConfig, fingerprint_keys, mask_policy_list, to_dict
 from cogfun.dataset import Skipped, count_by_category, load_sources, media_report, probe_and_plan, retry_skipped
 from cogfun.shards import ShardError
-from cogfun.storage import is_url
+from cogfun.storage import is_url, plain_path
 
 T5_BATCH = 16
 T5_TABLE = 256  # captions per caption table file
@@ -185,7 +185,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
                          f"serve it over HTTP), and give the URL to `cogfun train` / `inspect-buckets`.")
     state = dist.partial_state()
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
-    shard_dir = Path(cfg.shard_dir)
+    shard_dir = Path(plain_path(cfg.shard_dir))   # file:///x is /x, as the readers (fsspec) see it
     family = models.transformer_family(cfg.pretrained_model_name_or_path)  # frame rule, reference noise
     sampling = Sampling.from_config(cfg, latent_multiple=family.latent_multiple)
     sampling.validate()

@@ -137,6 +137,30 @@ def test_cache_fills_once_under_concurrency_and_evicts_least_recently_used(shard
         ShardStore(server.url, cache_size_gb=1e-9).check_cache_fits(sizes)
 
 
+def test_a_file_url_is_the_same_dir_for_precompute_and_readers(shard_dir, tmp_path, monkeypatch, tiny_model_inp,
+                                                               synthetic_data):
+    """file:///x is /x for precompute (pathlib) as for train and inspect-buckets (fsspec)."""
+    from stages.precompute import precompute
+
+    copy = tmp_path / "S"
+    shutil.copytree(shard_dir, copy)
+    monkeypatch.chdir(tmp_path)                  # where a relative ./file:/... would appear
+    url = f"file://{copy}"
+    summary = precompute(PrecomputeConfig(pretrained_model_name_or_path=str(tiny_model_inp),
+                                          train_data_meta=str(synthetic_data), train_data_dir=str(synthetic_data.parent),
+                                          shard_dir=url, dataloader_num_workers=0, shard_max_samples=1, **DATA),
+                         progress=False)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    assert summary["status"] == "up to date" and not (tmp_path / "file:").exists()
+    store = ShardStore(url)
+    manifest = shards.require_manifest(store)
+    tar = sorted(manifest["shards"])[0]
+    assert not store.remote and store.local_path(tar) == copy / tar
+    same_samples(CachedSamples(shard_dir, manifest), CachedSamples(store, manifest))
+
+
 def test_s3_round_trip(shard_dir, tmp_path, monkeypatch):
     with S3Server() as s3:
         for key, value in s3.environment().items():
