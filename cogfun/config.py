@@ -102,7 +102,7 @@ class TrainArgs:
     checkpointing_steps: int = opt(500, "Save a resumable checkpoint every this many optimizer steps.")
     checkpoints_total_limit: Optional[int] = opt(None, "Keep at most this many checkpoints (oldest removed first).")
     checkpoint_kohya: bool = opt(False, "Also write the kohya/ComfyUI LoRA file into every checkpoint-<step>/ (always written for the final LoRA).")
-    resume_from_checkpoint: Optional[str] = opt(None, "A checkpoint-<step> folder, or 'latest' for the newest complete one in --output_dir.")
+    resume_from_checkpoint: Optional[str] = opt(None, "A checkpoint-<step> folder (a path that does not exist is looked for in --output_dir, as CogVideoX-Fun does: checkpoint-500 means <output_dir>/checkpoint-500), or 'latest' for the newest complete one in --output_dir.")
     learning_rate: float = opt(1e-4, "AdamW learning rate.")
     lr_scheduler: str = opt("constant", "diffusers LR schedule: constant, constant_with_warmup, linear, cosine, ...")
     lr_warmup_steps: int = opt(0, "Warm-up steps of the LR schedule.")

@@ -179,13 +179,20 @@ def mask_weights(cfg: TrainConfig, policies: list[str]) -> dict[str, dict[str, f
 
 
 def find_checkpoint(output_dir: Path, spec: str | None) -> Path | None:
-    """The checkpoint `--resume_from_checkpoint` names (a folder, or `latest`: the newest complete one)."""
+    """The checkpoint `--resume_from_checkpoint` names: a folder (a path that does not exist is
+    looked for in `output_dir`, as CogVideoX-Fun joins a bare `checkpoint-500` with --output_dir),
+    or `latest`: the newest complete one."""
     if not spec:
         return None
     if spec != "latest":
         path = Path(spec)
+        if not path.exists() and (output_dir / spec).exists():
+            path = output_dir / spec
+        if not path.exists():
+            raise ConfigError(f"--resume_from_checkpoint {spec}: does not exist (neither {path.absolute()} nor "
+                              f"{(output_dir / spec).absolute()}); give a checkpoint-<step> folder or 'latest'")
         if not (path / CHECKPOINT_STATE).is_file():
-            raise ConfigError(f"--resume_from_checkpoint {spec}: not a complete cogfun checkpoint "
+            raise ConfigError(f"--resume_from_checkpoint {spec}: {path} is not a complete cogfun checkpoint "
                               f"(no {CHECKPOINT_STATE})")
         return path
     done = [p for p in output_dir.glob("checkpoint-*") if (p / CHECKPOINT_STATE).is_file()]

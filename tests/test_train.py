@@ -172,18 +172,27 @@ def test_kill_and_resume_latest_single_process(setup, tmp_path):
     assert_same_lora(lora(out), lora(ref), atol=0)
 
 
-def test_latest_skips_incomplete_checkpoints(tmp_path):
+def test_latest_skips_incomplete_checkpoints_and_bare_names_are_in_the_output_dir(tmp_path, monkeypatch):
+    from cogfun.config import ConfigError
     from stages.train import CHECKPOINT_STATE, find_checkpoint
 
-    for step in (2, 4):
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / CHECKPOINT_STATE).write_text(json.dumps({"global_step": step}))
-    (tmp_path / ".checkpoint-6.tmp").mkdir()          # killed while saving
-    (tmp_path / "checkpoint-8").mkdir()                # no state file: not complete
-    assert find_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-4"
-    assert find_checkpoint(tmp_path, None) is None
-    with pytest.raises(Exception, match="not a complete"):
-        find_checkpoint(tmp_path, str(tmp_path / "checkpoint-8"))
+    out = tmp_path / "out"
+    for step in (2, 4, 10):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / CHECKPOINT_STATE).write_text(json.dumps({"global_step": step}))
+    (out / ".checkpoint-12.tmp").mkdir()          # killed while saving
+    (out / "checkpoint-14").mkdir()                # no state file: not complete
+    assert find_checkpoint(out, "latest") == out / "checkpoint-10"   # by step, not by name
+    assert find_checkpoint(out, None) is None
+    with pytest.raises(ConfigError, match="not a complete"):
+        find_checkpoint(out, str(out / "checkpoint-14"))
+    monkeypatch.chdir(tmp_path)                    # a bare name: CogVideoX-Fun joins it with --output_dir
+    assert find_checkpoint(out, "checkpoint-4") == out / "checkpoint-4"
+    assert find_checkpoint(out, str(out / "checkpoint-2")) == out / "checkpoint-2"
+    with pytest.raises(ConfigError, match=r"checkpoint-9: does not exist \(neither .*checkpoint-9 nor"):
+        find_checkpoint(out, "checkpoint-9")
+    with pytest.raises(ConfigError, match="checkpoint-14 is not a complete cogfun checkpoint"):
+        find_checkpoint(out, "checkpoint-14")
 
 
 def test_pinned_loss_curve_and_no_vae_or_t5(setup, tmp_path, monkeypatch):
