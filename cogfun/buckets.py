@@ -25,6 +25,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from cogfun.models import TEXT_LEN
+
 # CogVideoX-Fun's ASPECT_RATIO_512: height/width -> [height, width] at base 512.
 ASPECT_RATIO_512: dict[float, tuple[int, int]] = {
     0.25: (256, 1024), 0.26: (256, 992), 0.27: (256, 960), 0.28: (256, 928), 0.32: (288, 896),
@@ -167,7 +169,7 @@ def latent_bytes(frames: int, height: int, width: int, channels: int = LATENT_CH
 
 
 def sample_bytes(frames: int, height: int, width: int, *, text_dim: int, n_mask_policies: int,
-                 text_len: int = 226, itemsize: int = 2) -> int:
+                 text_len: int = TEXT_LEN, itemsize: int = 2) -> int:
     """Tensor payload of one cached sample: mean + logvar + prompt embeds + masked latents."""
     lat = latent_bytes(frames, height, width, itemsize=itemsize)
     return (2 + n_mask_policies) * lat + text_len * text_dim * itemsize

@@ -188,10 +188,6 @@ class InspectConfig(ModelArgs, DataArgs):
     text_dim: int = opt(4096, "Text-embedding width used for the size estimate when no model is given (T5-XXL: 4096).")
 
 
-def setting_fields(cls: type) -> list[dataclasses.Field]:
-    return [f for f in fields(cls)]
-
-
 def _base_type(f: dataclasses.Field, cls: type) -> type:
     hint = typing.get_type_hints(cls)[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]

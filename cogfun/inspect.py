@@ -15,6 +15,7 @@ from collections import Counter
 from cogfun.buckets import Sampling, parse_bucket, sample_bytes, tokens_per_sample
 from cogfun.config import InspectConfig, ConfigError, mask_policy_list
 from cogfun.dataset import count_by_category
+from cogfun.models import TEXT_LEN
 
 # tar headers (2 members + padding) + json member + safetensors header, per sample (measured ~2-3 KB)
 SAMPLE_OVERHEAD = 3072
@@ -38,7 +39,7 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
     plans, skips, by_key = probe_and_plan(sources, Sampling.from_config(cfg, latent_multiple=multiple),
                                           workers=cfg.probe_workers, max_pixels=cfg.max_image_pixels)
     # caption tables (shard format 2): one T5 embedding per distinct caption, shared out by sample count
-    prompts = len({by_key[p.key].text for p in plans}) * 226 * text_dim * 2   # 226 tokens, bf16
+    prompts = len({by_key[p.key].text for p in plans}) * TEXT_LEN * text_dim * 2   # bf16
     counts = Counter(p.bucket for p in plans)
     kinds: dict[str, Counter] = {}
     for p in plans:

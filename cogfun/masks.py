@@ -271,13 +271,6 @@ def pixel_mask(policy: str, geometry: dict | None, frames: int, height: int, wid
     return mask
 
 
-def known_frames(policy: str, frames: int, geometry: dict | None = None) -> list[bool]:
-    """Per pixel frame of a temporal policy: is it given to the model (True) or masked (False)?"""
-    if policy in SPATIAL:
-        raise ValueError(f"{policy} masks part of a frame: use pixel_mask")
-    return [not bool(m) for m in pixel_mask(policy, geometry, frames, 1, 1).flatten().tolist()]
-
-
 def masked_clip(pixels, policy: str, geometry: dict | None = None):
     """pixels [..., 3, F, H, W] in [-1, 1] -> the same clip with the policy's masked pixels set to -1."""
     import torch

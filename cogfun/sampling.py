@@ -43,11 +43,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cogfun import models
-from cogfun.buckets import latent_frames, patch_t_frames
+from cogfun.buckets import VAE_SPATIAL, VAE_TEMPORAL, latent_frames, patch_t_frames
 from cogfun.config import ConfigError
 
-TEMPORAL = 4   # CogVideoX VAE: 4 pixel frames per latent frame (the first alone)
-SPATIAL = 8    # and 8x8 pixels per latent
 ADAPTER = "cogfun"
 #: Default video size of a CogVideoX 1.5 (`patch_size_t`) model: CogVideoX-Fun's predict scripts' sample_size.
 PATCH_T_SAMPLE_SIZE = (384, 672)
@@ -78,12 +76,12 @@ class Geometry:
 
     @property
     def latent_frames(self) -> int:
-        return (self.frames - 1) // TEMPORAL + 1
+        return latent_frames(self.frames)
 
     @property
     def generated_frames(self) -> int:
         """Pixel frames of the clip the transformer generates (the asked ones + the padding)."""
-        return self.frames + TEMPORAL * self.pad
+        return self.frames + VAE_TEMPORAL * self.pad
 
 
 def geometry(transformer_config: dict, frames: int | None, height: int | None, width: int | None,
@@ -101,25 +99,25 @@ def geometry(transformer_config: dict, frames: int | None, height: int | None, w
     does (49 -> 45 frames): the known last frame must sit in the last latent frame, as in training,
     where every 1.5 video has an even latent count. A line saying so goes to `notes`."""
     p_t = transformer_config.get("patch_size_t") or 1
-    default_hw = PATCH_T_SAMPLE_SIZE if p_t > 1 else (transformer_config.get("sample_height", 60) * SPATIAL,
-                                                      transformer_config.get("sample_width", 90) * SPATIAL)
+    default_hw = PATCH_T_SAMPLE_SIZE if p_t > 1 else (transformer_config.get("sample_height", 60) * VAE_SPATIAL,
+                                                      transformer_config.get("sample_width", 90) * VAE_SPATIAL)
     frames = transformer_config.get("sample_frames", 49) if frames is None else frames
     height = default_hw[0] if height is None else height
     width = default_hw[1] if width is None else width
-    if frames < 1 or (frames - 1) % TEMPORAL:
-        lo = (max(frames, 1) - 1) // TEMPORAL * TEMPORAL + 1
+    if frames < 1 or (frames - 1) % VAE_TEMPORAL:
+        lo = (max(frames, 1) - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1
         raise ConfigError(f"{flags[0]} {frames}: must be 4k+1 (the VAE packs 4 frames per latent frame "
-                          f"after the first): use {lo} or {lo + TEMPORAL}")
-    unit = SPATIAL * transformer_config.get("patch_size", 2)
+                          f"after the first): use {lo} or {lo + VAE_TEMPORAL}")
+    unit = VAE_SPATIAL * transformer_config.get("patch_size", 2)
     for flag, value in zip(flags[1:], (height, width)):
         if value < unit or value % unit:
             raise ConfigError(f"{flag} {value}: must be a positive multiple of {unit} "
-                              f"(VAE {SPATIAL}x times the transformer's {unit // SPATIAL}x{unit // SPATIAL} patches)")
+                              f"(VAE {VAE_SPATIAL}x times the transformer's {unit // VAE_SPATIAL}x{unit // VAE_SPATIAL} patches)")
     if last_frame_known and latent_frames(frames) % p_t:
         trimmed = patch_t_frames(frames, p_t)
-        if trimmed < 1 + TEMPORAL:
+        if trimmed < 1 + VAE_TEMPORAL:
             raise ConfigError(f"{flags[0]} {frames}: with a known last frame this model (patch_size_t {p_t}) needs a "
-                              f"latent frame count divisible by {p_t}: use at least {1 + TEMPORAL * (p_t - 1)}")
+                              f"latent frame count divisible by {p_t}: use at least {1 + VAE_TEMPORAL * (p_t - 1)}")
         if notes is not None:
             notes.append(f"{flags[0]} {frames} -> {trimmed}: with a known last frame, a patch_size_t {p_t} model "
                          f"(CogVideoX 1.5) needs a latent frame count divisible by {p_t}, so the frame count is "
@@ -205,7 +203,7 @@ def inpaint_condition(vae, request: Request, geo: Geometry, *, reference_noise: 
 
     scaling = vae.config.scaling_factor
     channels = vae.config.latent_channels
-    h, w = geo.height // SPATIAL, geo.width // SPATIAL
+    h, w = geo.height // VAE_SPATIAL, geo.width // VAE_SPATIAL
     latent = geo.latent_frames + geo.pad
     if request.policy == "t2v":
         return torch.zeros(1, latent, 1 + channels, h, w)
@@ -215,7 +213,7 @@ def inpaint_condition(vae, request: Request, geo: Geometry, *, reference_noise: 
         clip[:, -1:] = load_image(request.end_image, geo.height, geo.width)
     masked = masked_clip(clip[None], request.policy)
     if geo.pad:  # the generated extra frames continue the masked part
-        masked = torch.cat([masked, torch.full((1, 3, TEMPORAL * geo.pad, geo.height, geo.width), -1.0)], dim=2)
+        masked = torch.cat([masked, torch.full((1, 3, VAE_TEMPORAL * geo.pad, geo.height, geo.width), -1.0)], dim=2)
     if reference_noise:
         masked = add_reference_noise(masked, INFERENCE_NOISE_AUG_STRENGTH, generator=generator)
     masked_latents = models.encode_clips(vae, masked)[0].float().cpu() * scaling
@@ -412,7 +410,7 @@ def decode(vae, latents):
         latents = torch.cat([latents, latents[:, -1:]], dim=1)
     pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=None, scheduler=None)
     with torch.no_grad():
-        video = pipe.decode_latents(latents.to(vae.device, vae.dtype))[:, :, :TEMPORAL * (n - 1) + 1]
+        video = pipe.decode_latents(latents.to(vae.device, vae.dtype))[:, :, :VAE_TEMPORAL * (n - 1) + 1]
     frames = pipe.video_processor.postprocess_video(video.float(), output_type="np")[0]
     return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cogfun.models import TEXT_LEN
 from cogfun.video import write_mp4, write_video
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ __all__ = [
 
 PathLike = str | os.PathLike[str]
 
-TEXT_SEQ_LEN = 226  # CogVideoX's T5 sequence length
+TEXT_SEQ_LEN = TEXT_LEN  # CogVideoX's T5 sequence length
 T5_D_MODEL = 32
 VAE_SCALING_FACTOR = 1.15258426  # CogVideoX-2b's value
 LATENT_CHANNELS = 16

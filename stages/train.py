@@ -31,8 +31,6 @@ from cogfun.masks import MASK_DESIGN
 from cogfun.shards import ShardError
 
 CHECKPOINT_STATE = "cogfun_state.json"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 CROP_FULL_PROB = 0.9   # --random_frame_crop: CogVideoX-Fun keeps all video_sample_n_frames 90 % of the time
 
 
@@ -195,8 +193,14 @@ def find_checkpoint(output_dir: Path, spec: str | None) -> Path | None:
             raise ConfigError(f"--resume_from_checkpoint {spec}: {path} is not a complete cogfun checkpoint "
                               f"(no {CHECKPOINT_STATE})")
         return path
+    done = complete_checkpoints(output_dir)
+    return done[-1] if done else None
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The complete checkpoint-<step>/ folders of `output_dir` (their state record written), oldest step first."""
     done = [p for p in output_dir.glob("checkpoint-*") if (p / CHECKPOINT_STATE).is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
 def agree_on_checkpoint(accelerator, output_dir: Path, spec: str | None) -> Path | None:
@@ -206,6 +210,7 @@ def agree_on_checkpoint(accelerator, output_dir: Path, spec: str | None) -> Path
     from accelerate.utils.constants import RNG_STATE_NAME
 
     from cogfun.dist import broadcast, gather
+    from cogfun.lora import LORA_WEIGHT_NAME
 
     choice = None
     if accelerator.is_main_process:
@@ -219,7 +224,7 @@ def agree_on_checkpoint(accelerator, output_dir: Path, spec: str | None) -> Path
     if choice is None:
         return None
     rank = accelerator.process_index
-    need = [choice / CHECKPOINT_STATE, choice / LORA_FILE, choice / f"{RNG_STATE_NAME}_{rank}.pkl"]
+    need = [choice / CHECKPOINT_STATE, choice / LORA_WEIGHT_NAME, choice / f"{RNG_STATE_NAME}_{rank}.pkl"]
     report = gather([(rank, socket.gethostname(), [str(p) for p in need if not p.is_file()])], accelerator)
     blind = [f"rank {r} on {host} cannot see {', '.join(missing)}" for r, host, missing in report if missing]
     if blind:
@@ -375,23 +380,25 @@ def rotary_embedding(transformer_config, latent_shape, device):
 
     from diffusers import CogVideoXPipeline
 
+    from cogfun.buckets import VAE_SPATIAL
+
     f_lat, _, h, w = latent_shape[1:]
-    fake = SimpleNamespace(vae_scale_factor_spatial=8, transformer=SimpleNamespace(config=transformer_config))
-    return CogVideoXPipeline._prepare_rotary_positional_embeddings(fake, h * 8, w * 8, f_lat, device)
+    fake = SimpleNamespace(vae_scale_factor_spatial=VAE_SPATIAL, transformer=SimpleNamespace(config=transformer_config))
+    return CogVideoXPipeline._prepare_rotary_positional_embeddings(fake, h * VAE_SPATIAL, w * VAE_SPATIAL, f_lat, device)
 
 
 # ------------------------------------------------------------------ saving
 
 def save_lora_files(folder: Path, lora_sd: dict, cfg: TrainConfig, targets: list[str], step: int,
                     manifest: dict, *, kohya: bool) -> None:
-    from cogfun.lora import save_kohya_lora, save_lora
+    from cogfun.lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, save_kohya_lora, save_lora
 
     meta = {"cogfun_step": str(step), "cogfun_config": json.dumps(to_dict(cfg), sort_keys=True),
             "cogfun_shards_fingerprint": manifest["fingerprint"]}
-    save_lora(folder / LORA_FILE, lora_sd, rank=cfg.rank, alpha=cfg.network_alpha, target_modules=targets,
+    save_lora(folder / LORA_WEIGHT_NAME, lora_sd, rank=cfg.rank, alpha=cfg.network_alpha, target_modules=targets,
               extra_metadata=meta)
     if kohya:
-        save_kohya_lora(folder / KOHYA_FILE, lora_sd, rank=cfg.rank, alpha=cfg.network_alpha)
+        save_kohya_lora(folder / KOHYA_WEIGHT_NAME, lora_sd, rank=cfg.rank, alpha=cfg.network_alpha)
 
 
 def gather_lora(accelerator, model) -> dict:
@@ -443,7 +450,7 @@ def load_resume_state(accelerator, model, optimizer, lr_scheduler, folder: Path)
     """What `save_resume_state` wrote, then the LoRA from the checkpoint's LoRA file."""
     from safetensors.torch import load_file
 
-    from cogfun.lora import load_lora_state_dict
+    from cogfun.lora import LORA_WEIGHT_NAME, load_lora_state_dict
 
     kind = launch_kind()
     if kind != "fsdp":
@@ -458,7 +465,7 @@ def load_resume_state(accelerator, model, optimizer, lr_scheduler, folder: Path)
         restored = load_accelerator_state(str(folder), [], [], [lr_scheduler], [], accelerator.process_index,
                                           accelerator.scaler)
         accelerator.step = restored.get("step", accelerator.step)
-    load_lora_state_dict(accelerator.unwrap_model(model), load_file(str(folder / LORA_FILE)))
+    load_lora_state_dict(accelerator.unwrap_model(model), load_file(str(folder / LORA_WEIGHT_NAME)))
 
 
 def save_checkpoint(accelerator, model, optimizer, lr_scheduler, cfg: TrainConfig, output_dir: Path, step: int,
@@ -489,9 +496,7 @@ def save_checkpoint(accelerator, model, optimizer, lr_scheduler, cfg: TrainConfi
             shutil.rmtree(final)
         os.replace(tmp, final)
         if cfg.checkpoints_total_limit:
-            done = sorted((p for p in output_dir.glob("checkpoint-*") if (p / CHECKPOINT_STATE).is_file()),
-                          key=lambda p: int(p.name.split("-")[1]))
-            for old in done[:-cfg.checkpoints_total_limit]:
+            for old in complete_checkpoints(output_dir)[:-cfg.checkpoints_total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
@@ -507,7 +512,7 @@ def train(cfg: TrainConfig) -> dict:
 
     from cogfun import models, validation
     from cogfun.loader import BucketBatchSampler, CachedSamples, batches, held_out, index_rows
-    from cogfun.lora import inject_lora
+    from cogfun.lora import LORA_WEIGHT_NAME, inject_lora
     from cogfun.storage import open_store
 
     # ------------------------------------------------------------ setup
@@ -683,7 +688,7 @@ def train(cfg: TrainConfig) -> dict:
     lora_sd = gather_lora(accelerator, transformer)
     if main:
         save_lora_files(output_dir, lora_sd, cfg, targets, global_step, manifest, kohya=True)
-        print(f"LoRA written to {output_dir / LORA_FILE} (step {global_step}, rank {cfg.rank}, "
+        print(f"LoRA written to {output_dir / LORA_WEIGHT_NAME} (step {global_step}, rank {cfg.rank}, "
               f"alpha {cfg.network_alpha}, {len(targets)} modules)")
     accelerator.wait_for_everyone()
     accelerator.end_training()
