@@ -234,11 +234,14 @@ def clip_rng(seed: int, identity: str, view: int) -> random.Random:
 
 def auto_views(s: Sampling, kind: str, frames: int) -> int:
     """--num_views auto: about clip frames / window frames views of a video (rounded, 1 to
-    max_views), the window being N frames `stride` apart; an image has one."""
+    max_views); an image has one. The window is the shortest a view of the clip may get: N frames
+    `stride` apart, or, under --training_with_video_token_length, the frame budget of the largest
+    base (a larger base has a shorter window), so that the views cover the clip whatever base each
+    view draws."""
     if kind == "image":
         return 1
     available = (frames - 1) // s.video_sample_stride + 1 if frames > 0 else 0
-    n = max(1, floor_4k1(min(s.video_sample_n_frames, available)))
+    n = min(max(1, floor_4k1(min(frame_budget(s, base), available))) for base in base_sizes(s, kind))
     window = (n - 1) * s.video_sample_stride + 1
     return max(1, min(s.max_views, math.floor(frames / window + 0.5)))
 

@@ -173,3 +173,20 @@ def test_num_views_auto_covers_the_clip_with_stratified_windows():
     # an explicit count keeps its seeded, independent windows (shards made before stay valid)
     fixed = plan_clip(dataclasses.replace(s, num_views=3), "long.mp4", "video", frames=99, height=64, width=64)
     assert [p.key for p in fixed] == [p.key for p in plans]
+
+
+def test_num_views_auto_counts_the_shortest_window_under_token_length():
+    """With --training_with_video_token_length a larger base has a shorter window (here base 64: 33
+    frames, base 128: 5): auto counts views by the shortest one, so the views cover the clip whichever
+    base each draws (one 33-frame window's worth of views left most of a 40-frame clip unseen)."""
+    coverage = []
+    for frames, views in ((20, 4), (30, 6), (40, 8)):
+        for seed in range(20):
+            s = Sampling(num_views="auto", training_with_video_token_length=True, video_sample_size=64,
+                         image_sample_size=128, token_sample_size=64, video_sample_n_frames=33, video_sample_stride=1,
+                         seed=seed)
+            plans = plan_clip(s, "clip.mp4", "video", frames=frames, height=64, width=64)
+            assert len(plans) == views and {p.frames for p in plans} <= {5, 17, 29, 33}
+            seen = set().union(*(range(p.frame_indices[0], p.frame_indices[-1] + 1) for p in plans))
+            coverage.append(len(seen) / frames)
+    assert sum(coverage) / len(coverage) > 0.9 and min(coverage) >= 0.75, coverage
