@@ -10,11 +10,12 @@ from cogfun.config import PrecomputeConfig, TrainConfig
 def data_settings(meta: Path) -> dict:
     """The demo's data flags: CogVideoX-Fun's arbitrary-resolution recipe, scaled down: bases
     64..128 px, up to 33 frames at 64 px, 5 at 128 px (token-length budget), aspect-ratio buckets,
-    2 seeded views per clip."""
+    2 seeded views per clip, inpaint with the product's default mask policies (CogVideoX-Fun's
+    mask distribution, so the i2v validation videos show what the default training gives)."""
     return dict(train_data_dir=str(meta.parent), train_data_meta=str(meta), video_sample_size=64,
                 image_sample_size=128, token_sample_size=64, video_sample_n_frames=33, video_sample_stride=1,
                 enable_bucket=True, random_hw_adapt=True, training_with_video_token_length=True,
-                train_mode="inpaint", mask_policies="i2v,first_last", seed=42, num_views=2)
+                train_mode="inpaint", seed=42, num_views=2)
 
 
 def run(workdir: Path, *, steps: int = 20) -> dict:

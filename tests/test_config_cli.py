@@ -182,3 +182,12 @@ def test_mask_policy_names_and_num_views_setting(tmp_path):
             num_views_setting(bad)
     cfg = parse(cli.precompute, ["--num_views", "auto", "--max_views", "4", "--mask_policies", "i2v,block"])
     assert (cfg.num_views, cfg.max_views, cfg.mask_policies) == ("auto", 4, "i2v,block")
+
+
+def test_demo_trains_the_products_default_conditioning(tmp_path):
+    """`cogfun demo` shows what a default inpaint run trains: the default mask policies (and their weights)."""
+    from cogfun.config import DEFAULT_MASK_POLICIES
+    from pipelines.demo import data_settings
+
+    cfg = PrecomputeConfig(**data_settings(tmp_path / "metadata.json"))
+    assert cfg.train_mode == "inpaint" and cfg.mask_policies == DEFAULT_MASK_POLICIES
