@@ -226,8 +226,9 @@ def encode_inputs(model: str | Path, requests: list[Request], negative_prompt: s
                   device, seed: int, low_vram: bool = False, vae=None) -> dict:
     """Step 1: {"prompt_embeds.<i>", "negative_prompt_embeds", "condition.<i>" (InP models)} on the CPU.
 
-    T5 is loaded, used and freed here. For an InP model the VAE encodes the conditioning (pass
-    `vae` to reuse a loaded one; otherwise one is loaded and freed).
+    T5 is loaded, used and freed here. For an InP model the VAE then encodes the conditioning (pass
+    `vae` to reuse a loaded one: it is moved to `device` once T5 is freed; otherwise one is loaded
+    and freed).
     """
     import torch
 
@@ -241,8 +242,7 @@ def encode_inputs(model: str | Path, requests: list[Request], negative_prompt: s
     family = models.transformer_family(model)  # the raw config: diffusers drops add_noise_in_inpaint_model
     if family.inpaint:
         own = vae is None
-        if own:
-            vae = models.load_vae(model, dtype, device, slicing=True)
+        vae = models.load_vae(model, dtype, device, slicing=True) if own else vae.to(device)
         for i, request in enumerate(requests):
             generator = torch.Generator().manual_seed(seed)
             out[f"condition.{i}"] = inpaint_condition(vae, request, geo, reference_noise=family.reference_noise,

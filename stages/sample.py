@@ -2,7 +2,8 @@
 
 Reads top to bottom: what to generate -> prompts (T5, then freed) and the InP conditioning (VAE)
 -> transformer + LoRA -> denoise every video -> VAE decode -> mp4 files. One big component on the
-device at a time. Every step is a `cogfun.sampling` function shared with validation during
+device at a time: an InP model's VAE waits on the CPU while T5 runs and while the transformer
+denoises. Every step is a `cogfun.sampling` function shared with validation during
 training. Under `accelerate launch` the videos are split across the processes.
 """
 
@@ -55,7 +56,7 @@ def sample(cfg: SampleConfig) -> list[Path]:
     requests = [requests[i] for i in mine]
 
     # ------------------------------------------------------------ 1. prompts (T5, freed) + InP conditioning
-    vae = models.load_vae(model, dtype, device, slicing=True) if inpaint else None  # encodes the images
+    vae = models.load_vae(model, dtype, "cpu", slicing=True) if inpaint else None  # on the device once T5 is freed
     inputs = sampling.encode_inputs(model, requests, cfg.negative_prompt, geo, dtype=dtype, device=device,
                                     seed=cfg.seed, low_vram=cfg.low_vram, vae=vae)
     if vae is not None:
