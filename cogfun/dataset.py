@@ -6,11 +6,12 @@ row or line); a bad row or a bad clip is skipped with a reason (and a category, 
 that ends up in the report.
 
 One sample source per (file_path, text, type), as CogVideoX-Fun trains every row: a file listed
-with two captions gives two sources. Their identities are `file_path` for the first and
-`file_path#k` for the k-th distinct (text, type) of that file in metadata order, so a dataset
-without caption variants keeps the identities (and sample keys) it always had, adding a variant is
-an added source, and changing one is a changed source. A row repeating an earlier one exactly is
-reported as a duplicate and gives no second sample.
+with two captions gives two sources. Their identities are positional: `file_path` for the first and
+`file_path#k` for the k-th distinct (text, type) of that file in metadata order. So a dataset
+without caption variants keeps the identities (and sample keys) it always had, appending a variant
+after a file's others is an added source, changing one is a changed source, and reordering a file's
+variants or removing (or inserting) one before others renumbers the later ones: changed and removed
+sources. A row repeating an earlier one exactly is reported as a duplicate and gives no second sample.
 """
 
 from __future__ import annotations
@@ -75,10 +76,12 @@ _ROW_CATEGORIES = {"bad row", "duplicate row", "not found", "empty file", "unrea
 
 
 def retry_skipped(manifest: dict, max_image_pixels: int) -> bool:
-    """Whether a finished shard dir skipped sources that may become samples now: it was made by a
-    cogfun reading fewer formats (an older `media_readers`), or with a lower --max_image_pixels
-    and skipped an image as too large. Its fingerprint still matches (the inputs and settings
-    that make a sample's bytes are the same): the run is then incremental."""
+    """Whether a finished shard dir skipped sources that may become samples now: it was made with a
+    lower --max_image_pixels and skipped an image as too large, or its manifest records fewer
+    `media_readers` than this cogfun's (a cogfun reading fewer formats). Its fingerprint still
+    matches (the inputs and settings that make a sample's bytes are the same): the run is then
+    incremental. Dirs older than shard format 2 fail the fingerprint (format version), so the
+    media-readers case applies only once MEDIA_READERS is raised above 2."""
     from cogfun.video import MAX_IMAGE_PIXELS, MEDIA_READERS
 
     skipped = manifest.get("skipped", [])

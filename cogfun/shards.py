@@ -7,6 +7,8 @@
     S/index.parquet          one row per sample (key, bucket, shard, position, source, ..., prompt,
                              prompt_table)
     S/null_prompt.safetensors  the empty-caption T5 embedding
+    S/black_latents.safetensors  inpaint: per bucket, the latents of an all -1 clip (the reference's
+                             t2v_flag steps)
     S/.precompute.json       the settings+model fingerprint of the run that is filling S
 
 A sample is `<key>.json` (metadata: source, caption, `prompt` = its caption table key, view,
@@ -53,13 +55,13 @@ def encode_sample(key: str, meta: dict, tensors: dict) -> dict:
 
 
 def decode_sample(sample: dict) -> tuple[dict, dict]:
-    """(meta, tensors) of a raw sample dict (member bytes by extension). Refuses anything else."""
+    """(meta, tensors) of a sample as the webdataset package reads our tars back (member bytes by
+    extension): the round-trip check that the tars are plain webdataset. Refuses any other member."""
     import torch
 
-    sample = {k.lstrip(".") if not k.startswith("__") else k: v for k, v in sample.items()}  # wids: ".json"
     check_members(sample.get("__key__"), [k for k in sample if not k.startswith("__")])
-    meta = json.loads(_as_bytes(sample["json"]))
-    blob = torch.frombuffer(bytearray(_as_bytes(sample["safetensors"])), dtype=torch.uint8)
+    meta = json.loads(sample["json"])
+    blob = torch.frombuffer(bytearray(sample["safetensors"]), dtype=torch.uint8)
     return meta, tensors_in(blob, safetensors_header(blob.numpy()))
 
 
@@ -161,11 +163,6 @@ def apply_umask(path: Path) -> None:
                 os.chmod(os.path.join(root, name), 0o666 & ~mask)
     else:
         os.chmod(path, 0o666 & ~mask)
-
-
-def _as_bytes(member) -> bytes:
-    """Member payload from webdataset (bytes) or wids (a BytesIO over the mmapped tar)."""
-    return member.getvalue() if hasattr(member, "getvalue") else bytes(member)
 
 
 # ---------------------------------------------------------------- writing tars

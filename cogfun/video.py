@@ -98,8 +98,10 @@ MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
 Image.MAX_IMAGE_PIXELS = None
 
 DEFAULT_DECODER = {"video": "decord", "image": "pillow"}
-# What this cogfun can read, recorded in a shard dir's manifest: a finished shard dir made by a
-# cogfun that read less retries the sources it skipped (cogfun.dataset.retry_skipped).
+# What this cogfun can read, recorded in a shard dir's manifest: a finished shard dir whose manifest
+# records a lower value retries the sources it skipped (cogfun.dataset.retry_skipped). Raise it when
+# cogfun learns to read files it skipped before. Every dir made before the value was recorded (shard
+# format 1) fails the fingerprint anyway, so the retry matters from the next raise on.
 # 1: decord + Pillow; 2: + PyAV, animations, HEIF, damaged JPEGs, display-matrix orientation.
 MEDIA_READERS = 2
 

@@ -4,8 +4,10 @@ One function, top to bottom: check what is already there (fingerprint), plan (ea
 slice), encode captions (T5, then freed), encode clips (VAE, decoding in DataLoader workers),
 write tars per bucket, and on rank 0 merge everything into index.parquet and, last, manifest.json.
 
-Reruns: same fingerprint -> nothing to do; new sources only -> only those are encoded; a dir
-with complete tars and no manifest (a crash) -> those samples are kept and the rest encoded.
+Reruns: same fingerprint -> nothing to do (unless the dir skipped sources this run may read: a
+lower --max_image_pixels, fewer media readers; they are retried, incrementally); new sources only
+-> only those are encoded; a dir with complete tars and no manifest (a crash) -> those samples are
+kept and the rest encoded.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def settings_of(cfg: PrecomputeConfig, family=None) -> dict:
     settings["mask_policies"] = mask_policy_list(cfg)
     if settings["mask_policies"]:  # the rules that draw geometries and build masks
         settings["mask_design"] = MASK_DESIGN
-    # inpaint and i2v cache the same tensors (they differ only at train time)
+    # inpaint and i2v are two names of one mode (CogVideoX-Fun's): the same tensors, the same training
     settings["train_mode"] = "normal" if cfg.train_mode == "normal" else "inpaint"
     # A batched VAE encode differs from one-at-a-time in the last bits (bf16 values move), and a
     # rank's batches depend on its share of the work: the effective VAE batch is part of the bytes.
