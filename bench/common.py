@@ -428,6 +428,7 @@ def write_real_shards(shard_dir: Path, n: int, *, frames: int, height: int, widt
     train loader reads. Returns the manifest. A few distinct random samples are reused (the bytes of
     random bf16 do not compress either way)."""
     from cogfun import shards
+    from cogfun.buckets import sample_key
 
     shard_dir.mkdir(parents=True, exist_ok=True)
     writers = shards.BucketWriters(shard_dir, 0, "bench", per_tar)
@@ -442,7 +443,7 @@ def write_real_shards(shard_dir: Path, n: int, *, frames: int, height: int, widt
                 "tokens": ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)}
         sample = dict(pool[i % len(pool)])
         table[meta["prompt"]] = sample.pop("prompt_embeds").clone()   # one embedding per distinct caption
-        writers.write(bucket, shards.encode_sample(f"c{i:05d}", meta, sample))
+        writers.write(bucket, shards.encode_sample(sample_key(meta["source"], 0), meta, sample))
     writers.close()
     (shard_dir / shards.PROMPTS).mkdir(exist_ok=True)
     table_rel = f"{shards.PROMPTS}/000-bench-0000000.safetensors"

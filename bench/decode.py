@@ -22,7 +22,8 @@ import common as C
 
 
 def add_args(p):
-    p.add_argument("--before", default="main", help="git ref whose cogfun/video.py is the 'before' side")
+    p.add_argument("--before", default="b768720",
+                   help="git ref whose cogfun/video.py is the 'before' side (default: main before issue 9)")
     p.add_argument("--clips", type=int, default=None)
 
 
