@@ -451,9 +451,7 @@ def run_spec(spec: dict) -> None:
                             seed=spec["seed"], low_vram=spec.get("low_vram", False))
     out = Path(spec["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_tensors({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, out)
+    save_tensors({k: v.contiguous() for k, v in tensors.items()}, out)
     write_json_atomic(out.with_suffix(".json"), {"fingerprint": spec["fingerprint"], "spec": spec})
 
 

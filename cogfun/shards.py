@@ -114,16 +114,22 @@ def tensors_in(buf, header: tuple[int, dict]) -> dict:
 
 
 def save_tensors(tensors: dict, path: Path) -> None:
-    """safetensors' save_file, with I/O failures (disk full, permissions) raised as OSError:
-    safetensors raises its own SafetensorError, which the CLI would show as a traceback."""
+    """safetensors' save_file, atomically: written to `<path>.tmp` (removed on failure) and renamed
+    into place, so `path` is either absent, the old file or the whole new one. I/O failures (disk
+    full, permissions) are raised as OSError: safetensors raises its own SafetensorError, which the
+    CLI would show as a traceback."""
     import re
 
     from safetensors.torch import save_file
 
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
     try:
-        save_file(tensors, str(path))
-        apply_umask(path)  # safetensors writes 0600 files
-    except Exception as exc:
+        save_file(tensors, str(tmp))
+        apply_umask(tmp)  # safetensors writes 0600 files
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)   # e.g. disk full: no partial file left behind
         found = re.search(r"os error (\d+)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
         if found is None:
             raise

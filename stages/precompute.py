@@ -13,7 +13,6 @@ kept and the rest encoded.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 import uuid
@@ -272,13 +271,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
                     table[shards.prompt_key(text)] = emb[j].clone()
             if table and (len(table) >= T5_TABLE or i + T5_BATCH >= len(captions)):
                 final = shard_dir / shards.PROMPTS / f"{rank:03d}-{run_id}-{i:07d}.safetensors"
-                tmp = final.with_name(final.name + ".tmp")
-                try:
-                    shards.save_tensors(table, tmp)
-                except BaseException:
-                    tmp.unlink(missing_ok=True)   # e.g. disk full: no partial table left behind
-                    raise
-                os.replace(tmp, final)
+                shards.save_tensors(table, final)   # atomic: no partial table left behind
                 table_bytes += final.stat().st_size
                 table = {}
         del tokenizer, encoder
@@ -390,12 +383,10 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         used_tables = sorted({table_of[r.meta["prompt"]] for r in rows})
         for unused in sorted(set(table_of.values()) - set(used_tables)):   # captions no sample uses any more
             (shard_dir / unused).unlink()
-        shards.save_tensors({"prompt_embeds": null_prompt}, shard_dir / (shards.NULL_PROMPT + ".tmp"))
-        (shard_dir / (shards.NULL_PROMPT + ".tmp")).replace(shard_dir / shards.NULL_PROMPT)
+        shards.save_tensors({"prompt_embeds": null_prompt}, shard_dir / shards.NULL_PROMPT)
         if black is not None:
             black = {k: v for k, v in black.items() if k in {r.bucket for r in rows}}
-            shards.save_tensors(black, shard_dir / (shards.BLACK_LATENTS + ".tmp"))
-            (shard_dir / (shards.BLACK_LATENTS + ".tmp")).replace(shard_dir / shards.BLACK_LATENTS)
+            shards.save_tensors(black, shard_dir / shards.BLACK_LATENTS)
         shards.write_index(shard_dir, rows, table_of)
         buckets: dict[str, dict] = {}
         for r in rows:
