@@ -20,8 +20,9 @@ import shutil
 import time
 
 import common as C
+from cogfun.config import DEFAULT_MASK_POLICIES
 
-SETS = {"before": "i2v,first_last", "default": "first_n,first_last_n,block,block_range,ellipse", "all": "all"}
+SETS = {"before": "i2v,first_last", "default": DEFAULT_MASK_POLICIES, "all": "all"}
 
 
 def add_args(p):

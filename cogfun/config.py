@@ -19,13 +19,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from cogfun.masks import DEFAULT_POLICIES, POLICIES
+
 TRAIN_MODES = ("normal", "inpaint", "i2v")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-# Mask policies (cogfun.masks.POLICIES, repeated here to keep this module torch- and import-free;
-# a test checks they agree) and the default cached set (cogfun.masks.DEFAULT_POLICIES).
-MASK_POLICIES = ("i2v", "first_n", "first_last", "first_last_n", "random_frames", "block", "block_range",
-                 "ellipse", "pixel_noise", "small_blocks", "first_k")
-DEFAULT_MASK_POLICIES = "first_n,first_last_n,block,block_range,ellipse"
+# Mask policies and the default cached set, as cogfun.masks defines them (it imports no torch at
+# module level).
+MASK_POLICIES = POLICIES
+DEFAULT_MASK_POLICIES = ",".join(DEFAULT_POLICIES)
 
 
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
