@@ -16,8 +16,8 @@ if __package__ in (None, ""):  # run as a script (accelerate launch cli.py ...):
 
 import click
 
-from cogfun.config import (ConfigError, InspectConfig, PrecomputeConfig, SampleConfig, TrainConfig, build_config,
-                           click_options)
+from cogfun.config import (ConfigError, ExportLoraConfig, InspectConfig, PrecomputeConfig, SampleConfig, TrainConfig,
+                           build_config, click_options)
 
 
 def _user_errors():
@@ -97,6 +97,20 @@ def inspect_buckets(ctx, **params):
     from cogfun.inspect import run
 
     _run(run, cfg)
+
+
+@main.command(name="export-lora")
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click_options(ExportLoraConfig)
+@click.pass_context
+def export_lora(ctx, checkpoint, **params):
+    """Convert a LoRA to another format: CHECKPOINT is a training output dir, a checkpoint-<N>/ dir (a
+    killed run's too) or a diffusers-format LoRA file."""
+    cfg = build_config(ExportLoraConfig, params, ctx)
+    from cogfun.lora import export_lora as run
+
+    file = _run(run, checkpoint, cfg.format, cfg.output)
+    click.echo(f"{cfg.format} LoRA written to {file}")
 
 
 @main.command(name="demo")

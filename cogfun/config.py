@@ -23,6 +23,9 @@ from cogfun.masks import DEFAULT_POLICIES, POLICIES
 
 TRAIN_MODES = ("normal", "inpaint", "i2v")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# The LoRA file formats cogfun writes (cogfun.lora owns them): diffusers (diffusers' load_lora_weights,
+# resume), kohya (CogVideoX-Fun's merge_lora and its ComfyUI nodes, kijai's wrapper), comfyui (core ComfyUI).
+LORA_FORMATS = ("diffusers", "kohya", "comfyui")
 # Mask policies and the default cached set, as cogfun.masks defines them (it imports no torch at
 # module level).
 MASK_POLICIES = POLICIES
@@ -102,7 +105,7 @@ class TrainArgs:
     max_train_steps: Optional[int] = opt(None, "Stop after this many optimizer steps.")
     checkpointing_steps: int = opt(500, "Save a resumable checkpoint every this many optimizer steps.")
     checkpoints_total_limit: Optional[int] = opt(None, "Keep at most this many checkpoints (oldest removed first).")
-    checkpoint_kohya: bool = opt(False, "Also write the kohya/ComfyUI LoRA file into every checkpoint-<step>/ (always written for the final LoRA).")
+    checkpoint_kohya: bool = opt(False, "Also write the kohya (CogVideoX-Fun nodes) and core-ComfyUI LoRA files into every checkpoint-<step>/ (always written for the final LoRA; `cogfun export-lora` converts any checkpoint later).")
     resume_from_checkpoint: Optional[str] = opt(None, "A checkpoint-<step> folder (a path that does not exist is looked for in --output_dir, as CogVideoX-Fun does: checkpoint-500 means <output_dir>/checkpoint-500), or 'latest' for the newest complete one in --output_dir.")
     learning_rate: float = opt(1e-4, "AdamW learning rate.")
     lr_scheduler: str = opt("constant", "diffusers LR schedule: constant, constant_with_warmup, linear, cosine, ...")
@@ -187,6 +190,13 @@ class InspectConfig(ModelArgs, DataArgs):
     json: bool = opt(False, "Print one JSON object instead of a table.")
     plot: Optional[str] = opt(None, "Write a PNG histogram of the buckets to this file.")
     text_dim: int = opt(4096, "Text-embedding width used for the size estimate when no model is given (T5-XXL: 4096).")
+
+
+@dataclass
+class ExportLoraConfig:
+    """`cogfun export-lora CHECKPOINT`: convert a trained LoRA to another file format."""
+    format: str = opt("comfyui", "comfyui: core ComfyUI's native CogVideoX keys (diffusion_model.blocks.N.q, ... + alpha); kohya: CogVideoX-Fun's lora_unet__ keys (its merge_lora, its ComfyUI nodes, the CogVideoX wrapper); diffusers: diffusers' load_lora_weights.", choices=LORA_FORMATS)
+    output: Optional[str] = opt(None, "The .safetensors file to write; default: the format's usual file name beside the checkpoint's diffusers file (pytorch_lora_weights_comfyui.safetensors, _kohya, or pytorch_lora_weights.safetensors).")
 
 
 def _base_type(f: dataclasses.Field, cls: type) -> type:

@@ -113,11 +113,12 @@ def tensors_in(buf, header: tuple[int, dict]) -> dict:
     return out
 
 
-def save_tensors(tensors: dict, path: Path) -> None:
+def save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' save_file, atomically: written to `<path>.tmp` (removed on failure) and renamed
     into place, so `path` is either absent, the old file or the whole new one. I/O failures (disk
     full, permissions) are raised as OSError: safetensors raises its own SafetensorError, which the
-    CLI would show as a traceback."""
+    CLI would show as a traceback. `metadata` (the header's `__metadata__`) is written in sorted
+    key order, so identical inputs give identical bytes (see `sort_header_metadata`)."""
     import re
 
     from safetensors.torch import save_file
@@ -125,7 +126,9 @@ def save_tensors(tensors: dict, path: Path) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata=metadata)
+        if metadata:
+            sort_header_metadata(tmp)
         apply_umask(tmp)  # safetensors writes 0600 files
         os.replace(tmp, path)
     except BaseException as exc:
@@ -135,6 +138,27 @@ def save_tensors(tensors: dict, path: Path) -> None:
             raise
         code = int(found.group(1))
         raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+def sort_header_metadata(file: Path) -> None:
+    """Rewrite, in place, a safetensors file's `__metadata__` in sorted key order.
+
+    safetensors keeps the metadata in a hash map whose order changes from process to process, so two
+    identical runs would write different bytes. The header keeps its length (the same JSON, other
+    order, padded with spaces as safetensors pads it), so the tensor data does not move."""
+    with open(file, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            return
+        text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+        if len(text) > size:
+            raise RuntimeError(f"{file}: the sorted safetensors header is longer ({len(text)} bytes) than "
+                               f"the written one ({size}); cannot sort it in place")
+        fh.seek(8)
+        fh.write(text + b" " * (size - len(text)))
 
 
 def user_umask() -> int:

@@ -391,14 +391,14 @@ def rotary_embedding(transformer_config, latent_shape, device):
 
 def save_lora_files(folder: Path, lora_sd: dict, cfg: TrainConfig, targets: list[str], step: int,
                     manifest: dict, *, kohya: bool) -> None:
-    from cogfun.lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, save_kohya_lora, save_lora
+    from cogfun.lora import EXPORT_FORMATS, save_lora_as
 
     meta = {"cogfun_step": str(step), "cogfun_config": json.dumps(to_dict(cfg), sort_keys=True),
             "cogfun_shards_fingerprint": manifest["fingerprint"]}
-    save_lora(folder / LORA_WEIGHT_NAME, lora_sd, rank=cfg.rank, alpha=cfg.network_alpha, target_modules=targets,
-              extra_metadata=meta)
-    if kohya:
-        save_kohya_lora(folder / KOHYA_WEIGHT_NAME, lora_sd, rank=cfg.rank, alpha=cfg.network_alpha)
+    # the diffusers file (resume reads it); with `kohya` also the CogVideoX-Fun/kohya and core ComfyUI files
+    for fmt in EXPORT_FORMATS if kohya else ["diffusers"]:
+        save_lora_as(fmt, folder / EXPORT_FORMATS[fmt], lora_sd, rank=cfg.rank, alpha=cfg.network_alpha,
+                     target_modules=targets, extra_metadata=meta if fmt == "diffusers" else None)
 
 
 def gather_lora(accelerator, model) -> dict:

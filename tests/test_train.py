@@ -222,6 +222,36 @@ PINNED = [1.4443624019622803, 1.4728765487670898, 1.8020954132080078, 1.57013785
           1.7706458568572998]
 
 
+def test_identical_runs_write_byte_identical_lora_files(setup, tmp_path, monkeypatch):
+    """Two identical runs (relative --output_dir, as the same command run in two places): every LoRA file,
+    final and checkpoint, diffusers / kohya / ComfyUI, has the same bytes (the header order was random)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from cogfun.lora import EXPORT_FORMATS
+    from stages.train import train
+
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        monkeypatch.chdir(tmp_path / where)
+        train(TrainConfig(pretrained_model_name_or_path=str(setup["model"]), shard_dir=str(setup["shards"]),
+                          output_dir="out", max_train_steps=2, checkpointing_steps=100, checkpoint_kohya=True,
+                          mixed_precision="no", rank=4, network_alpha=2.0, dataloader_num_workers=0,
+                          report_to="none", **DATA))
+        GradientState._reset_state()
+        AcceleratorState._reset_state(True)
+    for folder in ("out", "out/checkpoint-2"):
+        for name in EXPORT_FORMATS.values():
+            a, b = tmp_path / "a" / folder / name, tmp_path / "b" / folder / name
+            assert a.read_bytes() == b.read_bytes(), f"{folder}/{name}"
+            assert a.stat().st_mode & 0o077 == 0o066 & ~shards_umask(), f"{folder}/{name}: not the user's umask"
+
+
+def shards_umask() -> int:
+    from cogfun.shards import user_umask
+
+    return user_umask()
+
+
 def test_shards_that_do_not_fit_are_refused(setup, tmp_path):
     from stages.train import train
 
