@@ -490,6 +490,34 @@ def save_comfyui_lora(path: str | os.PathLike, state_dict: dict[str, torch.Tenso
     return file
 
 
+def from_comfyui(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, float]:
+    """`to_comfyui`'s keys -> (diffusers-format state dict, rank, alpha). Raises for a key that is not
+    one of core ComfyUI's CogVideoX modules, or when ranks / alphas differ between modules."""
+    block_names = {v: k for k, v in COMFY_BLOCK_NAMES.items()}
+    top_names = {v: k for k, v in COMFY_TOP_NAMES.items()}
+    out: dict[str, torch.Tensor] = {}
+    ranks, alphas = set(), set()
+    for k, v in state_dict.items():
+        body = k.removeprefix(COMFY_PREFIX)
+        kind = next((x for x in (".lora_A.weight", ".lora_B.weight", ".alpha") if body.endswith(x)), "")
+        stem = body[: len(body) - len(kind)]
+        found = re.fullmatch(r"blocks\.(\d+)\.(.+)", stem)
+        module = (f"transformer_blocks.{found.group(1)}.{block_names[found.group(2)]}"
+                  if found and found.group(2) in block_names else top_names.get(stem))
+        if body == k or not kind or module is None:
+            raise ValueError(f"{k}: not a key of core ComfyUI's CogVideoX LoRA layout "
+                             f"({COMFY_PREFIX}blocks.N.q.lora_A.weight, ...)")
+        if kind == ".alpha":
+            alphas.add(float(v.item()))
+        else:
+            out[f"{PREFIX}.{module}{kind}"] = v
+            ranks.add(v.shape[0] if kind == ".lora_A.weight" else v.shape[1])
+    if len(ranks) != 1 or len(alphas) > 1:
+        raise ValueError(f"expected one rank and one alpha, got ranks {sorted(ranks)} alphas {sorted(alphas)}")
+    rank = ranks.pop()
+    return dict(sorted(out.items())), rank, alphas.pop() if alphas else float(rank)
+
+
 # --------------------------------------------------------------------------- all files of a LoRA, and export
 
 #: format (`cogfun.config.LORA_FORMATS`) -> its file name in an output or checkpoint dir

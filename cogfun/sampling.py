@@ -293,21 +293,24 @@ def find_lora_file(path: str | Path) -> Path:
 
 
 def load_lora(transformer, path: str | Path, scale: float = 1.0) -> dict:
-    """Apply a cogfun LoRA file (diffusers or kohya/ComfyUI format) to a loaded transformer through
+    """Apply a cogfun LoRA file (diffusers, kohya or core-ComfyUI format) to a loaded transformer through
     diffusers/peft, with the file's alpha/rank; `scale` multiplies it (diffusers' set_adapters weight).
     Returns what was loaded (file, format, rank, alpha, scale)."""
     from diffusers import CogVideoXPipeline
     from diffusers.loaders.lora_base import _pack_dict_with_prefix
 
-    from cogfun.lora import KOHYA_PREFIX, PREFIX, from_kohya, load_lora_file, lora_adapter_config
+    from cogfun.lora import (COMFY_PREFIX, KOHYA_PREFIX, PREFIX, from_comfyui, from_kohya, load_lora_file,
+                             lora_adapter_config)
 
     file = find_lora_file(path)
     tensors, header = load_lora_file(file)
-    if any(k.startswith(KOHYA_PREFIX[:-1]) for k in tensors):
-        sd, rank, alpha = from_kohya(tensors, [n for n, _ in transformer.named_modules() if n])
+    kohya = any(k.startswith(KOHYA_PREFIX[:-1]) for k in tensors)
+    if kohya or any(k.startswith(COMFY_PREFIX) for k in tensors):
+        sd, rank, alpha = (from_kohya(tensors, [n for n, _ in transformer.named_modules() if n]) if kohya
+                           else from_comfyui(tensors))
         targets = sorted({k[len(PREFIX) + 1:].rsplit(".lora_", 1)[0] for k in sd})
         metadata = _pack_dict_with_prefix(lora_adapter_config(rank=rank, alpha=alpha, target_modules=targets), PREFIX)
-        kind = "kohya"
+        kind = "kohya" if kohya else "comfyui"
     else:
         # what diffusers' load_lora_weights reads: tensors + the lora_adapter_metadata header (alpha)
         sd, metadata = CogVideoXPipeline.lora_state_dict(str(file.parent), weight_name=file.name,

@@ -389,6 +389,18 @@ def test_comfyui_file_loads_every_module_in_core_comfyui_at_the_trained_scale(tm
     kohya = to_kohya(sd, rank=RANK, alpha=ALPHA)
     assert comfy_load_lora(kohya, list(layout))[0] == {}
 
+    # and back: `cogfun sample --lora` takes the ComfyUI file too, at the same scale
+    from cogfun.lora import from_comfyui
+    from cogfun.sampling import load_lora
+
+    back, rank, alpha = from_comfyui(comfy)
+    assert (rank, alpha) == (RANK, ALPHA) and list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    sampled = tiny_transformer()
+    assert load_lora(sampled, file)["format"] == "comfyui"
+    assert torch.allclose(run(sampled, inputs), run(model, inputs), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="not a key of core ComfyUI's CogVideoX LoRA layout"):
+        from_comfyui({"diffusion_model.blocks.0.norm_q.lora_A.weight": torch.zeros(4, 16)})
+
 
 def test_comfyui_names_of_every_diffusers_linear_and_a_clear_error_otherwise():
     from diffusers import CogVideoXTransformer3DModel
