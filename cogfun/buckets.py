@@ -253,9 +253,9 @@ def plan_clip(s: Sampling, source: str, kind: str, *, frames: int, height: int, 
     if kind not in ("video", "image"):
         raise PlanSkip(f"type must be 'video' or 'image', got {kind!r}")
     if height < 1 or width < 1:
-        raise PlanSkip(f"invalid size {width}x{height}", "corrupt")
+        raise PlanSkip(f"invalid size {height}x{width} (HxW)", "corrupt")
     if min(height, width) < MIN_SOURCE_SIDE:
-        raise PlanSkip(f"too small to train on: {width}x{height} px (each side must be at least "
+        raise PlanSkip(f"too small to train on: {height}x{width} px (HxW; each side must be at least "
                        f"{MIN_SOURCE_SIDE} px, one transformer token)", "too small")
     identity = identity or source
     plans = []

@@ -284,6 +284,43 @@ def remove_stale(shard_dir: Path, rows: list["ShardRow"], inputs: dict[str, str]
     return stale
 
 
+def keep_only(shard_dir: Path, rows: list["ShardRow"], keep: set[tuple[str, int]], run_id: str) -> int:
+    """Delete every sample of `rows` but those in `keep` ((tar, position) pairs): a tar holding only
+    kept samples stays as it is, one holding none is deleted, one holding both has its kept samples'
+    members copied, bytes unchanged, into new tars (`<bucket>/000-<run_id>-<n>.tar`) before it is
+    deleted. Bucket folders left empty are removed. Returns the number of samples deleted."""
+    shard_dir = Path(shard_dir)
+    by_tar: dict[str, list[ShardRow]] = {}
+    for r in rows:
+        by_tar.setdefault(r.shard, []).append(r)
+    writers = BucketWriters(shard_dir, 0, run_id, max_samples=1 << 30)
+    dropped = 0
+    try:
+        for rel, tar_rows in sorted(by_tar.items()):
+            kept = {r.key: r.bucket for r in tar_rows if (r.shard, r.position) in keep}
+            if len(kept) == len(tar_rows):
+                continue
+            dropped += len(tar_rows) - len(kept)
+            if kept:
+                members: dict[str, dict] = {}
+                with tarfile.open(shard_dir / rel, mode="r:") as tf:
+                    for member in tf:
+                        key, _, ext = member.name.partition(".")
+                        if key in kept:
+                            members.setdefault(key, {"__key__": key})[ext] = tf.extractfile(member).read()
+                for key, sample in members.items():
+                    writers.write(kept[key], sample)
+            writers.close()   # the copies are complete before the original goes
+            (shard_dir / rel).unlink()
+    except BaseException:
+        writers.abort()
+        raise
+    for folder in shard_dir.iterdir():
+        if folder.is_dir() and folder.name != PROMPTS and not any(folder.iterdir()):
+            folder.rmdir()
+    return dropped
+
+
 # ---------------------------------------------------------------- reading what is on disk
 
 @dataclass

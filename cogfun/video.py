@@ -345,7 +345,7 @@ def _refuse_still(p: Path) -> None:
     """A one-frame "video" that an image library opens: say it is a still image."""
     try:
         with Image.open(p) as img:
-            what = f"a still {img.format} image ({img.width}x{img.height})"
+            what = f"a still {img.format} image ({img.height}x{img.width} HxW)"
     except _PIL_ERRORS:
         return
     raise MediaError(f"{what}, not a video: list it with type 'image'", p, category="not a video")
@@ -356,7 +356,7 @@ def _probe_animation(p: Path, max_pixels: int) -> MediaInfo:
     with _open_image(p, max_pixels) as img:
         n = getattr(img, "n_frames", 1)
         if n <= 1 or img.format not in _ANIMATED_FORMATS:
-            raise MediaError(f"a still {img.format} image ({img.width}x{img.height}), not a video: "
+            raise MediaError(f"a still {img.format} image ({img.height}x{img.width} HxW), not a video: "
                              f"list it with type 'image'", p, category="not a video")
         total_ms = 0.0
         try:
@@ -389,7 +389,7 @@ def _open_image(p: Path, max_pixels: int) -> Image.Image:
     if img.width * img.height > max_pixels:
         img.close()
         raise MediaError(
-            f"image too large: {img.width}x{img.height} = {img.width * img.height:,} pixels, above the "
+            f"image too large: {img.height}x{img.width} (HxW) = {img.width * img.height:,} pixels, above the "
             f"decompression-bomb limit of {max_pixels:,} (raise it with --max_image_pixels)", p,
             category="too large")
     return img
@@ -403,7 +403,7 @@ def _not_an_image(p: Path) -> str | None:
                 return None
             for s in container.streams.video:
                 if _is_picture(s):
-                    return (f"a video ({s.codec_context.name}, {s.width}x{s.height}), not an image: "
+                    return (f"a video ({s.codec_context.name}, {s.height}x{s.width} HxW), not an image: "
                             f"list it with type 'video'")
             audio = [s.codec_context.name for s in container.streams.audio]
             if audio:
@@ -441,7 +441,7 @@ def _probe_image(p: Path, max_pixels: int) -> MediaInfo:
         if problem is not None and not note:
             note = f"damaged file ({_short(str(problem), p)}) but every pixel decodes"
     if width <= 0 or height <= 0:
-        raise MediaError(f"cannot read image: invalid size {width}x{height}", p)
+        raise MediaError(f"cannot read image: invalid size {height}x{width} (HxW)", p)
     height, width = _displayed(height, width, orientation if orientation in _UPRIGHT else 1)
     decoder = "pillow-heif" if fmt == "HEIF" else "pillow"
     return MediaInfo(frames=1, fps=0.0, height=height, width=width, decoder=decoder, note=note)

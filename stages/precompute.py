@@ -7,7 +7,9 @@ write tars per bucket, and on rank 0 merge everything into index.parquet and, la
 Reruns: same fingerprint -> nothing to do (unless the dir skipped sources this run may read: a
 lower --max_image_pixels, fewer media readers; they are retried, incrementally); new sources only
 -> only those are encoded; a dir with complete tars and no manifest (a crash) -> those samples are
-kept and the rest encoded.
+kept and the rest encoded. --overwrite of a dir made differently keeps every sample whose own recipe
+(`sample_recipe`: its source, frames, resize and crop, mask geometry, and the encoder settings) is
+unchanged, and encodes the rest.
 """
 
 from __future__ import annotations
@@ -110,13 +112,46 @@ def settings_of(cfg: PrecomputeConfig, family=None) -> dict:
     return settings
 
 
+#: model identity entries that only the caption embeddings depend on
+TEXT_PARTS = ("text_encoder_sha256", "tokenizer_sha256", "text_dim")
+
+
+def encode_recipe(parts: dict) -> str:
+    """Digest of what every sample's tensors depend on besides its own plan: the fingerprint's
+    settings without those that only decide plans (`Sampling`'s flags but the seed, which also draws
+    mask geometry and reference noise), the VAE's identity, the format."""
+    plan_only = set(Sampling.__dataclass_fields__) - {"seed"}
+    return shards.digest({"format_version": parts["format_version"],
+                          "settings": {k: v for k, v in parts["settings"].items() if k not in plan_only},
+                          "model": {k: v for k, v in parts["model"].items() if k not in TEXT_PARTS}})
+
+
+def text_recipe(parts: dict) -> str:
+    """Digest of what the caption tables depend on: T5 and tokenizer, precision, format."""
+    return shards.digest({"format_version": parts["format_version"],
+                          "precision": parts["settings"].get("mixed_precision"),
+                          "model": {k: parts["model"].get(k) for k in TEXT_PARTS}})
+
+
+def sample_recipe(plan: SamplePlan, geometry: dict, source_digest: str, encode: str) -> str:
+    """Digest of everything one sample's tensors are made from (stored in its json as `recipe`):
+    --overwrite keeps a sample on disk whose recipe is the one the new plan gives."""
+    return shards.digest({"encode": encode, "input": source_digest, "kind": plan.kind, "view": plan.view,
+                          "base": plan.base, "frame_indices": list(plan.frame_indices),
+                          "resize_hw": list(plan.resize_hw), "crop_box": list(plan.crop_box),
+                          "size": [plan.frames, plan.height, plan.width], "masks": geometry})
+
+
 def check_existing(shard_dir: Path, parts: dict, fp: str, inputs: dict, overwrite: bool,
                    max_image_pixels: int) -> str:
-    """Decide what to do with what is in `shard_dir`: 'up_to_date', 'fresh', 'resume' or 'incremental'
-    (also when the dir is up to date but skipped sources this cogfun may now read: retry_skipped).
+    """Decide what to do with what is in `shard_dir`: 'up_to_date', 'fresh', 'resume', 'incremental'
+    (also when the dir is up to date but skipped sources this cogfun may now read: retry_skipped) or
+    'overwrite'.
 
     Raises ShardError (listing what differs) when the dir was made differently and --overwrite
-    is not given; with --overwrite such a dir is emptied.
+    is not given. With --overwrite: 'overwrite' (the samples whose recipe is unchanged are kept,
+    see `sample_recipe`), or, for entries without a manifest or a record of their settings, the dir
+    is emptied ('fresh').
     """
     # an older format's manifest is compared too: its format_version differs, so it needs --overwrite
     manifest = shards.read_manifest(shard_dir, check_version=False)
@@ -150,9 +185,12 @@ def check_existing(shard_dir: Path, parts: dict, fp: str, inputs: dict, overwrit
     if not overwrite:
         raise ShardError(f"{shard_dir} was made with different settings, model or sources:\n  "
                          + "\n  ".join(problems)
-                         + "\nUse another --shard_dir, or --overwrite to replace it.")
-    wipe(shard_dir)
-    return "fresh"
+                         + "\nUse another --shard_dir, or --overwrite to replace it (samples whose own inputs "
+                           "did not change are kept).")
+    if manifest is None and not intent_path.exists():
+        wipe(shard_dir)
+        return "fresh"
+    return "overwrite"
 
 
 def wipe(shard_dir: Path) -> None:
@@ -229,6 +267,9 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             if stale:
                 print(f"{shard_dir}: removed {len(stale)} unfinished tar(s) holding samples of sources that "
                       f"changed or were removed since they were written; their samples are encoded again")
+        if decision == "overwrite":  # what the dir was made with (read before the new intent replaces it)
+            old = shards.read_manifest(shard_dir, check_version=False)
+            old_parts = (old or json.loads((shard_dir / shards.INTENT).read_text()))["fingerprint_parts"]
         if decision != "incremental":
             shards.write_json_atomic(shard_dir / shards.INTENT, {"fingerprint_parts": parts})
     state.wait_for_everyone()
@@ -240,6 +281,23 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     all_plans = sorted(dist.gather(plans, state), key=lambda p: p.key)
     all_skips = dist.gather(probe_skips, state)
     probed = dist.gather(list({s.identity: s for s in by_key.values()}.values()), state)  # for the report
+    encode = encode_recipe(parts)
+    if decision == "overwrite" and main:  # keep the samples whose own recipe is unchanged; encode the rest
+        recipes = {p.key: sample_recipe(p, draw_geometries(policies, p.frames, p.height, p.width, seed=cfg.seed,
+                                                           key=p.key), inputs[p.identity], encode) for p in all_plans}
+        keep: dict[str, tuple[str, int]] = {}
+        for r in on_disk:
+            if r.key in recipes and r.meta.get("recipe") == recipes[r.key]:
+                keep.setdefault(r.key, (r.shard, r.position))
+        dropped = shards.keep_only(shard_dir, on_disk, set(keep.values()), run_id=uuid.uuid4().hex[:8])
+        on_disk = shards.scan_shards(shard_dir)
+        print(f"{shard_dir}: --overwrite keeps {len(keep)} sample(s) whose source, frames, crop, masks and encoder "
+              f"settings are unchanged; {dropped} sample(s) removed, {len(all_plans) - len(keep)} to encode")
+        if text_recipe(old_parts) != text_recipe(parts):
+            for table in (shard_dir / shards.PROMPTS).glob("*.safetensors"):
+                table.unlink()
+            print(f"{shard_dir}: the text encoder, tokenizer or precision changed: every caption is encoded again")
+    state.wait_for_everyone()
     present = dist.broadcast({r.key for r in on_disk} if main else None, state)
     # my work: the planned samples of my own slice that are not on disk yet
     work = sorted((p for p in plans if p.key not in present), key=lambda p: (p.bucket, p.key))
@@ -313,7 +371,8 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
                         "crop_box": list(plan.crop_box),
                         "frames": plan.frames, "height": plan.height, "width": plan.width,
                         "latent_frames": plan.latent_frames, "tokens": plan.tokens,
-                        "input": inputs[plan.identity]}  # the source's digest: stale leftovers are spotted
+                        "input": inputs[plan.identity],  # the source's digest: stale leftovers are spotted
+                        "recipe": sample_recipe(plan, geometries[b], inputs[plan.identity], encode)}
                 if policies:
                     meta["masks"] = geometries[b]  # {policy: geometry}: train rebuilds each mask from it
                 writers.write(plan.bucket, shards.encode_sample(plan.key, meta, tensors))

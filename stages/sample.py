@@ -97,6 +97,6 @@ def sample(cfg: SampleConfig) -> list[Path]:
         path = video.write_mp4(outputs[mine[j]], sampling.decode(vae, latents[j]), fps,
                                comment=json.dumps(settings, sort_keys=True))
         written.append(path)
-        print(f"wrote {path} ({geo.frames} frames, {geo.width}x{geo.height}, {fps} fps"
+        print(f"wrote {path} ({geo.height}x{geo.width}x{geo.frames} HxWxF, {fps} fps"
               + (f", LoRA {lora['file']} x{lora['scale']:g}" if lora else "") + ")")
     return written

@@ -195,13 +195,13 @@ def test_what_stays_skipped_says_why(zoo: Path) -> None:
 
 def test_more_precise_reasons(zoo: Path, tmp_path: Path) -> None:
     photo = zoo.parent / "zoo/appended.jpg"
-    with pytest.raises(MediaError, match=r"^image too large: 64x32 = 2,048 pixels, above the decompression-bomb "
+    with pytest.raises(MediaError, match=r"^image too large: 32x64 \(HxW\) = 2,048 pixels, above the decompression-bomb "
                                          r"limit of 1,000 \(raise it with --max_image_pixels\)$") as e:
         probe(photo, "image", max_pixels=1000)
     assert e.value.category == "too large"
     assert probe(photo, "image", max_pixels=2048).height == H   # the limit itself is allowed
 
-    with pytest.raises(MediaError, match=r"^a still JPEG image \(64x32\), not a video") as e:
+    with pytest.raises(MediaError, match=r"^a still JPEG image \(32x64 HxW\), not a video") as e:
         probe(photo, "video")
     assert e.value.category == "not a video"
     with pytest.raises(MediaError, match=r"an audio file \(aac\), not an image") as e:
@@ -217,7 +217,7 @@ def test_max_image_pixels_governs_animation_frames(zoo: Path, monkeypatch) -> No
     gif = zoo.parent / "zoo/anim.gif"
     info = probe(gif, "video")
     args = (gif, "video", [0, 2, 4], (H, W), (0, 0, H, W))
-    with pytest.raises(MediaError, match=r"^image too large: 64x32 = 2,048 pixels") as e:
+    with pytest.raises(MediaError, match=r"^image too large: 32x64 \(HxW\) = 2,048 pixels") as e:
         video.decode(*args, media=info, max_pixels=1000)
     assert e.value.category == "too large"
     monkeypatch.setattr(video, "MAX_IMAGE_PIXELS", 1000)   # a default below the file: the flag raised above it

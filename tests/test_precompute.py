@@ -414,7 +414,7 @@ def test_reuse_incremental_and_mismatch(tiny_model_inp, synthetic_data, tmp_path
     # --overwrite: everything re-encoded with the new settings and captions
     over = precompute(dataclasses.replace(cfg, video_sample_size=96, image_sample_size=96, overwrite=True),
                       progress=False)
-    assert over["status"] == "fresh" and over["encoded"] == over["samples"] == 8
+    assert over["status"] == "overwrite" and over["encoded"] == over["samples"] == 8
     manifest = shards.read_manifest(shard_dir)
     assert manifest["config"]["video_sample_size"] == 96
     assert "64x64x9" not in manifest["buckets"] and "96x96x9" in manifest["buckets"]
@@ -429,6 +429,39 @@ def test_reuse_incremental_and_mismatch(tiny_model_inp, synthetic_data, tmp_path
     next(shard_dir.glob("*/*.tar")).unlink()
     with pytest.raises(ShardError, match="gone"):
         precompute(i2v, progress=False)
+
+
+def test_overwrite_encodes_only_the_samples_whose_own_inputs_changed(tiny_model_inp, synthetic_data, tmp_path):
+    """--overwrite after a change keeps every sample the change does not touch (their tars untouched or
+    their bytes copied), encodes the others, and gives the shards a fresh run with the new settings gives."""
+    meta = copy_dataset(synthetic_data, tmp_path / "data")
+    cfg = make_cfg(tiny_model_inp, meta, tmp_path / "shards", mask_policies="i2v,block")
+    assert precompute(cfg, progress=False)["encoded"] == 7
+    images = {k for k, v in read_tars(cfg.shard_dir).items() if json.loads(v["json"])["kind"] == "image"}
+    image_tars = {k: v for k, v in mtimes(cfg.shard_dir).items() if k.startswith("64x64x1/")}
+    assert len(images) == 3 and image_tars
+
+    # the frame stride changes the videos' windows, not the images: only the videos are encoded again
+    strided = dataclasses.replace(cfg, video_sample_stride=1, overwrite=True)
+    over = precompute(strided, progress=False)
+    assert over["status"] == "overwrite" and over["encoded"] == over["samples"] - len(images)
+    assert {k: v for k, v in mtimes(cfg.shard_dir).items() if k.startswith("64x64x1/")} == image_tars
+    fresh_dir = tmp_path / "fresh"
+    precompute(dataclasses.replace(strided, shard_dir=str(fresh_dir), overwrite=False), progress=False)
+    assert payload(read_tars(cfg.shard_dir)) == payload(read_tars(fresh_dir))
+    assert shards.read_index(cfg.shard_dir)["key"] == shards.read_index(fresh_dir)["key"]
+    assert precompute(dataclasses.replace(strided, overwrite=False), progress=False)["status"] == "up to date"
+
+    # one caption changed: that sample alone is encoded again (its tar-mates are copied, bytes unchanged)
+    rows = json.loads(meta.read_text())
+    rows[0]["text"] = "A new caption for the first clip."
+    meta.write_text(json.dumps(rows))
+    before = payload(read_tars(cfg.shard_dir))
+    recaptioned = precompute(strided, progress=False)
+    assert recaptioned["encoded"] == 1 and recaptioned["samples"] == over["samples"]
+    after = payload(read_tars(cfg.shard_dir))
+    changed = sorted(k for k in after if after[k] != before[k])
+    assert len(changed) == 1 and json.loads(after[changed[0]][0])["caption"] == "A new caption for the first clip."
 
 
 # ---------------------------------------------------------------------------------------------- 4. kill + resume
