@@ -9,6 +9,7 @@ source is copied to a temporary folder so that the build leaves nothing in the c
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -21,10 +22,14 @@ SOURCES = ["pyproject.toml", "README.md", "requirements.txt", "constraints.txt",
 
 
 def test_pip_install_into_a_venv_that_already_holds_torch(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}   # the venv alone decides what imports
     src = tmp_path / "src"
+    src.mkdir()
     for name in SOURCES:
-        (shutil.copytree if (ROOT / name).is_dir() else shutil.copy)(
-            ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if (ROOT / name).is_dir() else {}))
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, src / name)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
@@ -35,7 +40,7 @@ def test_pip_install_into_a_venv_that_already_holds_torch(tmp_path):
 
     out = subprocess.run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-index",
                           "--no-build-isolation", "-c", "constraints.txt", "-r", "requirements.txt", "."],
-                         cwd=src, capture_output=True, text=True, timeout=400)
+                         cwd=src, env=env, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Successfully installed cogfun-0.1.0" in out.stdout
     installing = [line for line in out.stdout.splitlines() if line.startswith("Installing collected packages")]
@@ -44,16 +49,17 @@ def test_pip_install_into_a_venv_that_already_holds_torch(tmp_path):
     assert (site / "cogfun-0.1.0.dist-info" / "top_level.txt").read_text().split() == ["cogfun"]
     assert (site / "cogfun" / "stages" / "train.py").is_file() and (site / "cogfun" / "pipelines" / "demo.py").is_file()
 
-    version = subprocess.run([str(venv / "bin" / "cogfun"), "--version"], cwd=tmp_path, capture_output=True, text=True)
+    version = subprocess.run([str(venv / "bin" / "cogfun"), "--version"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True)
     assert version.returncode == 0 and version.stdout.strip() == "cogfun, version 0.1.0", version.stderr
-    help_ = subprocess.run([str(venv / "bin" / "cogfun"), "export-lora", "--help"], cwd=tmp_path, capture_output=True,
-                           text=True)
+    help_ = subprocess.run([str(venv / "bin" / "cogfun"), "export-lora", "--help"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True)
     assert help_.returncode == 0 and "--format" in help_.stdout, help_.stderr
     probe = ("import importlib.util as u, cogfun.stages.train as t, cogfun.pipelines.precompute_then_train, torch; "
              "print(t.__file__); print(torch.__file__); print([m for m in ('cli', 'stages', 'pipelines') if u.find_spec(m)])")
-    lines = subprocess.check_output([str(python), "-c", probe], cwd=tmp_path, text=True).splitlines()
+    lines = subprocess.check_output([str(python), "-c", probe], cwd=tmp_path, env=env, text=True).splitlines()
     assert lines[0] == str(site / "cogfun" / "stages" / "train.py")   # the installed copy, not the checkout
     assert lines[1].startswith(str(held)) and lines[2] == "[]"         # the held torch; no top-level modules
-    check = subprocess.run([str(python), "-m", "pip", "check", "--disable-pip-version-check"], capture_output=True,
-                           text=True)
+    check = subprocess.run([str(python), "-m", "pip", "check", "--disable-pip-version-check"], env=env,
+                           capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
