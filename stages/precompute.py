@@ -159,6 +159,8 @@ def check_existing(shard_dir: Path, parts: dict, fp: str, inputs: dict, overwrit
     if manifest is not None:
         if manifest["fingerprint"] == fp:
             missing = [s for s in manifest["shards"] if not (shard_dir / s).is_file()]
+            if missing and overwrite:
+                return "overwrite"   # the samples of the tars still there are kept
             if missing:
                 raise ShardError(f"{shard_dir}: the manifest lists {len(missing)} tar(s) that are gone "
                                  f"(e.g. {missing[0]}); re-run with --overwrite to rebuild the shard dir")

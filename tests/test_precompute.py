@@ -463,6 +463,15 @@ def test_overwrite_encodes_only_the_samples_whose_own_inputs_changed(tiny_model_
     changed = sorted(k for k in after if after[k] != before[k])
     assert len(changed) == 1 and json.loads(after[changed[0]][0])["caption"] == "A new caption for the first clip."
 
+    # a tar the manifest lists has gone: --overwrite encodes its samples alone
+    gone = next(Path(cfg.shard_dir).glob("*/*.tar"))
+    lost = sum(1 for sample in read_tars(cfg.shard_dir).values() if sample["tar"] == str(gone.relative_to(cfg.shard_dir)))
+    gone.unlink()
+    with pytest.raises(ShardError, match="gone"):
+        precompute(dataclasses.replace(strided, overwrite=False), progress=False)
+    rebuilt = precompute(strided, progress=False)
+    assert rebuilt["status"] == "overwrite" and rebuilt["encoded"] == lost and payload(read_tars(cfg.shard_dir)) == after
+
 
 # ---------------------------------------------------------------------------------------------- 4. kill + resume
 
