@@ -555,8 +555,8 @@ def export_lora(source: str | os.PathLike, fmt: str, output: str | os.PathLike |
     tensors, metadata = load_lora_file(file)
     if LORA_ADAPTER_METADATA_KEY not in metadata:
         raise ConfigError(f"{file}: its header has no {LORA_ADAPTER_METADATA_KEY!r} (rank, alpha, target modules): "
-                          f"not a diffusers-format LoRA file cogfun wrote (convert from that file, or from its "
-                          f"output / checkpoint dir)")
+                          f"not a diffusers-format LoRA file cogfun wrote. Give the training output dir or "
+                          f"checkpoint-<N>/ dir (or its {LORA_WEIGHT_NAME})")
     config = {k.removeprefix(PREFIX + "."): v for k, v in json.loads(metadata[LORA_ADAPTER_METADATA_KEY]).items()}
     extra = {k: v for k, v in metadata.items() if k.startswith("cogfun")}
     target = Path(output) if output else file.parent / EXPORT_FORMATS[fmt]
