@@ -464,6 +464,7 @@ def test_lora_files_are_byte_identical_whatever_the_metadata_order(tmp_path):
     model, names = lora_model()
     sd = lora_state_dict(model)
     meta = {f"cogfun_{k}": str(i) for i, k in enumerate("zyxwvu")}
+    meta["cogfun_prompt"] = 'un café — 東京\n"quoted"\t\x01 \\ /'   # escapes and UTF-8 keep their length
     for i in range(4):
         save_lora(tmp_path / f"d{i}.safetensors", sd, rank=RANK, alpha=ALPHA, target_modules=names, extra_metadata=meta)
         save_kohya_lora(tmp_path / f"k{i}.safetensors", sd, rank=RANK, alpha=ALPHA, extra_metadata=meta)
@@ -472,3 +473,4 @@ def test_lora_files_are_byte_identical_whatever_the_metadata_order(tmp_path):
         assert len(files) == 1, kind
         tensors, header = load_lora_file(tmp_path / f"{kind}0.safetensors")
         assert header["cogfun_z"] == "0" and len(tensors) == (3 if kind == "k" else 2) * len(names)
+        assert header["cogfun_prompt"] == meta["cogfun_prompt"]
