@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from cogfun.buckets import Sampling, parse_bucket, sample_bytes, tokens_per_sample
+from cogfun.buckets import Sampling, one_frame_videos, parse_bucket, sample_bytes, tokens_per_sample
 from cogfun.config import InspectConfig, ConfigError, mask_policy_list
 from cogfun.dataset import count_by_category
 from cogfun.models import TEXT_LEN
@@ -58,7 +58,8 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
     skipped = [s.to_json() for s in sorted(row_skips + skips, key=lambda s: s.file_path)]
     notes = model_notes(multiple, noise, trimmed=sum(1 for p in plans if p.frames_dropped))
     return _finish(buckets, skipped, sources=len(sources) + len(row_skips), estimated=True, masks=mask_report(policies),
-                   video_repeat=cfg.video_repeat, notes=notes, **media_report(by_key.values()))
+                   video_repeat=cfg.video_repeat, notes=notes, one_frame=one_frame_videos(plans),
+                   **media_report(by_key.values()))
 
 
 def model_notes(multiple: int, noise: bool, trimmed: int | None = None) -> list[str]:
@@ -119,12 +120,12 @@ def report_from_shards(cfg: InspectConfig) -> dict:
     return _finish(buckets, manifest["skipped"], sources=manifest["num_sources"], estimated=False,
                    video_repeat=manifest["config"].get("video_repeat", 1), fingerprint=manifest["fingerprint"],
                    decoders=manifest.get("decoders", {}), warnings=manifest.get("warnings", []), notes=notes,
-                   masks=mask_report(manifest["mask_policies"]))
+                   masks=mask_report(manifest["mask_policies"]), one_frame=manifest.get("one_frame_videos", []))
 
 
 def _finish(buckets: list[dict], skipped: list[dict], *, sources: int, estimated: bool, video_repeat: int,
             fingerprint: str | None = None, decoders: dict | None = None, warnings: list | None = None,
-            notes: list[str] = (), masks: dict | None = None) -> dict:
+            notes: list[str] = (), masks: dict | None = None, one_frame: list[str] = ()) -> dict:
     buckets.sort(key=lambda b: (b["frames"], b["height"] * b["width"], b["height"]))
     samples = sum(b["count"] for b in buckets)
     weight = sum(b["videos"] * video_repeat + b["images"] for b in buckets) or 1
@@ -132,7 +133,7 @@ def _finish(buckets: list[dict], skipped: list[dict], *, sources: int, estimated
         b["share"] = round((b["videos"] * video_repeat + b["images"]) / weight, 4)
     total = {"samples": samples, "sources": sources, "skipped": len(skipped), "buckets": len(buckets),
              "bytes": sum(b["bytes"] for b in buckets), "tokens": sum(b["tokens"] * b["count"] for b in buckets),
-             "bytes_estimated": estimated,
+             "bytes_estimated": estimated, "one_frame_videos": len(one_frame),
              # precompute time follows the VAE work: encodes, and their pixel volume (frames x H x W)
              "vae_encodes": sum(b["encodes_per_sample"] * b["count"] for b in buckets),
              "vae_megapixel_frames": round(sum(b["encodes_per_sample"] * b["count"] * b["frames"] * b["height"]
@@ -141,7 +142,7 @@ def _finish(buckets: list[dict], skipped: list[dict], *, sources: int, estimated
         total["fingerprint"] = fingerprint
     return {"buckets": buckets, "skipped": skipped, "skipped_by_reason": count_by_category(skipped),
             "decoders": decoders or {}, "warnings": warnings or [], "total": total, "model_notes": list(notes),
-            "masks": masks or {}}
+            "masks": masks or {}, "one_frame_videos": list(one_frame)}
 
 
 def format_table(report: dict) -> str:
@@ -173,6 +174,11 @@ def media_lines(report: dict) -> list[str]:
     """Decoders other than the default, warnings, skip counts per reason, then each skip: the
     report's text form, shared with the precompute summary."""
     lines = []
+    one_frame = report.get("one_frame_videos") or []
+    if one_frame:
+        lines.append(f"  {len(one_frame)} video(s) became 1-frame samples (a token budget of 1 frame at a large "
+                     f"base, or under --bucket_rules upstream a clip of 1 to 4 frames at the stride): "
+                     f"{', '.join(one_frame[:8])}" + (" ..." if len(one_frame) > 8 else ""))
     for decoder, paths in sorted(report.get("decoders", {}).items()):
         lines.append(f"  read with {decoder}: {len(paths)} source(s): {', '.join(paths[:8])}"
                      + (" ..." if len(paths) > 8 else ""))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import cogfun
 from cogfun import shards
-from cogfun.buckets import SamplePlan, Sampling
+from cogfun.buckets import SamplePlan, Sampling, one_frame_videos
 from cogfun.config import PrecomputeConfig, fingerprint_keys, mask_policy_list, to_dict
 from cogfun.dataset import Skipped, count_by_category, load_sources, media_report, probe_and_plan, retry_skipped
 from cogfun.shards import ShardError
@@ -94,6 +94,13 @@ def settings_of(cfg: PrecomputeConfig, family=None) -> dict:
     settings["num_views"] = num_views_setting(cfg.num_views)   # "1" and 1 are the same shards
     if settings["num_views"] != "auto":
         settings.pop("max_views")                               # only --num_views auto reads it
+    if settings["bucket_rules"] == "cogfun" and not (cfg.random_hw_adapt or cfg.training_with_video_token_length
+                                                     or cfg.random_ratio_crop):
+        # fixed bases plan as they always did: such shards keep their fingerprint
+        settings.pop("bucket_rules")
+        settings.pop("random_ratio_crop")
+    else:   # drawn bases follow CogVideoX-Fun's lists and upscaling guard since bucket rules 2
+        settings["bucket_rules_version"] = 2
     settings["mask_policies"] = mask_policy_list(cfg)
     if settings["mask_policies"]:  # the rules that draw geometries and build masks
         settings["mask_design"] = MASK_DESIGN
@@ -416,6 +423,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             "num_samples": len(rows), "num_sources": len(sources) + len(row_skips),
             "skipped": [{"file_path": f, "reason": r, "category": c} for f, r, c in skipped],
             "skipped_by_reason": count_by_category([{"category": c} for _, _, c in skipped]),
+            "one_frame_videos": one_frame_videos(p for p in all_plans if p.source not in failed),
             "decoders": media["decoders"], "warnings": media["warnings"], "media_readers": MEDIA_READERS,
             "cogfun_version": cogfun.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -425,7 +433,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         summary = {"status": decision, "fingerprint": fp, "samples": len(rows), "encoded": n_encoded_total,
                    "buckets": {k: v["count"] for k, v in sorted(buckets.items())},
                    "skipped": manifest["skipped"], "skipped_by_reason": manifest["skipped_by_reason"],
-                   "decoders": media["decoders"], "warnings": media["warnings"],
+                   "one_frame_videos": manifest["one_frame_videos"], "decoders": media["decoders"], "warnings": media["warnings"],
                    "bytes_written": bytes_total, "seconds": round(seconds, 2)}
         print_summary(shard_dir, summary)
     state.wait_for_everyone()
