@@ -59,7 +59,7 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path):
                   mixed_precision=cfg.mixed_precision,
                   log_with=None if cfg.report_to == "none" else cfg.report_to,
                   project_config=ProjectConfiguration(project_dir=str(output_dir),
-                                                      logging_dir=str(output_dir / "logs")))
+                                                      logging_dir=str(output_dir / cfg.logging_dir)))
     handlers = [] if cuda or int(os.environ.get("WORLD_SIZE", "1")) == 1 else [InitProcessGroupKwargs(backend="gloo")]
     if kind == "deepspeed":
         # Never cpu=True with DeepSpeed: accelerate would silently drop DeepSpeed and run DDP.
@@ -237,7 +237,8 @@ def agree_on_checkpoint(accelerator, output_dir: Path, spec: str | None) -> Path
 # ------------------------------------------------------------------ one batch -> loss inputs
 
 def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scaling: float, policies: list[str],
-                 null_prompt, device, dtype, family=None, black=None, sample_n_frames: int | None = None):
+                 null_prompt, device, dtype, family=None, black=None, sample_n_frames: int | None = None,
+                 t_range: tuple[int, int] | None = None):
     """(model input, prompt embeds, timesteps, velocity target) for one bucket batch.
 
     All randomness comes from (seed, epoch, batch id): independent of rank, world size, resume.
@@ -281,7 +282,8 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
     eps = torch.randn(mean.shape, generator=gen, device=device)
     latents = (mean + torch.exp(0.5 * logvar) * eps)[:, :keep] * scaling
     noise = torch.randn(latents.shape, generator=gen, device=device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=gen, device=device)
+    lo, hi = t_range or (0, scheduler.config.num_train_timesteps)
+    timesteps = torch.randint(lo, hi, (bsz,), generator=gen, device=device)
     prompts = t["prompt_embeds"].clone()
     for b in range(bsz):
         if rng.random() < cfg.caption_dropout:
@@ -314,6 +316,64 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
                                       noise_scale=noise_scale[b], geometry=geometry, device=device))
         model_in = torch.cat([noisy, torch.cat(conds)], dim=2)
     return model_in.to(dtype), prompts.to(dtype), timesteps, target.float()
+
+
+def timestep_range(cfg: TrainConfig, scheduler, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi) of this rank's training timesteps: [0, --train_sampling_steps or the scheduler's
+    num_train_timesteps); with --uniform_sampling CogVideoX-Fun's DiscreteSampling slice: G groups
+    of ranks, G the largest divisor of the world size that divides the step count, group g draws
+    from [g * n / G, (g + 1) * n / G)."""
+    n = cfg.train_sampling_steps or scheduler.config.num_train_timesteps
+    if not 1 <= n <= scheduler.config.num_train_timesteps:
+        raise ConfigError(f"--train_sampling_steps must be 1..{scheduler.config.num_train_timesteps} (the "
+                          f"scheduler's num_train_timesteps), got {n}")
+    if not cfg.uniform_sampling or world == 1:
+        return 0, n
+    groups = max(g for g in range(1, world + 1) if world % g == 0 and n % g == 0)
+    width, interval = world // groups, n // groups
+    g = rank // width
+    return g * interval, (g + 1) * interval
+
+
+def with_motion_loss(loss, pred, target, ratio: float):
+    """--motion_sub_loss: CogVideoX-Fun's (1 - ratio) * loss + ratio * MSE of the frame-to-frame
+    differences of prediction and target, for samples with more than 2 latent frames."""
+    import torch
+
+    if pred.shape[1] <= 2:
+        return loss
+    motion = torch.nn.functional.mse_loss(pred[:, 1:] - pred[:, :-1], target[:, 1:] - target[:, :-1], reduction="mean")
+    return loss * (1 - ratio) + motion * ratio
+
+
+def make_optimizer(cfg: TrainConfig, params, world: int):
+    """AdamW over the LoRA parameters; bitsandbytes' AdamW8bit (--use_8bit_adam) or CAME (--use_came,
+    CogVideoX-Fun's betas and eps, no weight decay) when installed. --scale_lr multiplies the rate by
+    accumulation x batch x processes."""
+    import torch
+
+    lr = cfg.learning_rate
+    if cfg.scale_lr:
+        lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * world
+    if cfg.use_8bit_adam and cfg.use_came:
+        raise ConfigError("--use_8bit_adam and --use_came choose two optimizers: give one")
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag for "
+                              "AdamW)") from None
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if cfg.use_came:
+        try:
+            from came_pytorch import CAME
+        except ImportError:
+            raise ConfigError("--use_came needs came_pytorch: pip install came_pytorch (or drop the flag for "
+                              "AdamW)") from None
+        return CAME(params, lr=lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16))
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
 
 
 EVAL_TIMESTEPS = 9
@@ -527,6 +587,8 @@ def train(cfg: TrainConfig) -> dict:
     accelerator = make_accelerator(cfg, output_dir)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     set_seed(cfg.seed)
+    if cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     device = accelerator.device
     weight_dtype = models.dtype_of(cfg.mixed_precision)
     if launch_kind() == "fsdp":
@@ -540,6 +602,12 @@ def train(cfg: TrainConfig) -> dict:
     # validation prompts: encoded by a side process (T5 never enters this one), before the transformer loads
     validation_set = validation.prepare(cfg, output_dir, accelerator)
     transformer = models.load_transformer(cfg.pretrained_model_name_or_path, weight_dtype)
+    if cfg.transformer_path:   # CogVideoX-Fun's --transformer_path: weights over the folder's, before the LoRA
+        missing, unexpected = models.load_transformer_weights(transformer, cfg.transformer_path)
+        if main:
+            print(f"--transformer_path {cfg.transformer_path}: loaded; missing keys: {len(missing)}, "
+                  f"unexpected keys: {len(unexpected)}" + (f" (e.g. {(missing or unexpected)[0]})"
+                                                           if missing or unexpected else ""))
     scheduler = models.load_scheduler(cfg.pretrained_model_name_or_path)
     scaling = float(manifest["model"]["scaling_factor"])
     policies = list(manifest["mask_policies"]) if cfg.train_mode != "normal" else []
@@ -566,8 +634,7 @@ def train(cfg: TrainConfig) -> dict:
     steps_per_epoch = sampler.steps_in_epoch(0)  # the same every epoch unless a clip's views differ in bucket
     max_steps = cfg.max_train_steps or sum(sampler.steps_in_epoch(e) for e in range(cfg.num_train_epochs))
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    optimizer = make_optimizer(cfg, params, world)
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
@@ -594,7 +661,7 @@ def train(cfg: TrainConfig) -> dict:
                       "mask_policy_weights": weights}
         shards.write_json_atomic(output_dir / "run_config.json", run_config)
     if accelerator.log_with:
-        accelerator.init_trackers("cogfun", config={k: v for k, v in to_dict(cfg).items()
+        accelerator.init_trackers(cfg.tracker_project_name, config={k: v for k, v in to_dict(cfg).items()
                                                     if isinstance(v, (int, float, str, bool))})
     log_path = output_dir / "train_log.jsonl"
     if main and log_path.exists():  # keep the history up to the step we (re)start from
@@ -616,6 +683,8 @@ def train(cfg: TrainConfig) -> dict:
             with open(log_path, "a") as fh:
                 fh.write(json.dumps({"step": 0, **logs}) + "\n")
 
+    t_range = timestep_range(cfg, scheduler, rank, world)
+
     # ------------------------------------------------------------ loop
     bar = tqdm(total=max_steps, initial=global_step, desc="train", unit="step", disable=not main,
                dynamic_ncols=True)
@@ -632,13 +701,15 @@ def train(cfg: TrainConfig) -> dict:
                 model_in, prompts, timesteps, target = batch_inputs(
                     batch, epoch=epoch, cfg=cfg, scheduler=scheduler, scaling=scaling, policies=policies,
                     null_prompt=null_prompt, device=device, dtype=weight_dtype, family=family, black=black,
-                    sample_n_frames=sample_n_frames)
+                    sample_n_frames=sample_n_frames, t_range=t_range)
                 model_in, n_frames = models.pad_for_patch_t(model_in, family.patch_size_t)
                 rope = rotary_embedding(unwrapped_config, model_in.shape, device)
                 with accelerator.autocast():
                     pred = transformer(hidden_states=model_in, encoder_hidden_states=prompts, timestep=timesteps,
                                        image_rotary_emb=rope, return_dict=False)[0][:, :n_frames]
                 loss = torch.nn.functional.mse_loss(pred.float(), target, reduction="mean")
+                if cfg.motion_sub_loss:
+                    loss = with_motion_loss(loss, pred.float(), target, cfg.motion_sub_loss_ratio)
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
@@ -681,6 +752,14 @@ def train(cfg: TrainConfig) -> dict:
             if global_step >= max_steps:
                 break
         epoch_start += sampler.steps_in_epoch(epoch)
+        if (validation_set and cfg.validation_epochs and epoch % cfg.validation_epochs == 0
+                and global_step == epoch_start and global_step % cfg.validation_steps and global_step != max_steps):
+            # --validation_epochs: after a whole epoch (not when the step rule just rendered)
+            seconds = validation.render(validation_set, accelerator, transformer, cfg=cfg, step=global_step,
+                                        output_dir=output_dir, scheduler=sampling_scheduler, dtype=weight_dtype,
+                                        same_forward_count=launch_kind() == "fsdp")
+            accelerator.log({"validation_seconds": seconds}, step=global_step)
+            t_step = time.time()
         epoch += 1
     bar.close()
 
