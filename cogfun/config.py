@@ -83,6 +83,7 @@ class DataArgs:
     num_views: str = opt("1", "Views (base size, frame window) stored per clip; training shows one view of each clip per epoch, cycling through them. 'auto': about clip frames / window frames views per video, the window being the shortest a view may get (with --training_with_video_token_length: at the largest base), with stratified windows covering the clip; images 1; at most --max_views.", fingerprint=True, int_or_word=True)
     max_views: int = opt(8, "Most views per clip that --num_views auto stores.", fingerprint=True)
     mask_policies: str = opt(DEFAULT_MASK_POLICIES, "Inpaint/i2v only: masked-clip policies to cache, comma-separated of " + ", ".join(MASK_POLICIES) + " (or 'all'). Each is one VAE encode and one latent per sample (two with reference noise); images cache only block and ellipse. t2v (everything masked) needs no cache and is always drawn. The default covers 85 % of CogVideoX-Fun's mask distribution for videos, 100 % for images.", fingerprint=True)
+    masks_per_policy: int = opt(1, "Inpaint/i2v only: mask geometries cached per policy and view: K seeded draws, each one more VAE encode and one more latent per policy (bytes and precompute time grow about with 1 + K x policies). Training shows one of them per epoch, cycling as views do: over V x K epochs each view of a clip is seen with each geometry set, so a small dataset's clips see more masks (CogVideoX-Fun draws a fresh one every step). 1: the shards as before.", fingerprint=True)
     mask_policy_weights: str = opt("", "Inpaint/i2v only: train-time draw weights overriding CogVideoX-Fun's (which are the defaults), e.g. 'i2v=0.6,t2v=0.1' for an i2v-focused LoRA; a cached policy not named keeps its default.")
     probe_workers: int = opt(8, "Threads probing clips (inspect-buckets and precompute).")
     max_image_pixels: int = opt(89_478_485, "Decompression-bomb limit: images (and animation frames) with more pixels are skipped, with their size in the report. The default is Pillow's.")
@@ -408,6 +409,8 @@ def mask_policy_list(cfg: DataArgs) -> list[str]:
     """The cached mask policies (empty for train_mode normal); validated."""
     if cfg.train_mode == "normal":
         return []
+    if cfg.masks_per_policy < 1:
+        raise ConfigError(f"--masks_per_policy must be >= 1, got {cfg.masks_per_policy}")
     names = [p.strip() for p in cfg.mask_policies.split(",") if p.strip()]
     if names == ["all"]:
         names = list(MASK_POLICIES)

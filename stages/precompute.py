@@ -104,6 +104,8 @@ def settings_of(cfg: PrecomputeConfig, family=None) -> dict:
     settings["mask_policies"] = mask_policy_list(cfg)
     if settings["mask_policies"]:  # the rules that draw geometries and build masks
         settings["mask_design"] = MASK_DESIGN
+    if not settings["mask_policies"] or cfg.masks_per_policy == 1:
+        settings.pop("masks_per_policy")   # one geometry set: the shards as before, their fingerprint kept
     # inpaint and i2v are two names of one mode (CogVideoX-Fun's): the same tensors, the same training
     settings["train_mode"] = "normal" if cfg.train_mode == "normal" else "inpaint"
     # A batched VAE encode differs from one-at-a-time in the last bits (bf16 values move), and a
@@ -298,14 +300,20 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             DecodeDataset(work, by_key, cfg.decode_timeout, cfg.max_image_pixels), batch_size=1, shuffle=False,
             num_workers=cfg.dataloader_num_workers, collate_fn=_collate_one,
             prefetch_factor=4 if cfg.dataloader_num_workers > 0 else None)
+        variants = cfg.masks_per_policy if policies else 1
+        views_of = Counter(p.identity for p in plans)   # a clip's views are planned on one rank
+
         def flush(batch: list[tuple[SamplePlan, torch.Tensor]]):
             pixels = torch.stack([px for _, px in batch])
             mean, logvar = models.encode_clips(vae, pixels)
-            geometries = [draw_geometries(policies, plan.frames, plan.height, plan.width, seed=cfg.seed, key=plan.key)
-                          for plan, _ in batch]
-            conditioning = encode_conditioning(lambda px: models.encode_clips(vae, px)[0], pixels, geometries,
-                                               keys=[plan.key for plan, _ in batch], seed=cfg.seed,
-                                               reference_noise=reference_noise)
+            # --masks_per_policy K: K seeded geometry sets per sample (set 0 is the one cogfun always drew)
+            geometry_sets = [[draw_geometries(policies, plan.frames, plan.height, plan.width, seed=cfg.seed,
+                                              key=plan.key, variant=k) for plan, _ in batch] for k in range(variants)]
+            conditioning = {}
+            for k, geometries in enumerate(geometry_sets):
+                conditioning.update(encode_conditioning(lambda px: models.encode_clips(vae, px)[0], pixels,
+                                                        geometries, keys=[plan.key for plan, _ in batch],
+                                                        seed=cfg.seed, reference_noise=reference_noise, variant=k))
             for b, (plan, _) in enumerate(batch):
                 text = caption_of[plan.key]
                 tensors = {"latent_mean": mean[b], "latent_logvar": logvar[b]}
@@ -322,7 +330,10 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
                         "latent_frames": plan.latent_frames, "tokens": plan.tokens,
                         "input": inputs[plan.identity]}  # the source's digest: stale leftovers are spotted
                 if policies:
-                    meta["masks"] = geometries[b]  # {policy: geometry}: train rebuilds each mask from it
+                    meta["masks"] = geometry_sets[0][b]  # {policy: geometry}: train rebuilds each mask from it
+                    if variants > 1:   # the other sets, and the clip's view count that cycles them (cogfun.loader)
+                        meta["mask_variants"] = [geometry_sets[k][b] for k in range(1, variants)]
+                        meta["views"] = views_of[plan.identity]
                 writers.write(plan.bucket, shards.encode_sample(plan.key, meta, tensors))
 
         bar = tqdm(total=n_work_total, desc="precompute", unit="clip", disable=not (progress and main),

@@ -256,7 +256,8 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
     """
     import torch
 
-    from cogfun.buckets import floor_4k1, latent_frames
+    from cogfun.buckets import floor_4k1, latent_frames, sample_key
+    from cogfun.loader import mask_variant
     from cogfun.masks import (BLACK, BLACK_LATENTS, BLACK_SHARE, PREFIX_SAFE, REFERENCE_NOISE_SIGMA0,
                               conditioning, draw_reference_sigma, parse_weights, weights_for)
 
@@ -311,9 +312,13 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
             policy = rng.choices(allowed, weights=[weights[p] for p in allowed])[0]
             if policy == "t2v" and black is not None and rng.random() < BLACK_SHARE:
                 policy = BLACK
-            geometry = batch["metas"][b]["masks"].get(policy)
+            meta = batch["metas"][b]
+            # --masks_per_policy: the geometry set this epoch shows (cycled as views are; 0 without)
+            variant = mask_variant(cfg.seed, epoch, sample_key(meta["identity"], meta["view"]), meta.get("views", 1),
+                                   1 + len(meta.get("mask_variants", ())))
+            geometry = (meta["masks"] if variant == 0 else meta["mask_variants"][variant - 1]).get(policy)
             conds.append(conditioning(policy, t, b, frames=frames, keep=keep, scaling=scaling,
-                                      noise_scale=noise_scale[b], geometry=geometry, device=device))
+                                      noise_scale=noise_scale[b], geometry=geometry, device=device, variant=variant))
         model_in = torch.cat([noisy, torch.cat(conds)], dim=2)
     return model_in.to(dtype), prompts.to(dtype), timesteps, target.float()
 
