@@ -314,8 +314,10 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
                 policy = BLACK
             meta = batch["metas"][b]
             # --masks_per_policy: the geometry set this epoch shows (cycled as views are; 0 without)
-            variant = mask_variant(cfg.seed, epoch, sample_key(meta["identity"], meta["view"]), meta.get("views", 1),
-                                   1 + len(meta.get("mask_variants", ())))
+            variant = 0
+            if meta.get("mask_variants"):
+                variant = mask_variant(cfg.seed, epoch, sample_key(meta["identity"], meta["view"]), meta["views"],
+                                       1 + len(meta["mask_variants"]))
             geometry = (meta["masks"] if variant == 0 else meta["mask_variants"][variant - 1]).get(policy)
             conds.append(conditioning(policy, t, b, frames=frames, keep=keep, scaling=scaling,
                                       noise_scale=noise_scale[b], geometry=geometry, device=device, variant=variant))
