@@ -149,14 +149,13 @@ class SamplePlan:
     source: str            # file_path as written in the metadata
     kind: str              # "video" | "image"
     view: int
-    base: float
+    base: float            # an int, or a fraction where CogVideoX-Fun's downsample ratio gives one (1024 / 1.25)
     height: int
     width: int
     frames: int            # pixel frames F (4k+1; 1 for images)
     frame_indices: tuple[int, ...]
     resize_hw: tuple[int, int]             # cover-resize size before the crop
     crop_box: tuple[int, int, int, int]    # top, left, height, width
-    # base: an int, or a fraction where CogVideoX-Fun's downsample ratio gives one (1024 / 1.25 = 819.2)
     identity: str = ""     # the sample's source identity (file_path, or file_path#k for caption variant k)
     latent_multiple: int = 1               # the transformer's patch_size_t (tokens per sample)
     frames_dropped: int = 0                # frames the patch_size_t rule took off the end of the window

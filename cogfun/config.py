@@ -228,8 +228,8 @@ class UpstreamArgs:
     vae_path: Optional[str] = opt(None, "The VAE runs only in precompute, from the model folder's vae/, whose weights the shards' fingerprint hashes: put these weights there (as vae/diffusion_pytorch_model.safetensors, in a copy of the folder) and precompute with it.", upstream="refuse")
     train_text_encoder: bool = opt(False, "T5 embeddings are cached at precompute, so T5 cannot be trained (CogVideoX-Fun's LoRA on T5); train the transformer's LoRA only.", upstream="refuse")
     tokenizer_max_length: int = opt(226, "The shards store T5's 226 positions (the transformer's max_text_seq_length); another length is not supported.", upstream="refuse")
-    auto_tile_batch_size: bool = opt(False, "Not implemented in cogfun (CogVideoX-Fun repeats a batch 2x or 4x when its pixel volume is below 1/4 or 1/16 of the token budget); raise --train_batch_size instead.", upstream="refuse")
-    keep_all_node_same_token_length: bool = opt(False, "Not implemented in cogfun (CogVideoX-Fun cuts each step's frames to a drawn token length so all nodes run the same length); use --training_with_video_token_length buckets.", upstream="refuse")
+    auto_tile_batch_size: bool = opt(False, "With --training_with_video_token_length: a batch whose pixel volume (frames x H x W) is at most 1/16 of the token budget N x T^2 is repeated 4x, at most 1/4 of it 2x, as CogVideoX-Fun does (each copy draws its own noise, timestep and conditioning).")
+    keep_all_node_same_token_length: bool = opt(False, "Each step keeps the first frames that fit a token length s x s x N drawn from s = 256, 384, ..., token_sample_size, the same draw on every rank, as CogVideoX-Fun does (so all nodes run one sequence length).")
 
 
 @dataclass

@@ -238,7 +238,7 @@ def agree_on_checkpoint(accelerator, output_dir: Path, spec: str | None) -> Path
 
 def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scaling: float, policies: list[str],
                  null_prompt, device, dtype, family=None, black=None, sample_n_frames: int | None = None,
-                 t_range: tuple[int, int] | None = None):
+                 t_range: tuple[int, int] | None = None, keep_at_most: int | None = None):
     """(model input, prompt embeds, timesteps, velocity target) for one bucket batch.
 
     All randomness comes from (seed, epoch, batch id): independent of rank, world size, resume.
@@ -253,6 +253,8 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
     Inpaint: a mask policy per sample, drawn with `mask_weights` among t2v and the sample's cached
     policies (its json's `masks`: {policy: geometry}); `black` ({bucket: latents} of an all -1 clip):
     10 % of t2v draws get mask 0 + those latents, as CogVideoX-Fun's t2v_flag does.
+    `t_range`: [lo, hi) of the timesteps (`timestep_range`); `keep_at_most`: a cap on the latent
+    frames kept (`same_token_length_frames`).
     """
     import torch
 
@@ -280,6 +282,8 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
         drawn = rng.choices(lengths, weights=[shorter] * (len(lengths) - 1) + [CROP_FULL_PROB])[0]
         keep = min(f_lat, drawn)
         keep -= keep % (family.latent_multiple if family is not None else 1)   # CogVideoX 1.5: whole patches
+    if keep_at_most is not None and keep_at_most < keep:   # --keep_all_node_same_token_length
+        keep = keep_at_most
     eps = torch.randn(mean.shape, generator=gen, device=device)
     latents = (mean + torch.exp(0.5 * logvar) * eps)[:, :keep] * scaling
     noise = torch.randn(latents.shape, generator=gen, device=device)
@@ -340,6 +344,52 @@ def timestep_range(cfg: TrainConfig, scheduler, rank: int, world: int) -> tuple[
     width, interval = world // groups, n // groups
     g = rank // width
     return g * interval, (g + 1) * interval
+
+
+def same_token_length_frames(cfg: TrainConfig, batch: dict, epoch: int, world: int, family,
+                             data: dict | None = None) -> int | None:
+    """--keep_all_node_same_token_length, as CogVideoX-Fun: each micro-step draws a token length
+    s * s * N, s from 256, 384, ..., token_sample_size (the same draw on every rank: seeded by the
+    step, not the rank), and keeps the first (min(s*s*N / (H*W), N) - 1) // 4 * 4 + 1 pixel frames
+    (CogVideoX 1.5: an even latent count, or 1 frame). Returns that cap in latent frames (None
+    without the flag). N and T: the shards' (`data`, their manifest's config), else cfg's."""
+    from cogfun.buckets import VAE_TEMPORAL, latent_frames
+
+    if not cfg.keep_all_node_same_token_length:
+        return None
+    data = data or {}
+    n = data.get("video_sample_n_frames", cfg.video_sample_n_frames)
+    t = data.get("token_sample_size", cfg.token_sample_size)
+    sides = list(range(256, t + 1, 128)) if t > 256 else [256]
+    if sides[-1] != t and t > 256:
+        sides.append(t)
+    rng = random.Random(f"{cfg.seed}:token-length:{epoch}:{batch['batch_id'] // world}")
+    tokens = rng.choice(sides) ** 2 * n
+    meta = batch["metas"][0]
+    frames = int(max((min(tokens / meta["height"] / meta["width"], n) - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1, 1))
+    multiple = family.latent_multiple if family is not None else 1
+    frames -= latent_frames(frames) % multiple * VAE_TEMPORAL
+    return latent_frames(max(frames, 1))
+
+
+def auto_tile(cfg: TrainConfig, batch: dict, data: dict | None = None) -> dict:
+    """--auto_tile_batch_size with --training_with_video_token_length, as CogVideoX-Fun: a batch
+    whose pixel volume F x H x W is at most 1/16 of the token budget N x T^2 is repeated 4x, at most
+    1/4 of it 2x (each copy draws its own noise, timestep, posterior sample, caption dropout and
+    mask policy). The token budget N x T^2 is the shards' (`data`, their manifest's config, else
+    cfg's); the token-length flag is on for the shards or on this command line."""
+    data = {**{k: getattr(cfg, k) for k in ("video_sample_n_frames", "token_sample_size")}, **(data or {})}
+    if not (cfg.auto_tile_batch_size and (cfg.training_with_video_token_length
+                                          or data.get("training_with_video_token_length"))):
+        return batch
+    meta = batch["metas"][0]
+    volume = meta["frames"] * meta["height"] * meta["width"]
+    budget = data["video_sample_n_frames"] * data["token_sample_size"] ** 2
+    factor = 4 if budget // 16 >= volume else 2 if budget // 4 >= volume else 1
+    if factor == 1:
+        return batch
+    tensors = {k: v.repeat(factor, *([1] * (v.dim() - 1))) for k, v in batch["tensors"].items()}
+    return {**batch, "tensors": tensors, "metas": batch["metas"] * factor}
 
 
 def with_motion_loss(loss, pred, target, ratio: float):
@@ -705,10 +755,12 @@ def train(cfg: TrainConfig) -> dict:
         for batch in batches(dataset, sampler, threads=cfg.dataloader_num_workers, skip=skip,
                              pin_memory=torch.cuda.is_available()):
             with accelerator.accumulate(transformer):
+                batch = auto_tile(cfg, batch, manifest["config"])   # --auto_tile_batch_size
                 model_in, prompts, timesteps, target = batch_inputs(
                     batch, epoch=epoch, cfg=cfg, scheduler=scheduler, scaling=scaling, policies=policies,
                     null_prompt=null_prompt, device=device, dtype=weight_dtype, family=family, black=black,
-                    sample_n_frames=sample_n_frames, t_range=t_range)
+                    sample_n_frames=sample_n_frames, t_range=t_range,
+                    keep_at_most=same_token_length_frames(cfg, batch, epoch, world, family, manifest["config"]))
                 model_in, n_frames = models.pad_for_patch_t(model_in, family.patch_size_t)
                 rope = rotary_embedding(unwrapped_config, model_in.shape, device)
                 with accelerator.autocast():

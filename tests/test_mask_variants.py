@@ -165,3 +165,32 @@ def test_training_cycles_the_mask_sets(shards, tiny_model_inp, tmp_path, monkeyp
     assert len(seen) == 12 and {v for _, v in seen} == {0, 1}
     expected = [mask_variant(42, e, key, views, 2) for e, key, views in epochs]
     assert [v for _, v in seen] == expected
+
+
+def test_training_with_upstream_batch_flags(shards, tiny_model_inp, tmp_path, monkeypatch):
+    """--auto_tile_batch_size and --keep_all_node_same_token_length in a real run, with the shards'
+    token budget N 9 x T 64^2 (from their manifest): a 1 x 64 x 64 image batch is at most 1/4 of it
+    and is doubled, the 9 x 48 x 80 video batches are not; T <= 256 draws one length, 256^2 x 9,
+    which keeps all 9 frames (3 latent frames) of every bucket."""
+    import stages.train as stage
+    from stages.train import train
+
+    cfg, _ = shards[1]
+    seen = []
+    batch_inputs = stage.batch_inputs
+
+    def record(batch, **kw):
+        m = batch["metas"][0]
+        seen.append((m["frames"] * m["height"] * m["width"], len(batch["metas"]), kw["keep_at_most"]))
+        return batch_inputs(batch, **kw)
+
+    monkeypatch.setattr(stage, "batch_inputs", record)
+    result = train(TrainConfig(pretrained_model_name_or_path=str(tiny_model_inp), shard_dir=cfg.shard_dir,
+                               output_dir=str(tmp_path / "out"), max_train_steps=6, checkpointing_steps=100,
+                               mixed_precision="no", rank=4, network_alpha=2.0, dataloader_num_workers=0,
+                               report_to="none", train_mode="inpaint", auto_tile_batch_size=True,
+                               training_with_video_token_length=True, keep_all_node_same_token_length=True))
+    assert len(result["losses"]) == 6 and all(torch.isfinite(torch.tensor(result["losses"])))
+    assert len(seen) == 6 and {v for v, _, _ in seen} == {4096, 9 * 48 * 80}   # both kinds were trained
+    for volume, size, cap in seen:
+        assert size == (2 if volume <= 9 * 64 ** 2 // 4 else 1) and cap == 3, (volume, size, cap)

@@ -41,8 +41,8 @@ UPSTREAM = {
     "snr_loss": (FLAG, "warn"), "uniform_sampling": (FLAG, "real"), "enable_text_encoder_in_dataloader": (FLAG, "warn"),
     "enable_bucket": (FLAG, "same"), "random_ratio_crop": (FLAG, "real"), "random_frame_crop": (FLAG, "same"),
     "random_hw_adapt": (FLAG, "same"), "training_with_video_token_length": (FLAG, "same"),
-    "auto_tile_batch_size": (FLAG, "refuse"), "motion_sub_loss": (FLAG, "real"), "motion_sub_loss_ratio": ("0.5", "real"),
-    "keep_all_node_same_token_length": (FLAG, "refuse"), "train_sampling_steps": ("500", "real"),
+    "auto_tile_batch_size": (FLAG, "real"), "motion_sub_loss": (FLAG, "real"), "motion_sub_loss_ratio": ("0.5", "real"),
+    "keep_all_node_same_token_length": (FLAG, "real"), "train_sampling_steps": ("500", "real"),
     "token_sample_size": ("256", "same"), "video_sample_size": ("256", "same"), "image_sample_size": ("256", "same"),
     "video_sample_stride": ("2", "same"), "video_sample_n_frames": ("33", "same"), "video_repeat": ("2", "same"),
     "transformer_path": ("t.safetensors", "real"), "vae_path": ("v.safetensors", "refuse"), "save_state": (FLAG, "warn"),
@@ -67,7 +67,7 @@ def test_the_list_is_upstreams_82_flags():
     for _, kind in UPSTREAM.values():
         counts[kind] = counts.get(kind, 0) + 1
     # 43 were cogfun settings already; the 39 others are accepted now
-    assert counts == {"same": 43, "real": 13, "alias": 1, "warn": 17, "ignore": 1, "refuse": 7}
+    assert counts == {"same": 43, "real": 15, "alias": 1, "warn": 17, "ignore": 1, "refuse": 5}
 
 
 @pytest.mark.parametrize("name", sorted(UPSTREAM))
@@ -193,3 +193,42 @@ def test_transformer_path_loads_weights_and_refuses_pickles(tiny_model_inp, tmp_
     save_file({"something.else": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ModelError, match="none of its 1 tensors"):
         load_transformer_weights(model, tmp_path / "other.safetensors")
+
+
+def test_auto_tile_repeats_small_batches_as_upstream():
+    from stages.train import auto_tile
+
+    cfg = TrainConfig(training_with_video_token_length=True, auto_tile_batch_size=True, video_sample_n_frames=49,
+                      token_sample_size=512)
+    x = torch.arange(2.0).view(2, 1)
+
+    def batch(frames, side):
+        return {"tensors": {"latent_mean": x}, "metas": [{"frames": frames, "height": side, "width": side}] * 2,
+                "batch_id": 0}
+
+    # budget 49 x 512^2: <= 1/16 -> 4x, <= 1/4 -> 2x, else as is
+    for (frames, side), factor in (((1, 256), 4), ((9, 512), 2), ((17, 512), 1), ((49, 512), 1), ((9, 256), 4), ((13, 256), 2)):
+        out = auto_tile(cfg, batch(frames, side))
+        assert out["tensors"]["latent_mean"].flatten().tolist() == [0.0, 1.0] * factor
+        assert len(out["metas"]) == 2 * factor
+    assert auto_tile(TrainConfig(auto_tile_batch_size=True), batch(1, 256))["tensors"]["latent_mean"].shape[0] == 2
+
+
+def test_same_token_length_is_one_draw_for_all_ranks():
+    from types import SimpleNamespace
+
+    from stages.train import same_token_length_frames
+
+    cfg = TrainConfig(keep_all_node_same_token_length=True, video_sample_n_frames=49, token_sample_size=512)
+    metas = [{"height": 512, "width": 512}]
+    # s = 256, 384, 512 -> 9, 25, 49 pixel frames -> 3, 7, 13 latent frames; CogVideoX 1.5: 2, 6, 12
+    for multiple, allowed in ((1, {3, 7, 13}), (2, {2, 6, 12})):
+        family = SimpleNamespace(latent_multiple=multiple)
+        got = set()
+        for step in range(60):
+            per_rank = {same_token_length_frames(cfg, {"metas": metas, "batch_id": step * 4 + r}, 0, 4, family)
+                        for r in range(4)}
+            assert len(per_rank) == 1                     # every rank of a micro-step: the same length
+            got |= per_rank
+        assert got == allowed
+    assert same_token_length_frames(TrainConfig(), {"metas": metas, "batch_id": 0}, 0, 1, None) is None
