@@ -229,3 +229,28 @@ def test_grid_covers_every_rule():
     assert {(True, True, False), (True, False, True), (False, True, False), (True, True, True)} <= combos
     assert any(k == "video" and n < 5 for k, _, _, n in CLIPS)
     assert len(list(itertools.product(FLAGS, CLIPS))) >= 80
+
+
+def test_inspect_buckets_names_the_videos_that_became_1_frame(synthetic_data):
+    """Token budget 9 x 32^2: at base 128 a video gets 9 * 1024 / 128^2 < 1 -> 1 frame; the report
+    counts and names those clips (table and --json)."""
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    import cli
+
+    flags = ["inspect-buckets", "--train_data_meta", str(synthetic_data), "--train_data_dir",
+             str(Path(synthetic_data).parent), "--video_sample_size", "64", "--image_sample_size", "128",
+             "--token_sample_size", "32", "--video_sample_n_frames", "9", "--video_sample_stride", "1",
+             "--training_with_video_token_length", "--enable_bucket", "--num_views", "8", "--probe_workers", "2"]
+    result = CliRunner().invoke(cli.main, [*flags, "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    report = json.loads(result.output)
+    one = report["one_frame_videos"]
+    assert one and all(p.startswith("videos/") for p in one) and report["total"]["one_frame_videos"] == len(one)
+    assert any(b["frames"] == 1 and b["videos"] for b in report["buckets"])
+    text = CliRunner().invoke(cli.main, flags).output
+    assert f"{len(one)} video(s) became 1-frame samples" in text and one[0] in text
