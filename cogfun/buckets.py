@@ -118,11 +118,13 @@ class Sampling:
             raise ValueError(f"--max_views must be >= 1, got {self.max_views}")
         if self.latent_multiple < 1:
             raise ValueError(f"patch_size_t must be >= 1, got {self.latent_multiple}")
+        from cogfun.config import ConfigError   # a user's to fix: one message, no traceback
+
         if self.bucket_rules not in BUCKET_RULES:
-            raise ValueError(f"--bucket_rules must be one of {', '.join(BUCKET_RULES)}, got {self.bucket_rules!r}")
+            raise ConfigError(f"--bucket_rules must be one of {', '.join(BUCKET_RULES)}, got {self.bucket_rules!r}")
         if self.random_ratio_crop and not self.enable_bucket:
-            raise ValueError("--random_ratio_crop needs --enable_bucket (CogVideoX-Fun ignores it without, "
-                             "as it crops a square then)")
+            raise ConfigError("--random_ratio_crop needs --enable_bucket (CogVideoX-Fun ignores it without, "
+                              "as it crops a square then)")
 
     @property
     def upstream(self) -> bool:
