@@ -121,7 +121,8 @@ def masks_per_policy(n: int, rounds: int) -> None:
     meta = C.clip_dataset(n)
     out = C.scratch("masks_per_policy")
     cfgs = {k: C.precompute_config(model, meta, out / f"k{k}", size=128, frames=17, masks_per_policy=k,
-                                   mask_policies=DEFAULT_MASK_POLICIES, overwrite=True, dataloader_num_workers=0) for k in KS}
+                                   mask_policies=DEFAULT_MASK_POLICIES, overwrite=True, dataloader_num_workers=0)
+            for k in KS}
     per_sample: dict[int, float] = {}
 
     def side(k):
