@@ -46,7 +46,15 @@ def _run(fn, *args, **kwargs):
         raise
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Group(click.Group):
+    def parse_args(self, ctx, args):
+        # CogVideoX-Fun's several-value flags (--validation_prompts "a" "b"), as declared in cogfun/config.py
+        from cogfun.config import join_several
+
+        return super().parse_args(ctx, join_several(TrainConfig, args))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="cogfun")
 def main():
     """cogfun: precompute VAE latents + T5 embeddings once, then train CogVideoX-Fun LoRAs on them."""
@@ -57,7 +65,7 @@ def main():
 @click.pass_context
 def precompute(ctx, **params):
     """Encode a CogVideoX-Fun dataset into fingerprinted WebDataset shards."""
-    cfg = build_config(PrecomputeConfig, params, ctx)
+    cfg = _run(build_config, PrecomputeConfig, params, ctx)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from stages.precompute import precompute as run
 
@@ -69,7 +77,7 @@ def precompute(ctx, **params):
 @click.pass_context
 def train(ctx, **params):
     """Train a LoRA from cached shards (precomputing them first when given --train_data_meta)."""
-    cfg = build_config(TrainConfig, params, ctx)
+    cfg = _run(build_config, TrainConfig, params, ctx)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from pipelines.precompute_then_train import run
 
@@ -81,7 +89,7 @@ def train(ctx, **params):
 @click.pass_context
 def sample(ctx, **params):
     """Generate videos (text-to-video, or image-to-video with an InP model), optionally with a trained LoRA."""
-    cfg = build_config(SampleConfig, params, ctx)
+    cfg = _run(build_config, SampleConfig, params, ctx)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from stages.sample import sample as run
 
@@ -93,7 +101,7 @@ def sample(ctx, **params):
 @click.pass_context
 def inspect_buckets(ctx, **params):
     """Show what a dataset becomes (buckets, frames, tokens, bytes, skipped clips) before any GPU time."""
-    cfg = build_config(InspectConfig, params, ctx)
+    cfg = _run(build_config, InspectConfig, params, ctx)
     from cogfun.inspect import run
 
     _run(run, cfg)

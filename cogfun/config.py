@@ -13,6 +13,7 @@ This module must stay import-light (no torch): `cogfun --help` imports it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
@@ -32,12 +33,27 @@ MASK_POLICIES = POLICIES
 DEFAULT_MASK_POLICIES = ",".join(DEFAULT_POLICIES)
 
 
+UPSTREAM_ACTIONS = ("warn", "refuse", "ignore")
+
+
 def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
-        fingerprint: bool = False, hidden: bool = False, int_or_word: bool = False) -> Any:
+        fingerprint: bool = False, hidden: bool = False, int_or_word: bool = False,
+        upstream: str | None = None, alias: str | None = None, several: bool = False) -> Any:
     """A setting: default, help text, allowed choices, and whether it changes shard bytes.
-    `int_or_word`: a str setting that is a number or a word (TOML may give it as an integer)."""
-    meta = {"help": help, "choices": choices, "fingerprint": fingerprint, "hidden": hidden,
-            "int_or_word": int_or_word}
+    `int_or_word`: a str setting that is a number or a word (TOML may give it as an integer).
+
+    A flag of CogVideoX-Fun's train_lora.py that does nothing here is declared with `upstream`:
+    "warn" (accepted; a value other than the default prints `help`, which says why it changes
+    nothing), "refuse" (a value other than the default is a ConfigError with `help`, which says why
+    and what to use) or "ignore" (accepted silently, e.g. a launcher's --local_rank); `alias`: the
+    setting it is another name of. Such flags are hidden from --help. `several`: upstream takes
+    several values (argparse nargs="+"): on the command line the words after the flag are joined
+    with '|'."""
+    if upstream is not None and upstream not in UPSTREAM_ACTIONS:
+        raise ValueError(f"upstream action must be one of {UPSTREAM_ACTIONS}, got {upstream!r}")
+    meta = {"help": help, "choices": choices, "fingerprint": fingerprint,
+            "hidden": hidden or upstream is not None or alias is not None,
+            "int_or_word": int_or_word, "upstream": upstream, "alias": alias, "several": several}
     return field(default=default, metadata=meta)
 
 
@@ -58,9 +74,11 @@ class DataArgs:
     token_sample_size: int = opt(512, "With --training_with_video_token_length: the side T whose N*T*T pixel volume is the per-sample budget.", fingerprint=True)
     video_sample_stride: int = opt(4, "Spacing between sampled source frames.", fingerprint=True)
     video_sample_n_frames: int = opt(17, "Frames per video sample N (rounded down to 4k+1).", fingerprint=True)
-    random_hw_adapt: bool = opt(False, "Draw each sample's base size between min(video_sample_size, 512) and image_sample_size.", fingerprint=True)
-    training_with_video_token_length: bool = opt(False, "Trade frames for resolution: a video at base s gets the largest 4k+1 <= N*T^2/s^2 frames; bases range from video_sample_size to image_sample_size.", fingerprint=True)
+    random_hw_adapt: bool = opt(False, "Draw each sample's base size as CogVideoX-Fun does: images image_sample_size / r, r from its downsample list (1, 1.25, 1.5, 2, ... by size, and image/video size; r = 1 three times in four), so between min(video_sample_size, 512) and image_sample_size; videos video_sample_size / r likewise (or, with --training_with_video_token_length, a size of the token grid).", fingerprint=True)
+    training_with_video_token_length: bool = opt(False, "Trade frames for resolution: a video takes a base s from video_sample_size, +128, ..., image_sample_size, among those below 1.25 x its mean side (no upscaling), and gets the largest 4k+1 <= N*T^2/s^2 frames (see --bucket_rules); images draw as with --random_hw_adapt.", fingerprint=True)
     enable_bucket: bool = opt(False, "Keep each clip's aspect ratio (nearest ratio bucket) instead of center-cropping a square.", fingerprint=True)
+    random_ratio_crop: bool = opt(False, "With --enable_bucket: each sample (view) takes a ratio drawn from CogVideoX-Fun's crop table with its probabilities (1:1 and near-square most often) instead of its own, and is center-cropped to it.", fingerprint=True)
+    bucket_rules: str = opt("cogfun", "cogfun: CogVideoX-Fun's bucket code, except where its training doc says otherwise (token-length frames 512->49, 768->21, 1024->9 at N 49, T 512; the token budget also without --random_hw_adapt or --enable_bucket). upstream: its code throughout (frames min(N*T^2/s^2, N)//4*4+1: 13 at 1024; the token budget and base draws only with --random_hw_adapt and --enable_bucket; clip frames // stride available; 1 to 4 of them make a 1-frame video instead of a skip).", choices=("cogfun", "upstream"), fingerprint=True)
     random_frame_crop: bool = opt(False, "At train time, keep a prefix of each batch's frames, as CogVideoX-Fun: a length drawn from 5, 9, ..., video_sample_n_frames (the shards' value) pixel frames, the full length 90% of the time and the others uniformly; never one latent frame of a video (CogVideoX 1.5: even latent counts).")
     video_repeat: int = opt(1, "Videos weigh this many times more than images when batches are drawn (0 counts as 1, as in CogVideoX-Fun).")
     train_mode: str = opt("normal", "normal: text-to-video (in_channels 16); inpaint / i2v: InP models (in_channels 33), masked-clip latents are cached.", choices=TRAIN_MODES, fingerprint=True)
@@ -68,6 +86,7 @@ class DataArgs:
     num_views: str = opt("1", "Views (base size, frame window) stored per clip; training shows one view of each clip per epoch, cycling through them. 'auto': about clip frames / window frames views per video, the window being the shortest a view may get (with --training_with_video_token_length: at the largest base), with stratified windows covering the clip; images 1; at most --max_views.", fingerprint=True, int_or_word=True)
     max_views: int = opt(8, "Most views per clip that --num_views auto stores.", fingerprint=True)
     mask_policies: str = opt(DEFAULT_MASK_POLICIES, "Inpaint/i2v only: masked-clip policies to cache, comma-separated of " + ", ".join(MASK_POLICIES) + " (or 'all'). Each is one VAE encode and one latent per sample (two with reference noise); images cache only block and ellipse. t2v (everything masked) needs no cache and is always drawn. The default covers 85 % of CogVideoX-Fun's mask distribution for videos, 100 % for images.", fingerprint=True)
+    masks_per_policy: int = opt(1, "Inpaint/i2v only: mask geometries cached per policy and view: K seeded draws, each one more VAE encode and one more latent per policy (bytes and precompute time grow about with 1 + K x policies). Training shows one of them per epoch, cycling as views do: over V x K epochs each view of a clip is seen with each geometry set, so a small dataset's clips see more masks (CogVideoX-Fun draws a fresh one every step). 1: the shards as before.", fingerprint=True)
     mask_policy_weights: str = opt("", "Inpaint/i2v only: train-time draw weights overriding CogVideoX-Fun's (which are the defaults), e.g. 'i2v=0.6,t2v=0.1' for an i2v-focused LoRA; a cached policy not named keeps its default.")
     probe_workers: int = opt(8, "Threads probing clips (inspect-buckets and precompute).")
     max_image_pixels: int = opt(89_478_485, "Decompression-bomb limit: images (and animation frames) with more pixels are skipped, with their size in the report. The default is Pillow's.")
@@ -132,8 +151,8 @@ NEGATIVE_PROMPT = ("The video is not of a high quality, it has a low resolution.
 @dataclass
 class ValidationArgs:
     """Seeing what is trained: validation videos and a held-out eval loss (cogfun train)."""
-    validation_prompts: Optional[str] = opt(None, "Prompts rendered with the current LoRA every --validation_steps and at the end, into <output_dir>/samples/step-<N>/ and TensorBoard: a .txt file (one prompt per line) or prompts separated by '|'. A short-lived T5 process encodes them once (cached in <output_dir>/validation/); T5 never enters the training process, the VAE only while validating.")
-    validation_images: Optional[str] = opt(None, "InP models: the first frame of each validation video (image-to-video), one for all prompts or one per prompt: a .txt file (one path per line) or paths separated by '|'. Without it InP validation is text-to-video.")
+    validation_prompts: Optional[str] = opt(None, "Prompts rendered with the current LoRA every --validation_steps and at the end, into <output_dir>/samples/step-<N>/ and TensorBoard: a .txt file (one prompt per line) or prompts separated by '|'. A short-lived T5 process encodes them once (cached in <output_dir>/validation/); T5 never enters the training process, the VAE only while validating. Several words after the flag (CogVideoX-Fun's --validation_prompts 'a' 'b') are several prompts.", several=True)
+    validation_images: Optional[str] = opt(None, "InP models: the first frame of each validation video (image-to-video), one for all prompts or one per prompt: a .txt file (one path per line) or paths separated by '|'. Without it InP validation is text-to-video. (CogVideoX-Fun's --validation_paths is another name of it.)", several=True)
     validation_steps: int = opt(2000, "Render the validation prompts every this many optimizer steps (and after the last step).")
     validation_negative_prompt: str = opt(NEGATIVE_PROMPT, "Negative prompt of the validation videos (classifier-free guidance).")
     validation_num_frames: Optional[int] = opt(None, "Frames per validation video (4k+1); default --video_sample_n_frames rounded down to 4k+1 (as precompute does).")
@@ -168,6 +187,54 @@ class SampleArgs:
     low_vram: bool = opt(False, "Small GPU: T5 and the transformer stream their layers from the CPU (accelerate offload), the VAE decodes in tiles. Slower; the same videos up to tile seams.")
 
 
+_UNUSED = "CogVideoX-Fun's train_lora.py parses it but never uses it; ignored here too."
+
+
+@dataclass
+class UpstreamArgs:
+    """The rest of CogVideoX-Fun's train_lora.py flags, so that its launch scripts run unchanged:
+    those cogfun implements, and (hidden from --help) those that have no meaning here, which warn
+    or refuse saying why (`opt(upstream=...)`)."""
+    transformer_path: Optional[str] = opt(None, "Transformer weights (.safetensors) loaded over the model folder's transformer before the LoRA is added, as CogVideoX-Fun does (non-strict: missing and unexpected keys are listed). Pickled checkpoints (.bin/.pt) are refused: convert them to safetensors.")
+    allow_tf32: bool = opt(False, "Let CUDA matmuls use TF32 (torch.backends.cuda.matmul.allow_tf32), as CogVideoX-Fun does.")
+    scale_lr: bool = opt(False, "Multiply --learning_rate by gradient_accumulation_steps x train_batch_size x number of processes.")
+    use_8bit_adam: bool = opt(False, "bitsandbytes' AdamW8bit instead of AdamW (needs `pip install bitsandbytes`): 8-bit optimizer state, e.g. ~0.5 GB instead of ~2 GB for a rank-128 q/k/v/ff LoRA on a 5b model.")
+    use_came: bool = opt(False, "The CAME optimizer (needs `pip install came_pytorch`) with CogVideoX-Fun's settings: betas (0.9, 0.999, 0.9999), eps (1e-30, 1e-16), no weight decay.")
+    train_sampling_steps: Optional[int] = opt(None, "Timesteps are drawn uniformly from [0, this); default the scheduler's num_train_timesteps (1000, as CogVideoX-Fun's default).")
+    uniform_sampling: bool = opt(False, "Each rank draws its timesteps from its own slice of [0, train_sampling_steps), as CogVideoX-Fun's DiscreteSampling: G groups of ranks, G the largest divisor of the number of processes that divides the step count.")
+    motion_sub_loss: bool = opt(False, "Add CogVideoX-Fun's motion loss: the MSE of the frame-to-frame differences of prediction and target (samples with more than 2 latent frames), weighted by --motion_sub_loss_ratio.")
+    motion_sub_loss_ratio: float = opt(0.25, "With --motion_sub_loss: loss = (1 - ratio) * MSE + ratio * motion MSE.")
+    validation_epochs: Optional[int] = opt(None, "Also render the validation prompts at the end of every epoch e with e % this == 0 (epoch 0 too), as CogVideoX-Fun does. Its default is 5; here it is off unless given: an epoch of a small dataset is a few steps.")
+    tracker_project_name: str = opt("cogfun", "Project name of the tracker run (accelerate init_trackers).")
+    logging_dir: str = opt("logs", "TensorBoard logs go to <output_dir>/<logging_dir>.")
+    validation_paths: Optional[str] = opt(None, "CogVideoX-Fun's name of --validation_images.", alias="validation_images", several=True)
+    local_rank: int = opt(-1, "Set by some launchers; accelerate reads the rank from the environment.", upstream="ignore")
+    input_perturbation: float = opt(0.0, _UNUSED, upstream="warn")
+    max_train_samples: Optional[int] = opt(None, _UNUSED, upstream="warn")
+    cache_dir: Optional[str] = opt(None, _UNUSED, upstream="warn")
+    random_flip: bool = opt(False, _UNUSED + " (No clip is flipped by CogVideoX-Fun.)", upstream="warn")
+    use_ema: bool = opt(False, _UNUSED + " (No EMA weights are kept by CogVideoX-Fun.)", upstream="warn")
+    push_to_hub: bool = opt(False, _UNUSED, upstream="warn")
+    hub_model_id: Optional[str] = opt(None, _UNUSED, upstream="warn")
+    prediction_type: Optional[str] = opt(None, _UNUSED + " (The scheduler config's prediction type is used, v_prediction for CogVideoX.)", upstream="warn")
+    noise_offset: float = opt(0.0, _UNUSED + " (No noise offset is added by CogVideoX-Fun.)", upstream="warn")
+    snr_loss: bool = opt(False, _UNUSED + " (Its loss is the unweighted MSE.)", upstream="warn")
+    hub_token: Optional[str] = opt(None, "CogVideoX-Fun only checks it against --report_to wandb; nothing is pushed; ignored.", upstream="warn")
+    non_ema_revision: Optional[str] = opt(None, "CogVideoX-Fun only feeds it to --use_ema, which it never uses; ignored.", upstream="warn")
+    multi_stream: bool = opt(False, "CUDA streams for CogVideoX-Fun's per-step VAE encodes of the masked clip; cogfun's training runs no VAE (the latents are cached by precompute); ignored.", upstream="warn")
+    enable_text_encoder_in_dataloader: bool = opt(False, "T5 runs once per caption at precompute, never in training; ignored.", upstream="warn")
+    use_deepspeed: bool = opt(False, "CogVideoX-Fun sets it itself from accelerate's config; here too `accelerate launch --use_deepspeed ...` chooses; ignored.", upstream="warn")
+    use_fsdp: bool = opt(False, "CogVideoX-Fun sets it itself from accelerate's config; here too `accelerate launch --use_fsdp ...` chooses; ignored.", upstream="warn")
+    save_state: bool = opt(False, "cogfun's checkpoint-<step>/ always holds the resume state (LoRA-only optimizer state, LR scheduler, RNG, data position) beside the LoRA file; nothing to change.", upstream="warn")
+    revision: Optional[str] = opt(None, "cogfun reads a local model folder, not the Hub: download that revision (`huggingface-cli download REPO --revision R --local-dir DIR`) and give DIR as --pretrained_model_name_or_path.", upstream="refuse")
+    variant: Optional[str] = opt(None, "cogfun reads a local model folder's default weight files: download the variant's files into a folder (named as the default ones) and give it as --pretrained_model_name_or_path.", upstream="refuse")
+    vae_path: Optional[str] = opt(None, "The VAE runs only in precompute, from the model folder's vae/, whose weights the shards' fingerprint hashes: put these weights there (as vae/diffusion_pytorch_model.safetensors, in a copy of the folder) and precompute with it.", upstream="refuse")
+    train_text_encoder: bool = opt(False, "T5 embeddings are cached at precompute, so T5 cannot be trained (CogVideoX-Fun's LoRA on T5); train the transformer's LoRA only.", upstream="refuse")
+    tokenizer_max_length: int = opt(226, "The shards store T5's 226 positions (the transformer's max_text_seq_length); another length is not supported.", upstream="refuse")
+    auto_tile_batch_size: bool = opt(False, "With --training_with_video_token_length: a batch whose pixel volume (frames x H x W) is at most 1/16 of the token budget N x T^2 is repeated 4x, at most 1/4 of it 2x, as CogVideoX-Fun does (each copy draws its own noise, timestep and conditioning).")
+    keep_all_node_same_token_length: bool = opt(False, "Each step keeps the first frames that fit a token length s x s x N drawn from s = 256, 384, ..., token_sample_size, the same draw on every rank, as CogVideoX-Fun does (so all nodes run one sequence length).")
+
+
 @dataclass
 class SampleConfig(ModelArgs, SampleArgs):
     """`cogfun sample`."""
@@ -179,7 +246,7 @@ class PrecomputeConfig(ModelArgs, DataArgs, EncodeArgs):
 
 
 @dataclass
-class TrainConfig(ModelArgs, DataArgs, EncodeArgs, ShardReadArgs, TrainArgs, ValidationArgs):
+class TrainConfig(ModelArgs, DataArgs, EncodeArgs, ShardReadArgs, TrainArgs, ValidationArgs, UpstreamArgs):
     """`cogfun train` (data and encode flags are used when it must precompute first)."""
 
 
@@ -255,7 +322,52 @@ def build_config(cls: type, params: dict[str, Any], ctx=None):
                 click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
             if not from_cli:
                 values[key] = value
-    return cls(**values)
+    cfg = cls(**values)
+    for note in upstream_flags(cfg):
+        if os.environ.get("RANK", "0") == "0":   # once per launch, not once per process
+            click.echo(f"warning: {note}", err=True)
+    return cfg
+
+
+def upstream_flags(cfg: Any) -> list[str]:
+    """Apply the `upstream` and `alias` declarations of cfg's settings: an alias's value moves to
+    its setting, a refused flag raises ConfigError, a warned one gives a note (returned)."""
+    notes = []
+    for f in fields(cfg):
+        meta, value = f.metadata, getattr(cfg, f.name)
+        if value == f.default:
+            continue
+        if meta.get("alias"):
+            target = next(g for g in fields(cfg) if g.name == meta["alias"])
+            if getattr(cfg, target.name) not in (target.default, value):
+                raise ConfigError(f"--{f.name} is another name of --{target.name}: give one of them")
+            setattr(cfg, target.name, value)
+        elif meta.get("upstream") == "refuse":
+            raise ConfigError(f"--{f.name} (CogVideoX-Fun's train_lora.py) has no meaning in cogfun: {meta['help']}")
+        elif meta.get("upstream") == "warn":
+            notes.append(f"--{f.name}: {meta['help']}")
+    return notes
+
+
+def join_several(cls: type, args: list[str]) -> list[str]:
+    """CogVideoX-Fun's several-value flags (argparse nargs="+", e.g. `--validation_prompts "a" "b"`):
+    the words after such a flag, up to the next option, become one value joined with '|'."""
+    several = {f"--{f.name}" for f in fields(cls) if f.metadata.get("several")}
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        out.append(args[i])
+        if args[i] in several:
+            words = []
+            i += 1
+            while i < len(args) and not args[i].startswith("-"):
+                words.append(args[i])
+                i += 1
+            if words:
+                out.append("|".join(words))
+            continue
+        i += 1
+    return out
 
 
 def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
@@ -291,7 +403,10 @@ def load_toml(path: str | Path, cls: type) -> dict[str, Any]:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The settings a run records: without the upstream flags that change nothing (warned or
+    ignored) and aliases (their value is in the setting they name)."""
+    dropped = {f.name for f in fields(cfg) if f.metadata.get("upstream") in ("warn", "ignore") or f.metadata.get("alias")}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in dropped}
 
 
 def subset(cfg: Any, cls: type):
@@ -304,6 +419,8 @@ def mask_policy_list(cfg: DataArgs) -> list[str]:
     """The cached mask policies (empty for train_mode normal); validated."""
     if cfg.train_mode == "normal":
         return []
+    if cfg.masks_per_policy < 1:
+        raise ConfigError(f"--masks_per_policy must be >= 1, got {cfg.masks_per_policy}")
     names = [p.strip() for p in cfg.mask_policies.split(",") if p.strip()]
     if names == ["all"]:
         names = list(MASK_POLICIES)

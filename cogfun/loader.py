@@ -195,6 +195,22 @@ def collate(samples: list[dict], pin_memory: bool = False) -> dict:
     return {"tensors": out, "metas": [s["meta"] for s in samples], "batch_id": ids.pop()}
 
 
+def view_offset(seed: int, clip: str, views: int) -> int:
+    """The seeded offset o of a clip's view cycle: epoch e shows view (e + o) mod V."""
+    return random.Random(f"{seed}:views:{clip}").randrange(views)
+
+
+def mask_variant(seed: int, epoch: int, key: str, views: int, variants: int) -> int:
+    """The --masks_per_policy geometry set a sample (view) shows in `epoch`: the sets cycle once per
+    round of the clip's view cycle, from a seeded offset per sample, so over V x K epochs each view
+    is shown with each of its K sets once (`key`: the sample key, `<clip>_v<view>`)."""
+    if variants <= 1:
+        return 0
+    clip = key.rpartition("_v")[0]
+    lap = (epoch + view_offset(seed, clip, views)) // views
+    return (lap + random.Random(f"{seed}:mask-variant:{key}").randrange(variants)) % variants
+
+
 class BucketBatchSampler:
     """Yields this rank's batches: lists of (global sample index, global batch id).
 
@@ -219,7 +235,7 @@ class BucketBatchSampler:
             clips.setdefault(clip, []).append((int(view), tuple(row[:3])))
         self.clips = []   # (seeded offset, the clip's views in view order)
         for clip in sorted(clips):
-            offset = random.Random(f"{seed}:views:{clip}").randrange(len(clips[clip]))
+            offset = view_offset(seed, clip, len(clips[clip]))
             self.clips.append((offset, [r for _, r in sorted(clips[clip])]))
         self.period = math.lcm(*{len(views) for _, views in self.clips}) if self.clips else 1
         self._counts: dict[int, int] = {}

@@ -221,6 +221,26 @@ def load_transformer(model: str | Path, dtype):
     return CogVideoXTransformer3DModel.from_pretrained(component_dir(model, "transformer"), torch_dtype=dtype)
 
 
+def load_transformer_weights(transformer, path: str | Path) -> tuple[list[str], list[str]]:
+    """--transformer_path: a .safetensors state dict loaded over the transformer (non-strict, as
+    CogVideoX-Fun does); returns (missing, unexpected) keys. Pickled checkpoints are refused."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ModelError(f"--transformer_path {path}: only .safetensors files are read (a .bin/.pt/.pth checkpoint "
+                         f"is a pickle, which cogfun never loads); convert it, e.g. "
+                         f"safetensors.torch.save_file(torch.load(p, weights_only=True), 'transformer.safetensors')")
+    if not path.is_file():
+        raise ModelError(f"--transformer_path {path}: no such file")
+    state = load_file(str(path))
+    result = transformer.load_state_dict(state, strict=False)
+    if not set(state) - set(result.unexpected_keys):
+        raise ModelError(f"--transformer_path {path}: none of its {len(state)} tensors is a parameter of the "
+                         f"transformer (e.g. {next(iter(state), '-')!r}); is it a transformer checkpoint?")
+    return list(result.missing_keys), list(result.unexpected_keys)
+
+
 def pad_for_patch_t(hidden_states, patch_size_t: int | None):
     """CogVideoX-Fun's transformer for CogVideoX 1.5: a 1-latent-frame input [B, 1, C, h, w] gets
     zero frames appended up to patch_size_t (diffusers' class has no such padding). Returns (input,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import cogfun
 from cogfun import shards
-from cogfun.buckets import SamplePlan, Sampling
+from cogfun.buckets import SamplePlan, Sampling, one_frame_videos
 from cogfun.config import PrecomputeConfig, fingerprint_keys, mask_policy_list, to_dict
 from cogfun.dataset import Skipped, count_by_category, load_sources, media_report, probe_and_plan, retry_skipped
 from cogfun.shards import ShardError
@@ -96,9 +96,18 @@ def settings_of(cfg: PrecomputeConfig, family=None) -> dict:
     settings["num_views"] = num_views_setting(cfg.num_views)   # "1" and 1 are the same shards
     if settings["num_views"] != "auto":
         settings.pop("max_views")                               # only --num_views auto reads it
+    if settings["bucket_rules"] == "cogfun" and not (cfg.random_hw_adapt or cfg.training_with_video_token_length
+                                                     or cfg.random_ratio_crop):
+        # fixed bases plan as they always did: such shards keep their fingerprint
+        settings.pop("bucket_rules")
+        settings.pop("random_ratio_crop")
+    else:   # drawn bases follow CogVideoX-Fun's lists and upscaling guard since bucket rules 2
+        settings["bucket_rules_version"] = 2
     settings["mask_policies"] = mask_policy_list(cfg)
     if settings["mask_policies"]:  # the rules that draw geometries and build masks
         settings["mask_design"] = MASK_DESIGN
+    if not settings["mask_policies"] or cfg.masks_per_policy == 1:
+        settings.pop("masks_per_policy")   # one geometry set: the shards as before, their fingerprint kept
     # inpaint and i2v are two names of one mode (CogVideoX-Fun's): the same tensors, the same training
     settings["train_mode"] = "normal" if cfg.train_mode == "normal" else "inpaint"
     # A batched VAE encode differs from one-at-a-time in the last bits (bf16 values move), and a
@@ -351,14 +360,20 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             DecodeDataset(work, by_key, cfg.decode_timeout, cfg.max_image_pixels), batch_size=1, shuffle=False,
             num_workers=cfg.dataloader_num_workers, collate_fn=_collate_one,
             prefetch_factor=4 if cfg.dataloader_num_workers > 0 else None)
+        variants = cfg.masks_per_policy if policies else 1
+        views_of = Counter(p.identity for p in plans)   # a clip's views are planned on one rank
+
         def flush(batch: list[tuple[SamplePlan, torch.Tensor]]):
             pixels = torch.stack([px for _, px in batch])
             mean, logvar = models.encode_clips(vae, pixels)
-            geometries = [draw_geometries(policies, plan.frames, plan.height, plan.width, seed=cfg.seed, key=plan.key)
-                          for plan, _ in batch]
-            conditioning = encode_conditioning(lambda px: models.encode_clips(vae, px)[0], pixels, geometries,
-                                               keys=[plan.key for plan, _ in batch], seed=cfg.seed,
-                                               reference_noise=reference_noise)
+            # --masks_per_policy K: K seeded geometry sets per sample (set 0 is the one cogfun always drew)
+            geometry_sets = [[draw_geometries(policies, plan.frames, plan.height, plan.width, seed=cfg.seed,
+                                              key=plan.key, variant=k) for plan, _ in batch] for k in range(variants)]
+            conditioning = {}
+            for k, geometries in enumerate(geometry_sets):
+                conditioning.update(encode_conditioning(lambda px: models.encode_clips(vae, px)[0], pixels,
+                                                        geometries, keys=[plan.key for plan, _ in batch],
+                                                        seed=cfg.seed, reference_noise=reference_noise, variant=k))
             for b, (plan, _) in enumerate(batch):
                 text = caption_of[plan.key]
                 tensors = {"latent_mean": mean[b], "latent_logvar": logvar[b]}
@@ -376,7 +391,10 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
                         "input": inputs[plan.identity],  # the source's digest: stale leftovers are spotted
                         "recipe": sample_recipe(plan, geometries[b], inputs[plan.identity], encode)}
                 if policies:
-                    meta["masks"] = geometries[b]  # {policy: geometry}: train rebuilds each mask from it
+                    meta["masks"] = geometry_sets[0][b]  # {policy: geometry}: train rebuilds each mask from it
+                    if variants > 1:   # the other sets, and the clip's view count that cycles them (cogfun.loader)
+                        meta["mask_variants"] = [geometry_sets[k][b] for k in range(1, variants)]
+                        meta["views"] = views_of[plan.identity]
                 writers.write(plan.bucket, shards.encode_sample(plan.key, meta, tensors))
 
         bar = tqdm(total=n_work_total, desc="precompute", unit="clip", disable=not (progress and main),
@@ -477,6 +495,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             "num_samples": len(rows), "num_sources": len(sources) + len(row_skips),
             "skipped": [{"file_path": f, "reason": r, "category": c} for f, r, c in skipped],
             "skipped_by_reason": count_by_category([{"category": c} for _, _, c in skipped]),
+            "one_frame_videos": one_frame_videos(p for p in all_plans if p.source not in failed),
             "decoders": media["decoders"], "warnings": media["warnings"], "media_readers": MEDIA_READERS,
             "cogfun_version": cogfun.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -486,7 +505,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         summary = {"status": decision, "fingerprint": fp, "samples": len(rows), "encoded": n_encoded_total,
                    "buckets": {k: v["count"] for k, v in sorted(buckets.items())},
                    "skipped": manifest["skipped"], "skipped_by_reason": manifest["skipped_by_reason"],
-                   "decoders": media["decoders"], "warnings": media["warnings"],
+                   "one_frame_videos": manifest["one_frame_videos"], "decoders": media["decoders"], "warnings": media["warnings"],
                    "bytes_written": bytes_total, "seconds": round(seconds, 2)}
         print_summary(shard_dir, summary)
     state.wait_for_everyone()

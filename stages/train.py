@@ -59,7 +59,7 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path):
                   mixed_precision=cfg.mixed_precision,
                   log_with=None if cfg.report_to == "none" else cfg.report_to,
                   project_config=ProjectConfiguration(project_dir=str(output_dir),
-                                                      logging_dir=str(output_dir / "logs")))
+                                                      logging_dir=str(output_dir / cfg.logging_dir)))
     handlers = [] if cuda or int(os.environ.get("WORLD_SIZE", "1")) == 1 else [InitProcessGroupKwargs(backend="gloo")]
     if kind == "deepspeed":
         # Never cpu=True with DeepSpeed: accelerate would silently drop DeepSpeed and run DDP.
@@ -237,7 +237,8 @@ def agree_on_checkpoint(accelerator, output_dir: Path, spec: str | None) -> Path
 # ------------------------------------------------------------------ one batch -> loss inputs
 
 def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scaling: float, policies: list[str],
-                 null_prompt, device, dtype, family=None, black=None, sample_n_frames: int | None = None):
+                 null_prompt, device, dtype, family=None, black=None, sample_n_frames: int | None = None,
+                 t_range: tuple[int, int] | None = None, keep_at_most: int | None = None):
     """(model input, prompt embeds, timesteps, velocity target) for one bucket batch.
 
     All randomness comes from (seed, epoch, batch id): independent of rank, world size, resume.
@@ -252,10 +253,13 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
     Inpaint: a mask policy per sample, drawn with `mask_weights` among t2v and the sample's cached
     policies (its json's `masks`: {policy: geometry}); `black` ({bucket: latents} of an all -1 clip):
     10 % of t2v draws get mask 0 + those latents, as CogVideoX-Fun's t2v_flag does.
+    `t_range`: [lo, hi) of the timesteps (`timestep_range`); `keep_at_most`: a cap on the latent
+    frames kept (`same_token_length_frames`).
     """
     import torch
 
-    from cogfun.buckets import floor_4k1, latent_frames
+    from cogfun.buckets import floor_4k1, latent_frames, sample_key
+    from cogfun.loader import mask_variant
     from cogfun.masks import (BLACK, BLACK_LATENTS, BLACK_SHARE, PREFIX_SAFE, REFERENCE_NOISE_SIGMA0,
                               conditioning, draw_reference_sigma, parse_weights, weights_for)
 
@@ -278,10 +282,13 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
         drawn = rng.choices(lengths, weights=[shorter] * (len(lengths) - 1) + [CROP_FULL_PROB])[0]
         keep = min(f_lat, drawn)
         keep -= keep % (family.latent_multiple if family is not None else 1)   # CogVideoX 1.5: whole patches
+    if keep_at_most is not None and keep_at_most < keep:   # --keep_all_node_same_token_length
+        keep = keep_at_most
     eps = torch.randn(mean.shape, generator=gen, device=device)
     latents = (mean + torch.exp(0.5 * logvar) * eps)[:, :keep] * scaling
     noise = torch.randn(latents.shape, generator=gen, device=device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=gen, device=device)
+    lo, hi = t_range or (0, scheduler.config.num_train_timesteps)
+    timesteps = torch.randint(lo, hi, (bsz,), generator=gen, device=device)
     prompts = t["prompt_embeds"].clone()
     for b in range(bsz):
         if rng.random() < cfg.caption_dropout:
@@ -309,11 +316,121 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
             policy = rng.choices(allowed, weights=[weights[p] for p in allowed])[0]
             if policy == "t2v" and black is not None and rng.random() < BLACK_SHARE:
                 policy = BLACK
-            geometry = batch["metas"][b]["masks"].get(policy)
+            meta = batch["metas"][b]
+            # --masks_per_policy: the geometry set this epoch shows (cycled as views are; 0 without)
+            variant = 0
+            if meta.get("mask_variants"):
+                variant = mask_variant(cfg.seed, epoch, sample_key(meta["identity"], meta["view"]), meta["views"],
+                                       1 + len(meta["mask_variants"]))
+            geometry = (meta["masks"] if variant == 0 else meta["mask_variants"][variant - 1]).get(policy)
             conds.append(conditioning(policy, t, b, frames=frames, keep=keep, scaling=scaling,
-                                      noise_scale=noise_scale[b], geometry=geometry, device=device))
+                                      noise_scale=noise_scale[b], geometry=geometry, device=device, variant=variant))
         model_in = torch.cat([noisy, torch.cat(conds)], dim=2)
     return model_in.to(dtype), prompts.to(dtype), timesteps, target.float()
+
+
+def timestep_range(cfg: TrainConfig, scheduler, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi) of this rank's training timesteps: [0, --train_sampling_steps or the scheduler's
+    num_train_timesteps); with --uniform_sampling CogVideoX-Fun's DiscreteSampling slice: G groups
+    of ranks, G the largest divisor of the world size that divides the step count, group g draws
+    from [g * n / G, (g + 1) * n / G)."""
+    n = cfg.train_sampling_steps or scheduler.config.num_train_timesteps
+    if not 1 <= n <= scheduler.config.num_train_timesteps:
+        raise ConfigError(f"--train_sampling_steps must be 1..{scheduler.config.num_train_timesteps} (the "
+                          f"scheduler's num_train_timesteps), got {n}")
+    if not cfg.uniform_sampling or world == 1:
+        return 0, n
+    groups = max(g for g in range(1, world + 1) if world % g == 0 and n % g == 0)
+    width, interval = world // groups, n // groups
+    g = rank // width
+    return g * interval, (g + 1) * interval
+
+
+def same_token_length_frames(cfg: TrainConfig, batch: dict, epoch: int, world: int, family,
+                             data: dict | None = None) -> int | None:
+    """--keep_all_node_same_token_length, as CogVideoX-Fun: each micro-step draws a token length
+    s * s * N, s from 256, 384, ..., token_sample_size (the same draw on every rank: seeded by the
+    step, not the rank), and keeps the first (min(s*s*N / (H*W), N) - 1) // 4 * 4 + 1 pixel frames
+    (CogVideoX 1.5: an even latent count, or 1 frame). Returns that cap in latent frames (None
+    without the flag). N and T: the shards' (`data`, their manifest's config), else cfg's."""
+    from cogfun.buckets import VAE_TEMPORAL, latent_frames
+
+    if not cfg.keep_all_node_same_token_length:
+        return None
+    data = data or {}
+    n = data.get("video_sample_n_frames", cfg.video_sample_n_frames)
+    t = data.get("token_sample_size", cfg.token_sample_size)
+    sides = list(range(256, t + 1, 128)) if t > 256 else [256]
+    if sides[-1] != t and t > 256:
+        sides.append(t)
+    rng = random.Random(f"{cfg.seed}:token-length:{epoch}:{batch['batch_id'] // world}")
+    tokens = rng.choice(sides) ** 2 * n
+    meta = batch["metas"][0]
+    frames = int(max((min(tokens / meta["height"] / meta["width"], n) - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1, 1))
+    multiple = family.latent_multiple if family is not None else 1
+    frames -= latent_frames(frames) % multiple * VAE_TEMPORAL
+    return latent_frames(max(frames, 1))
+
+
+def auto_tile(cfg: TrainConfig, batch: dict, data: dict | None = None) -> dict:
+    """--auto_tile_batch_size with --training_with_video_token_length, as CogVideoX-Fun: a batch
+    whose pixel volume F x H x W is at most 1/16 of the token budget N x T^2 is repeated 4x, at most
+    1/4 of it 2x (each copy draws its own noise, timestep, posterior sample, caption dropout and
+    mask policy). The token budget N x T^2 is the shards' (`data`, their manifest's config, else
+    cfg's); the token-length flag is on for the shards or on this command line."""
+    data = {**{k: getattr(cfg, k) for k in ("video_sample_n_frames", "token_sample_size")}, **(data or {})}
+    if not (cfg.auto_tile_batch_size and (cfg.training_with_video_token_length
+                                          or data.get("training_with_video_token_length"))):
+        return batch
+    meta = batch["metas"][0]
+    volume = meta["frames"] * meta["height"] * meta["width"]
+    budget = data["video_sample_n_frames"] * data["token_sample_size"] ** 2
+    factor = 4 if budget // 16 >= volume else 2 if budget // 4 >= volume else 1
+    if factor == 1:
+        return batch
+    tensors = {k: v.repeat(factor, *([1] * (v.dim() - 1))) for k, v in batch["tensors"].items()}
+    return {**batch, "tensors": tensors, "metas": batch["metas"] * factor}
+
+
+def with_motion_loss(loss, pred, target, ratio: float):
+    """--motion_sub_loss: CogVideoX-Fun's (1 - ratio) * loss + ratio * MSE of the frame-to-frame
+    differences of prediction and target, for samples with more than 2 latent frames."""
+    import torch
+
+    if pred.shape[1] <= 2:
+        return loss
+    motion = torch.nn.functional.mse_loss(pred[:, 1:] - pred[:, :-1], target[:, 1:] - target[:, :-1], reduction="mean")
+    return loss * (1 - ratio) + motion * ratio
+
+
+def make_optimizer(cfg: TrainConfig, params, world: int):
+    """AdamW over the LoRA parameters; bitsandbytes' AdamW8bit (--use_8bit_adam) or CAME (--use_came,
+    CogVideoX-Fun's betas and eps, no weight decay) when installed. --scale_lr multiplies the rate by
+    accumulation x batch x processes."""
+    import torch
+
+    lr = cfg.learning_rate
+    if cfg.scale_lr:
+        lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * world
+    if cfg.use_8bit_adam and cfg.use_came:
+        raise ConfigError("--use_8bit_adam and --use_came choose two optimizers: give one")
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag for "
+                              "AdamW)") from None
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if cfg.use_came:
+        try:
+            from came_pytorch import CAME
+        except ImportError:
+            raise ConfigError("--use_came needs came_pytorch: pip install came_pytorch (or drop the flag for "
+                              "AdamW)") from None
+        return CAME(params, lr=lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16))
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
 
 
 EVAL_TIMESTEPS = 9
@@ -527,6 +644,8 @@ def train(cfg: TrainConfig) -> dict:
     accelerator = make_accelerator(cfg, output_dir)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     set_seed(cfg.seed)
+    if cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     device = accelerator.device
     weight_dtype = models.dtype_of(cfg.mixed_precision)
     if launch_kind() == "fsdp":
@@ -540,6 +659,12 @@ def train(cfg: TrainConfig) -> dict:
     # validation prompts: encoded by a side process (T5 never enters this one), before the transformer loads
     validation_set = validation.prepare(cfg, output_dir, accelerator)
     transformer = models.load_transformer(cfg.pretrained_model_name_or_path, weight_dtype)
+    if cfg.transformer_path:   # CogVideoX-Fun's --transformer_path: weights over the folder's, before the LoRA
+        missing, unexpected = models.load_transformer_weights(transformer, cfg.transformer_path)
+        if main:
+            print(f"--transformer_path {cfg.transformer_path}: loaded; missing keys: {len(missing)}, "
+                  f"unexpected keys: {len(unexpected)}" + (f" (e.g. {(missing or unexpected)[0]})"
+                                                           if missing or unexpected else ""))
     scheduler = models.load_scheduler(cfg.pretrained_model_name_or_path)
     scaling = float(manifest["model"]["scaling_factor"])
     policies = list(manifest["mask_policies"]) if cfg.train_mode != "normal" else []
@@ -566,8 +691,7 @@ def train(cfg: TrainConfig) -> dict:
     steps_per_epoch = sampler.steps_in_epoch(0)  # the same every epoch unless a clip's views differ in bucket
     max_steps = cfg.max_train_steps or sum(sampler.steps_in_epoch(e) for e in range(cfg.num_train_epochs))
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    optimizer = make_optimizer(cfg, params, world)
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
@@ -594,7 +718,7 @@ def train(cfg: TrainConfig) -> dict:
                       "mask_policy_weights": weights}
         shards.write_json_atomic(output_dir / "run_config.json", run_config)
     if accelerator.log_with:
-        accelerator.init_trackers("cogfun", config={k: v for k, v in to_dict(cfg).items()
+        accelerator.init_trackers(cfg.tracker_project_name, config={k: v for k, v in to_dict(cfg).items()
                                                     if isinstance(v, (int, float, str, bool))})
     log_path = output_dir / "train_log.jsonl"
     if main and log_path.exists():  # keep the history up to the step we (re)start from
@@ -616,6 +740,8 @@ def train(cfg: TrainConfig) -> dict:
             with open(log_path, "a") as fh:
                 fh.write(json.dumps({"step": 0, **logs}) + "\n")
 
+    t_range = timestep_range(cfg, scheduler, rank, world)
+
     # ------------------------------------------------------------ loop
     bar = tqdm(total=max_steps, initial=global_step, desc="train", unit="step", disable=not main,
                dynamic_ncols=True)
@@ -629,16 +755,20 @@ def train(cfg: TrainConfig) -> dict:
         for batch in batches(dataset, sampler, threads=cfg.dataloader_num_workers, skip=skip,
                              pin_memory=torch.cuda.is_available()):
             with accelerator.accumulate(transformer):
+                batch = auto_tile(cfg, batch, manifest["config"])   # --auto_tile_batch_size
                 model_in, prompts, timesteps, target = batch_inputs(
                     batch, epoch=epoch, cfg=cfg, scheduler=scheduler, scaling=scaling, policies=policies,
                     null_prompt=null_prompt, device=device, dtype=weight_dtype, family=family, black=black,
-                    sample_n_frames=sample_n_frames)
+                    sample_n_frames=sample_n_frames, t_range=t_range,
+                    keep_at_most=same_token_length_frames(cfg, batch, epoch, world, family, manifest["config"]))
                 model_in, n_frames = models.pad_for_patch_t(model_in, family.patch_size_t)
                 rope = rotary_embedding(unwrapped_config, model_in.shape, device)
                 with accelerator.autocast():
                     pred = transformer(hidden_states=model_in, encoder_hidden_states=prompts, timestep=timesteps,
                                        image_rotary_emb=rope, return_dict=False)[0][:, :n_frames]
                 loss = torch.nn.functional.mse_loss(pred.float(), target, reduction="mean")
+                if cfg.motion_sub_loss:
+                    loss = with_motion_loss(loss, pred.float(), target, cfg.motion_sub_loss_ratio)
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients:
@@ -681,6 +811,14 @@ def train(cfg: TrainConfig) -> dict:
             if global_step >= max_steps:
                 break
         epoch_start += sampler.steps_in_epoch(epoch)
+        if (validation_set and cfg.validation_epochs and epoch % cfg.validation_epochs == 0
+                and global_step == epoch_start and global_step % cfg.validation_steps and global_step != max_steps):
+            # --validation_epochs: after a whole epoch (not when the step rule just rendered)
+            seconds = validation.render(validation_set, accelerator, transformer, cfg=cfg, step=global_step,
+                                        output_dir=output_dir, scheduler=sampling_scheduler, dtype=weight_dtype,
+                                        same_forward_count=launch_kind() == "fsdp")
+            accelerator.log({"validation_seconds": seconds}, step=global_step)
+            t_step = time.time()
         epoch += 1
     bar.close()
 

@@ -202,7 +202,10 @@ def test_inspect_buckets_shows_the_frame_rule(models, synthetic_data, v15):
     assert (image["encodes_per_sample"], next(b for b in v15_report["buckets"] if b["videos"])["encodes_per_sample"]) \
         == (1 + 4, 1 + 10)
     assert plain["masks"] == {"policies": ["first_n", "first_last_n", "block", "block_range", "ellipse"],
-                              "image_policies": ["block", "ellipse"], "video_coverage": 0.85, "image_coverage": 1.0}
+                              "image_policies": ["block", "ellipse"], "video_coverage": 0.85, "image_coverage": 1.0,
+                              "masks_per_policy": 1, "conditionings_per_clip_max": 5, "cycle_epochs_max": 1,
+                              "conditionings_per_clip_mean": plain["masks"]["conditionings_per_clip_mean"]}
+    assert 2 <= plain["masks"]["conditionings_per_clip_mean"] < 5   # videos 5 (4 clips), images 2 (3)
     table = CliRunner().invoke(cli.main, ["inspect-buckets", "--shard_dir", str(v15)])
     assert table.exit_code == 0 and "frame rule (patch_size_t 2" in table.output
 
