@@ -23,6 +23,8 @@ from cogfun.masks import DEFAULT_POLICIES, POLICIES
 
 TRAIN_MODES = ("normal", "inpaint", "i2v")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# --base_weight_dtype: how the frozen transformer weights are stored (cogfun.lowmem applies it)
+BASE_WEIGHT_DTYPES = ("bf16", "fp16", "fp32", "float8_e4m3fn", "float8_e5m2")
 # Mask policies and the default cached set, as cogfun.masks defines them (it imports no torch at
 # module level).
 MASK_POLICIES = POLICIES
@@ -166,7 +168,14 @@ class SampleArgs:
 
 
 @dataclass
-class SampleConfig(ModelArgs, SampleArgs):
+class MemoryArgs:
+    """Fitting the frozen transformer in a small GPU (cogfun train, validation and cogfun sample)."""
+    base_weight_dtype: Optional[str] = opt(None, "Storage dtype of the frozen transformer weights (default: the --mixed_precision dtype, as before). float8_e4m3fn / float8_e5m2 store the Linear weights in 8 bits and upcast each layer to the compute dtype (--mixed_precision) only while it runs (diffusers' layerwise casting; norms, embeddings, patch/proj layers and the LoRA weights keep their dtype): about half the bytes of bf16. Not under FSDP.", choices=BASE_WEIGHT_DTYPES)
+    offload_blocks: int = opt(0, "Keep the frozen weights of this many transformer blocks (the first ones) in CPU memory and move each layer to the GPU only while it runs, forward and backward (accelerate's offload hooks; LoRA weights stay on the GPU). 0 = off. Slower (every step copies those weights to the GPU, twice with --gradient_checkpointing); the numbers do not change. Not under FSDP; with cogfun sample not together with --low_vram (which already streams every layer).")
+
+
+@dataclass
+class SampleConfig(ModelArgs, SampleArgs, MemoryArgs):
     """`cogfun sample`."""
 
 
@@ -176,7 +185,7 @@ class PrecomputeConfig(ModelArgs, DataArgs, EncodeArgs):
 
 
 @dataclass
-class TrainConfig(ModelArgs, DataArgs, EncodeArgs, ShardReadArgs, TrainArgs, ValidationArgs):
+class TrainConfig(ModelArgs, DataArgs, EncodeArgs, ShardReadArgs, TrainArgs, ValidationArgs, MemoryArgs):
     """`cogfun train` (data and encode flags are used when it must precompute first)."""
 
 

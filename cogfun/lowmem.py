@@ -1,0 +1,165 @@
+"""Fitting the frozen transformer in less GPU memory: fp8 storage of its weights, block offloading.
+
+Both come from the libraries; cogfun only chooses, checks and records them.
+
+**`--base_weight_dtype`** (`storage_dtype`, `apply_base_weight_dtype`): float8 storage is diffusers'
+`ModelMixin.enable_layerwise_casting(storage_dtype, compute_dtype)`. Every `nn.Linear` / conv of the
+transformer keeps its weight in the storage dtype; a forward hook casts the layer to the compute
+dtype (`--mixed_precision`) just before it runs and back right after. diffusers leaves alone what its
+skip list names (`patch_embed`, `pos_embed`, `norm`, `proj_in/out`: the embeddings, the norms, and the
+AdaLN modulation Linears `norm1.linear` / `norm2.linear`, 14 % of a 5b's weights) and every peft
+LoRA layer (`lora_A` / `lora_B` are on its skip list), so the LoRA weights stay fp32
+(`apply_base_weight_dtype` checks it) and the optimizer state follows them. In training the hook is
+correct for the backward pass: the Linear's autograd node keeps the compute-dtype copy it used (a
+transposed view of it), so the gradient is exactly that of a compute-dtype model holding the
+fp8-rounded weights (tests/test_lowmem.py). It also means that without `--gradient_checkpointing`
+those copies live until the backward pass: the saving then holds between steps but not at the step's
+peak (bench/lowmem.py measures both); with checkpointing only one block's copies exist at a time.
+Other storage dtypes: equal to the compute dtype = no hooks (today's behaviour); a narrower one is
+layerwise casting as above; fp32 under bf16/fp16 compute is the weights loaded in fp32 with
+accelerate's autocast computing in the lower precision.
+
+**`--offload_blocks N`** (`offload_blocks`): the frozen layers of the first N transformer blocks keep
+their weights in CPU memory; accelerate's `AlignDevicesHook` (the hook of `accelerate.cpu_offload`)
+loads a layer's weights to the GPU as new tensors right before it runs and points the layer back at
+"meta" right after. LoRA layers are not hooked (their parameters must stay the optimizer's). Why not
+diffusers' `enable_group_offload`: its hooks move weights by assigning `param.data` in place
+(`ModuleGroup.onload_` / `offload_`) and act on forward calls only. Autograd keeps some parameters
+themselves for the backward pass (LayerNorm's weight, e.g. `norm1.norm`, `attn1.norm_q`): offloading a
+group after its forward changes what those saved tensors hold, so the backward pass reads CPU
+tensors on a GPU (a device error) or, with `offload_to_disk_path`, freed memory (wrong gradients,
+measured on the CPU in bench/lowmem.py). Under gradient checkpointing the backward recompute of a
+block stops early (torch's non-reentrant checkpoint ends the recompute once it has what it needs),
+so the group's offload never runs and every block stays on the GPU after the backward pass.
+accelerate's hook replaces the parameter instead of writing into it: what autograd saved stays valid
+and is freed with the graph. Its hooks sit on single layers, and in a CogVideoX block the recompute's
+early stop falls after the last layer, so every recomputed layer is offloaded again (the tests check
+that no hooked layer holds weights after a training step, with and without checkpointing).
+"""
+
+from __future__ import annotations
+
+from cogfun.config import ConfigError
+
+FLOAT8 = ("float8_e4m3fn", "float8_e5m2")
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "float8_e4m3fn": "float8_e4m3fn",
+           "float8_e5m2": "float8_e5m2"}
+
+
+def storage_dtype(base_weight_dtype: str | None, compute_dtype):
+    """The torch dtype the frozen weights are stored in: `--base_weight_dtype`, default the compute dtype."""
+    import torch
+
+    if base_weight_dtype is None:
+        return compute_dtype
+    if base_weight_dtype not in _DTYPES:
+        raise ConfigError(f"--base_weight_dtype {base_weight_dtype}: choose from {', '.join(_DTYPES)}")
+    return getattr(torch, _DTYPES[base_weight_dtype])
+
+
+def dtype_name(dtype) -> str:
+    """`torch.float8_e4m3fn` -> `float8_e4m3fn` (what run configs and file headers record)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def load_dtype(storage, compute):
+    """The dtype to load the transformer in: fp32 storage under a lower compute dtype loads fp32
+    (autocast computes), everything else loads in the compute dtype (casting hooks store it)."""
+    import torch
+
+    return storage if storage == torch.float32 else compute
+
+
+def needs_casting(storage, compute) -> bool:
+    import torch
+
+    return storage != compute and storage != torch.float32
+
+
+def check_launch(base_weight_dtype: str | None, offload: int, *, kind: str, mixed_precision: str) -> None:
+    """Refuse what a launch kind cannot do, naming the flag (call before loading anything)."""
+    import torch
+
+    from cogfun.models import dtype_of
+
+    if offload < 0:
+        raise ConfigError(f"--offload_blocks {offload}: give a number of transformer blocks >= 0 (0 = off)")
+    compute = dtype_of(mixed_precision)
+    storage = storage_dtype(base_weight_dtype, compute)
+    if kind == "fsdp" and (base_weight_dtype is not None or offload):
+        flags = " and ".join(f for f, on in (("--base_weight_dtype", base_weight_dtype is not None),
+                                              ("--offload_blocks", bool(offload))) if on)
+        raise ConfigError(f"{flags}: not supported under FSDP (FSDP shards and all-gathers the weights itself, "
+                          f"in one dtype per wrapped block, which the casting and offload hooks would change "
+                          f"under it). Use DeepSpeed ZeRO-2 or DDP, or FSDP's own --fsdp_offload_params.")
+    if kind == "deepspeed" and storage != compute and storage not in (torch.float8_e4m3fn, torch.float8_e5m2) \
+            and mixed_precision != "no":
+        raise ConfigError(f"--base_weight_dtype {base_weight_dtype}: DeepSpeed casts every bf16/fp16/fp32 weight "
+                          f"to its own precision ({mixed_precision}), so only float8 storage (float8_e4m3fn, "
+                          f"float8_e5m2) or --mixed_precision's dtype can be used under it")
+
+
+def apply_base_weight_dtype(transformer, storage, compute) -> bool:
+    """Store the frozen weights in `storage` with diffusers' layerwise casting (after LoRA is injected,
+    so that its input-cast guard covers the LoRA layers). No-op when no casting is needed. Checks that
+    no trainable parameter changed dtype. Returns whether hooks were installed."""
+    if not needs_casting(storage, compute):
+        return False
+    before = {n: p.dtype for n, p in transformer.named_parameters() if p.requires_grad}
+    transformer.enable_layerwise_casting(storage_dtype=storage, compute_dtype=compute)
+    changed = [n for n, p in transformer.named_parameters() if p.requires_grad and p.dtype != before[n]]
+    if changed:
+        raise RuntimeError(f"layerwise casting changed the dtype of trainable parameters {changed[:3]}: "
+                           f"diffusers' skip list no longer covers the LoRA layers")
+    return True
+
+
+def offload_blocks(transformer, n: int, device) -> list[str]:
+    """Keep the frozen layers of the first `n` transformer blocks in CPU memory, each loaded to `device`
+    only while it runs (accelerate `AlignDevicesHook`, one per layer with weights of its own, LoRA
+    layers excluded); everything else is moved to `device`. Apply after `apply_base_weight_dtype` (the
+    CPU copies are then the stored dtype) and after `accelerator.prepare` (DDP and DeepSpeed broadcast
+    every parameter when they wrap the model). Returns the hooked module names."""
+    import torch
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from accelerate.utils import set_module_tensor_to_device
+
+    if n <= 0:
+        return []
+    blocks = transformer.transformer_blocks
+    if n > len(blocks):
+        raise ConfigError(f"--offload_blocks {n}: this transformer has {len(blocks)} blocks")
+    device = torch.device(device)
+    hooked = []
+    for i, block in enumerate(blocks[:n]):
+        for name, module in block.named_modules():
+            own = list(module.named_parameters(recurse=False))
+            if not own or any(p.requires_grad for _, p in own):
+                continue
+            weights = {k: p.detach().to("cpu") for k, p in own}     # the copy that stays in CPU memory
+            add_hook_to_module(module, AlignDevicesHook(execution_device=device, offload=True, weights_map=weights,
+                                                        offload_buffers=False), append=True)
+            hooked.append(f"transformer_blocks.{i}.{name}".rstrip("."))
+    for module in transformer.modules():   # the rest lives on the device (already there after prepare)
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if not t.is_meta and t.device != device:
+                set_module_tensor_to_device(module, name, device)
+    return hooked
+
+
+def resident_bytes(module, *, trainable: bool = False) -> int:
+    """Bytes of the module's frozen (or, `trainable=True`, trainable) parameters held in memory (not its
+    buffers: computed tables such as the 2b's position embedding); offloaded ("meta") parameters count
+    0, their CPU copies are `offloaded_bytes`."""
+    return sum(p.nbytes for p in module.parameters() if p.requires_grad == trainable and not p.is_meta)
+
+
+def offloaded_bytes(transformer) -> int:
+    """Bytes of the CPU copies that `offload_blocks` holds."""
+    total = 0
+    for module in transformer.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):
+            weights = getattr(h, "weights_map", None) if getattr(h, "offload", False) else None
+            total += sum(t.nbytes for t in (weights or {}).values())
+    return total
