@@ -111,6 +111,13 @@ def apply_base_weight_dtype(transformer, storage, compute) -> bool:
     if changed:
         raise RuntimeError(f"layerwise casting changed the dtype of trainable parameters {changed[:3]}: "
                            f"diffusers' skip list no longer covers the LoRA layers")
+    # DDP broadcasts every parameter from rank 0 when it wraps the model, and gloo has no float8 type
+    # ("Invalid scalar type"). These weights are frozen and read from the same file on every rank, and DDP
+    # never reduces them: tell it to leave them alone (torch's own switch, read by DDP only).
+    from torch.nn.parallel import DistributedDataParallel
+
+    frozen8 = [n for n, p in transformer.named_parameters() if not p.requires_grad and p.dtype.itemsize == 1]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(transformer, frozen8)
     return True
 
 
@@ -130,6 +137,8 @@ def offload_blocks(transformer, n: int, device) -> list[str]:
     if n > len(blocks):
         raise ConfigError(f"--offload_blocks {n}: this transformer has {len(blocks)} blocks")
     device = torch.device(device)
+    if device.type == "cpu":   # accelerate's MULTI_CPU device is "cpu:0": the hook's `Parameter(..).to("cpu:0")`
+        device = torch.device("cpu")   # would copy into a plain tensor, not a Parameter
     hooked = []
     for i, block in enumerate(blocks[:n]):
         for name, module in block.named_modules():

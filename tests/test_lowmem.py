@@ -118,3 +118,106 @@ def test_refusals_name_the_flag(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="--base_weight_dtype"):
         train(TrainConfig(pretrained_model_name_or_path=str(tmp_path), shard_dir=str(tmp_path),
                           base_weight_dtype="float8_e4m3fn"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tiny_model_inp, synthetic_data):
+    from accelerate.state import AcceleratorState
+
+    from stages.precompute import precompute
+
+    out = tmp_path_factory.mktemp("lowmem") / "shards"
+    precompute(PrecomputeConfig(pretrained_model_name_or_path=str(tiny_model_inp), train_data_meta=str(synthetic_data),
+                                train_data_dir=str(synthetic_data.parent), shard_dir=str(out), mixed_precision="no",
+                                dataloader_num_workers=0, **DATA), progress=False)
+    AcceleratorState._reset_state(True)
+    return out
+
+
+def train_run(model, shards, out, **kw):
+    from accelerate.state import AcceleratorState, GradientState
+
+    from stages.train import train
+
+    settings = dict(max_train_steps=4, checkpointing_steps=2, mixed_precision="bf16", gradient_checkpointing=True,
+                    rank=4, network_alpha=2.0, learning_rate=1e-3, dataloader_num_workers=0, report_to="none",
+                    random_frame_crop=True, **DATA)
+    cfg = TrainConfig(pretrained_model_name_or_path=str(model), shard_dir=str(shards), output_dir=str(out),
+                      **{**settings, **kw})
+    try:
+        return train(cfg)["losses"]
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def test_fp8_and_offload_runs_train_resume_exactly_and_the_lora_samples_on_a_bf16_base(tiny_model_inp, shards,
+                                                                                          tmp_path, synthetic_data):
+    from stages.sample import sample
+    from cogfun.config import SampleConfig
+
+    bf16 = train_run(tiny_model_inp, shards, tmp_path / "bf16")
+    fp8 = train_run(tiny_model_inp, shards, tmp_path / "fp8", base_weight_dtype="float8_e4m3fn")
+    out = tmp_path / "fp8_offload"
+    both = train_run(tiny_model_inp, shards, out, base_weight_dtype="float8_e4m3fn", offload_blocks=1)
+    assert both == fp8                                   # offloading changes no number
+    assert fp8 != bf16 and fp8 == pytest.approx(bf16, rel=2e-3)   # fp8-rounded base weights: close, not equal
+    run = json.loads((out / "run_config.json").read_text())
+    assert (run["base_weight_dtype"], run["compute_dtype"], run["offloaded_layers"]) == ("float8_e4m3fn", "bfloat16", 12)
+    assert run["frozen_bytes_offloaded"] > 0
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        assert f.metadata()["cogfun_base_weight_dtype"] == "float8_e4m3fn"
+    final = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert {v.dtype for v in final.values()} == {torch.float32}
+    # resume from step 2: steps 3-4 and the LoRA come out exactly the same
+    shutil.rmtree(out / "checkpoint-4")
+    again = train_run(tiny_model_inp, shards, out, base_weight_dtype="float8_e4m3fn", offload_blocks=1,
+                      resume_from_checkpoint="latest")
+    assert again == both[2:]
+    resumed = load_file(str(out / "pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(resumed[k], final[k]) for k in final)
+    # the LoRA trained on an fp8 base, applied by diffusers to a bf16 base, and sampled (also with fp8 + offload)
+    common = dict(pretrained_model_name_or_path=str(tiny_model_inp), prompt="A white square slides to the right.",
+                  image=str(synthetic_data.parent / "images" / "landscape.jpg"), num_inference_steps=2,
+                  num_frames=9, height=48, width=64, mixed_precision="bf16")
+    videos = {}
+    for name, kw in {"base": {}, "bf16": {"lora": str(out)},
+                     "fp8": {"lora": str(out), "base_weight_dtype": "float8_e4m3fn", "offload_blocks": 2}}.items():
+        path = tmp_path / f"{name}.mp4"
+        assert sample(SampleConfig(output=str(path), **common, **kw)) == [path]
+        videos[name] = read_frames(path)
+    assert (videos["bf16"] - videos["base"]).abs().mean() > 0.5          # the LoRA changes the video
+    # fp8-rounded base weights (and offloaded blocks): the same video up to a few levels of 255
+    assert 0 < (videos["fp8"] - videos["bf16"]).abs().mean() < 4
+
+
+def read_frames(path):
+    import av
+
+    with av.open(str(path)) as container:
+        comment = json.loads(container.metadata["comment"])
+        frames = torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)])
+    assert comment["base_weight_dtype"] in ("bfloat16", "float8_e4m3fn")
+    return frames.float()
+
+
+@pytest.mark.parametrize("kind", ["ddp", "deepspeed"])
+def test_fp8_and_offload_under_ddp_and_zero2_match_one_process(tiny_model_inp, shards, tmp_path, kind):
+    """2 processes over gloo (DDP cannot broadcast float8 over gloo: cogfun.lowmem tells it to skip the
+    frozen float8 weights) = 1 process with accumulation 2, fp32 compute so that ZeRO-2 keeps fp32 LoRA."""
+    from test_train import LAUNCHES, losses, run_cli
+
+    flags = dict(base_weight_dtype="float8_e4m3fn", offload_blocks=1, mixed_precision="no")
+    ref = train_run(tiny_model_inp, shards, tmp_path / "ref", gradient_accumulation_steps=2,
+                    **{**flags, "max_train_steps": 2})
+    out = tmp_path / kind
+    args = ["train", "--pretrained_model_name_or_path", str(tiny_model_inp), "--shard_dir", str(shards),
+            "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2", "--train_mode", "inpaint",
+            "--rank", "4", "--network_alpha", "2", "--learning_rate", "1e-3", "--dataloader_num_workers", "0",
+            "--report_to", "none", "--seed", "42", "--random_frame_crop", "--gradient_checkpointing",
+            "--mixed_precision", "no", "--base_weight_dtype", "float8_e4m3fn", "--offload_blocks", "1"]
+    launch, env = LAUNCHES[kind]
+    run_cli(args, launch=launch, env=env)
+    assert losses(out) == pytest.approx(ref, rel=1e-5)
+    run = json.loads((out / "run_config.json").read_text())
+    assert (run["world_size"], run["base_weight_dtype"], run["offloaded_layers"]) == (2, "float8_e4m3fn", 12)
