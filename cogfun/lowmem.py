@@ -172,3 +172,132 @@ def offloaded_bytes(transformer) -> int:
             weights = getattr(h, "weights_map", None) if getattr(h, "offload", False) else None
             total += sum(t.nbytes for t in (weights or {}).values())
     return total
+
+
+# ------------------------------------------------------------------ what a training step will hold (inspect-buckets)
+
+OPTION_NAMES = ("bf16", "fp8", "bf16+offload", "fp8+offload")
+
+
+def _meta_transformer(config: dict, layers: int, fp8: bool, *, rank: int, alpha: float, target_name: str):
+    """The transformer of `config` (diffusers kwargs) with `layers` blocks on the meta device (no
+    memory), bf16, with LoRA as `cogfun train` injects it, but in bf16: what bf16 autocast computes it
+    in (autocast does not reach meta tensors); fp8: diffusers' layerwise casting."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import CogVideoXTransformer3DModel
+
+    from cogfun.lora import inject_lora
+
+    with init_empty_weights():
+        t = CogVideoXTransformer3DModel(**{**config, "num_layers": layers}).to(torch.bfloat16)
+    inject_lora(t, rank=rank, alpha=alpha, target_name=target_name, lora_dtype=torch.bfloat16)
+    if fp8:
+        apply_base_weight_dtype(t, torch.float8_e4m3fn, torch.bfloat16)
+    return t.train()
+
+
+def _saved_bytes(t, latent_shape, text_dim: int) -> dict:
+    """One training forward of `t` (meta) on a [1, *latent_shape] input: bytes autograd keeps for the
+    backward (unique storages), split into inside the transformer blocks (`block`: per block) and
+    outside (`rest`). The attention matrix a math attention kernel would save ([.., seq, seq]) is
+    left out: on a GPU cogfun's attention (PyTorch SDPA: flash / memory-efficient) keeps only the
+    output and a log-sum-exp per query and head, which are added."""
+    import torch
+
+    seq = latent_shape[0] * latent_shape[2] * latent_shape[3] // t.config.patch_size ** 2 // (t.config.patch_size_t or 1) \
+        + t.config.max_text_seq_length
+    inside = [False]
+    saved = {"block": {}, "rest": {}}
+    # the weights' own storages (resident anyway: counted as weights), held so that no new storage reuses
+    # their address while the casting hooks swap them
+    held = [p.untyped_storage() for p in t.parameters()]
+    params = {s._cdata for s in held}
+
+    def pack(x):
+        if x.untyped_storage()._cdata not in params and not (x.ndim >= 2 and x.shape[-1] == x.shape[-2] == seq):
+            saved["block" if inside[0] else "rest"][x.untyped_storage()._cdata] = x.untyped_storage().nbytes()
+        return x
+
+    block = t.transformer_blocks[0]
+    handles = [block.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True)),
+               block.register_forward_hook(lambda *a: inside.__setitem__(0, False))]
+    # the input asks for a gradient, as every block's input but the first one's does in training
+    x = torch.empty(1, *latent_shape, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    text = torch.empty(1, t.config.max_text_seq_length, text_dim, device="meta", dtype=torch.bfloat16)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda y: y):
+            t(hidden_states=x, encoder_hidden_states=text, timestep=torch.zeros(1, dtype=torch.long, device="meta"),
+              return_dict=False)
+    finally:
+        for h in handles:
+            h.remove()
+    lse = t.config.num_attention_heads * seq * 4   # fp32 log-sum-exp of the fused attention kernel
+    return {"block": sum(saved["block"].values()) + lse, "rest": sum(saved["rest"].values()), "seq": seq}
+
+
+def estimate_training_memory(model, buckets: list[tuple[int, int, int]], *, rank: int, alpha: float,
+                             target_name: str) -> dict:
+    """Device bytes of a `cogfun train` step (batch 1, bf16 compute, AdamW) per bucket (frames,
+    height, width) and option (`OPTION_NAMES`, every block offloaded), with and without gradient
+    checkpointing, from the model's transformer/config.json alone (meta-device counting, nothing
+    loaded). How:
+
+    - weights: the frozen parameters of the transformer on the meta device with LoRA injected as
+      `cogfun train` does, in bf16 and after diffusers' fp8 casting (exact; one block counted, the
+      blocks are identical); LoRA fp32 x 4 (weights, gradients, AdamW's two moments);
+    - activations: what autograd keeps for the backward pass in one training forward of a ONE-block
+      copy of the model at the bucket's latent shape (saved-tensor hooks, unique storages; attention
+      as a fused kernel keeps it, see `_saved_bytes`), scaled to the model's blocks. Without
+      checkpointing: every block's share; with it: each block's inputs + one block recomputed;
+    - fp8 without checkpointing: + the compute-dtype copies of the cast weights that autograd keeps
+      (measured as the difference of the one-block counts); offload: the non-block weights resident,
+      plus the block weights autograd keeps (all blocks without checkpointing, one with it).
+
+    Not counted: the allocator's slack and the transient buffers of single ops (the largest is a
+    feed-forward intermediate or an attention workspace), CUDA context (~0.5 GB) and the batch.
+    """
+    from cogfun.models import FUN_KEYS, read_component_config
+
+    config = {k: v for k, v in read_component_config(model, "transformer").items()
+              if not k.startswith("_") and k not in FUN_KEYS}
+    one = {fp8: _meta_transformer(config, 1, fp8, rank=rank, alpha=alpha, target_name=target_name)
+           for fp8 in (False, True)}   # the blocks are identical: one stands for all
+    n = int(config.get("num_layers", 30))
+    c = one[False].config
+
+    def frozen(t, blocks: bool):
+        return sum(p.nbytes for name, p in t.named_parameters() if not p.requires_grad
+                   and name.startswith("transformer_blocks.") == blocks)
+
+    rest = {"bf16": frozen(one[False], False), "fp8": frozen(one[True], False)}
+    per_block = {"bf16": frozen(one[False], True), "fp8": frozen(one[True], True)}
+    weights = {k: rest[k] + n * per_block[k] for k in rest}
+    lora_state = 4 * 4 * n * sum(p.numel() for p in one[False].transformer_blocks.parameters() if p.requires_grad)
+    inner = c.num_attention_heads * c.attention_head_dim
+    text_dim, patch_t = c.text_embed_dim, c.patch_size_t or 1
+    copies = None
+    rows = []
+    for frames, height, width in buckets:
+        f_lat = (frames - 1) // 4 + 1
+        f_lat += -f_lat % patch_t
+        shape = (f_lat, c.in_channels, height // 8, width // 8)
+        act = _saved_bytes(one[False], shape, text_dim)
+        if copies is None:   # the compute-dtype copies of the cast weights one block keeps: no token dependence
+            copies = max(0, _saved_bytes(one[True], shape, text_dim)["block"] - act["block"])
+        inputs = act["seq"] * inner * 2 + 2 * c.time_embed_dim * 2   # a checkpointed block's inputs (bf16)
+        full_act, ckpt_act = n * act["block"] + act["rest"], n * inputs + act["rest"] + act["block"]
+        est = {
+            "bf16": (weights["bf16"] + full_act, weights["bf16"] + ckpt_act),
+            "fp8": (weights["fp8"] + full_act + n * copies, weights["fp8"] + ckpt_act + copies),
+            "bf16+offload": (rest["bf16"] + n * per_block["bf16"] + full_act,
+                             rest["bf16"] + ckpt_act + per_block["bf16"]),
+            "fp8+offload": (rest["fp8"] + n * (per_block["fp8"] + copies) + full_act,
+                            rest["fp8"] + ckpt_act + per_block["fp8"] + copies),
+        }
+        rows.append({"frames": frames, "height": height, "width": width, "tokens": act["seq"],
+                     "activations": full_act, "activations_checkpointed": ckpt_act,
+                     "peak": {k: {"no_checkpointing": round(a + lora_state), "checkpointing": round(c + lora_state)}
+                              for k, (a, c) in est.items()}})
+    return {"frozen_weight_bytes": weights, "non_block_weight_bytes": rest, "lora_state_bytes": lora_state,
+            "blocks": n, "buckets": rows}

@@ -221,3 +221,38 @@ def test_fp8_and_offload_under_ddp_and_zero2_match_one_process(tiny_model_inp, s
     assert losses(out) == pytest.approx(ref, rel=1e-5)
     run = json.loads((out / "run_config.json").read_text())
     assert (run["world_size"], run["base_weight_dtype"], run["offloaded_layers"]) == (2, "float8_e4m3fn", 12)
+
+
+def test_memory_estimate_matches_a_real_step_and_inspect_buckets_prints_it(tiny_model_inp, shards, capsys):
+    """The activation part of the estimate (meta tensors, one block scaled) against the tensors autograd
+    really keeps in a CPU training forward of the whole tiny model (bf16 autocast)."""
+    from cogfun.config import InspectConfig
+    from cogfun.inspect import run
+    from cogfun.lora import inject_lora
+    from cogfun.models import load_transformer
+
+    est = lowmem.estimate_training_memory(tiny_model_inp, [(9, 64, 64)], rank=4, alpha=2, target_name=TARGETS)
+    peak = est["buckets"][0]["peak"]
+    t = load_transformer(tiny_model_inp, torch.bfloat16)
+    inject_lora(t, rank=4, alpha=2, target_name=TARGETS, seed=0, lora_dtype=torch.float32)
+    held = [p.untyped_storage() for p in t.train().parameters()]
+    weights = {s._cdata for s in held}
+    saved = {}
+
+    def pack(x):
+        if x.untyped_storage()._cdata not in weights:
+            saved[x.untyped_storage()._cdata] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda y: y), torch.autocast("cpu", dtype=torch.bfloat16):
+        t(hidden_states=torch.randn(1, 3, 33, 8, 8).bfloat16(), encoder_hidden_states=torch.randn(1, 226, 32).bfloat16(),
+          timestep=torch.tensor([500]), return_dict=False)
+    activations = peak["bf16"]["no_checkpointing"] - est["frozen_weight_bytes"]["bf16"] - est["lora_state_bytes"]
+    assert activations == pytest.approx(sum(saved.values()), rel=0.1)
+    assert est["frozen_weight_bytes"]["fp8"] < est["frozen_weight_bytes"]["bf16"]
+    # fp8 saves at the peak only with checkpointing (without, autograd keeps bf16 copies of the cast weights)
+    assert peak["fp8"]["no_checkpointing"] > peak["bf16"]["no_checkpointing"]
+    assert peak["fp8+offload"]["checkpointing"] < peak["fp8"]["checkpointing"] < peak["bf16"]["checkpointing"]
+    report = run(InspectConfig(shard_dir=str(shards), pretrained_model_name_or_path=str(tiny_model_inp)))
+    assert set(report["memory"]["buckets"]) == {b["name"] for b in report["buckets"]}
+    assert "training memory per GPU (estimate" in capsys.readouterr().out
