@@ -15,8 +15,11 @@
 4. Why not diffusers' `enable_group_offload` for training (measured on the CPU with its disk offload,
    which is what makes its in-place data swap visible without a GPU): gradients vs no offload, and its
    onload / offload calls in one checkpointed step.
-5. GPU (when one exists): a CogVideoX-Fun-5b-shaped LoRA step at 49x480x720 (17,776 tokens), gradient
-   checkpointing, peak memory (torch.cuda.max_memory_allocated) and step time per option. Skipped on a CPU.
+5. The estimate `inspect-buckets --pretrained_model_name_or_path` prints (cogfun.lowmem) against what
+   autograd really keeps in a CPU training step of a small model; and its figures for a 5b at 49x480x720.
+6. GPU (when one exists): a CogVideoX-Fun-5b-shaped LoRA step at 49x480x720 (17,776 tokens), gradient
+   checkpointing, peak memory (torch.cuda.max_memory_allocated) next to the estimate, and step time per
+   option. Skipped on a CPU.
 
   python bench/lowmem.py            # ~3 min on 2 CPU cores
   python bench/lowmem.py --quick
@@ -262,10 +265,68 @@ def diffusers_group_offload() -> list[dict]:
     return rows
 
 
-# ------------------------------------------------------------------ 5. GPU
+# ------------------------------------------------------------------ 5. the inspect-buckets estimate
+
+
+def estimate_vs_step() -> list[dict]:
+    """The activation part of `estimate_training_memory` (meta tensors, one block scaled) against what
+    autograd really keeps in a CPU training forward (bf16 autocast) of the whole model, BIG_TINY
+    transformer (4 blocks x 128 wide); then the estimate for a CogVideoX-Fun-5b at 49x480x720."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from cogfun import lowmem, models
+    from cogfun.lora import inject_lora
+
+    model = C.tiny_model(C.BIG_TINY)
+    rows = []
+    for frames, size in ((9, 64), (17, 128)):
+        est = lowmem.estimate_training_memory(model, [(frames, size, size)], rank=16, alpha=8, target_name=TARGETS)
+        for name, storage in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
+            t = models.load_transformer(model, torch.bfloat16)
+            inject_lora(t, rank=16, alpha=8, target_name=TARGETS, seed=0, lora_dtype=torch.float32)
+            lowmem.apply_base_weight_dtype(t, storage, torch.bfloat16)
+            held = [p.untyped_storage() for p in t.train().parameters()]
+            weights = {s._cdata for s in held}
+            saved: dict[int, int] = {}
+
+            def pack(x):
+                if x.untyped_storage()._cdata not in weights:
+                    saved[x.untyped_storage()._cdata] = x.untyped_storage().nbytes()
+                return x
+
+            x = torch.randn(1, (frames - 1) // 4 + 1, 33, size // 8, size // 8).bfloat16()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda y: y), torch.autocast("cpu", dtype=torch.bfloat16):
+                t(hidden_states=x, encoder_hidden_states=torch.randn(1, 226, 32).bfloat16(),
+                  timestep=torch.tensor([500]), return_dict=False)
+            b = est["buckets"][0]
+            predicted = b["peak"][name]["no_checkpointing"] - est["frozen_weight_bytes"][name] - est["lora_state_bytes"]
+            rows.append({"shape": f"{size}x{size}x{frames}", "option": name, "tokens": b["tokens"],
+                         "measured": sum(saved.values()), "estimated": predicted})
+    print(C.table([[r["shape"], r["tokens"], r["option"], kb(r["measured"]), kb(r["estimated"]),
+                    f"{r['estimated'] / r['measured']:.3f}"] for r in rows],
+                  ["bucket", "tokens", "base", "kept for backward: measured (CPU step)", "estimated (meta)",
+                   "estimate / measured"]))
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "transformer").mkdir()
+        (Path(d) / "transformer" / "config.json").write_text(json.dumps(REAL["5b-InP"]))
+        est = lowmem.estimate_training_memory(d, [(49, 480, 720)], rank=128, alpha=64, target_name=TARGETS)
+    peak = est["buckets"][0]["peak"]
+    print(C.table([[k, f"{v['checkpointing'] / 2**30:.1f} GiB", f"{v['no_checkpointing'] / 2**30:.1f} GiB"]
+                   for k, v in peak.items()],
+                  ["5b-InP, 49x480x720, LoRA r128 (estimate)", "with grad ckpt", "without"]))
+    return {"tiny": rows, "5b_49x480x720": peak}
+
+
+# ------------------------------------------------------------------ 6. GPU
 
 
 def gpu_runs(args) -> list[dict]:
+    import tempfile
+    from pathlib import Path
+
     import torch
     from diffusers import CogVideoXTransformer3DModel
 
@@ -315,11 +376,19 @@ def gpu_runs(args) -> list[dict]:
             del t, opt_, params, out
         except torch.OutOfMemoryError as exc:
             results.append({"option": name, "error": f"out of memory: {str(exc).splitlines()[0][:60]}"})
+    with tempfile.TemporaryDirectory() as d:   # what inspect-buckets would have said
+        (Path(d) / "transformer").mkdir()
+        (Path(d) / "transformer" / "config.json").write_text(json.dumps(REAL["5b-InP"]))
+        est = lowmem.estimate_training_memory(d, [(frames, height, width)], rank=128, alpha=64,
+                                              target_name=TARGETS)["buckets"][0]["peak"]
+    for r in results:
+        r["estimate"] = est[r["option"]]["checkpointing"]
     base = next((r for r in results if r["option"] == "bf16" and "peak" in r), None)
     print(C.table([[r["option"], f"{r['peak'] / 2**30:.2f} GiB" if "peak" in r else r["error"],
-                    f"{r['step_s']:.2f}" if "step_s" in r else "-",
+                    f"{r['estimate'] / 2**30:.2f} GiB", f"{r['step_s']:.2f}" if "step_s" in r else "-",
                     f"{r['step_s'] / base['step_s']:.2f}" if base and "step_s" in r else "-"] for r in results],
-                  ["option (5b-shaped, 49x480x720, grad ckpt)", "peak memory", "step s", "step / bf16"]))
+                  ["option (5b-shaped, 49x480x720, grad ckpt)", "peak memory", "inspect-buckets estimate",
+                   "step s", "step / bf16"]))
     return results
 
 
@@ -344,7 +413,9 @@ def main() -> None:
     result["held"] = {f"{k[0]} ckpt={k[1]}": v for k, v in report_held().items()}
     print("\n## 4. diffusers' enable_group_offload in training (disk offload on the CPU)")
     result["diffusers_group_offload"] = diffusers_group_offload()
-    print("\n## 5. GPU: CogVideoX-Fun-5b-shaped LoRA step")
+    print("\n## 5. the inspect-buckets estimate against a real step")
+    result["estimate"] = estimate_vs_step()
+    print("\n## 6. GPU: CogVideoX-Fun-5b-shaped LoRA step")
     if torch.cuda.is_available():
         result["gpu"] = gpu_runs(args)
     else:

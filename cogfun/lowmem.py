@@ -202,7 +202,9 @@ def _saved_bytes(t, latent_shape, text_dim: int) -> dict:
     backward (unique storages), split into inside the transformer blocks (`block`: per block) and
     outside (`rest`). The attention matrix a math attention kernel would save ([.., seq, seq]) is
     left out: on a GPU cogfun's attention (PyTorch SDPA: flash / memory-efficient) keeps only the
-    output and a log-sum-exp per query and head, which are added."""
+    output and a log-sum-exp per query and head, which are added. `block_weights_kept`: the bytes of
+    the block's own weights autograd keeps (what an offloaded block must leave on the device until its
+    backward pass)."""
     import torch
 
     seq = latent_shape[0] * latent_shape[2] * latent_shape[3] // t.config.patch_size ** 2 // (t.config.patch_size_t or 1) \
@@ -214,9 +216,15 @@ def _saved_bytes(t, latent_shape, text_dim: int) -> dict:
     held = [p.untyped_storage() for p in t.parameters()]
     params = {s._cdata for s in held}
 
+    weights_kept: dict[int, int] = {}
+
     def pack(x):
-        if x.untyped_storage()._cdata not in params and not (x.ndim >= 2 and x.shape[-1] == x.shape[-2] == seq):
-            saved["block" if inside[0] else "rest"][x.untyped_storage()._cdata] = x.untyped_storage().nbytes()
+        key = x.untyped_storage()._cdata
+        if key in params:
+            if inside[0]:
+                weights_kept[key] = x.untyped_storage().nbytes()
+        elif not (x.ndim >= 2 and x.shape[-1] == x.shape[-2] == seq):
+            saved["block" if inside[0] else "rest"][key] = x.untyped_storage().nbytes()
         return x
 
     block = t.transformer_blocks[0]
@@ -233,7 +241,8 @@ def _saved_bytes(t, latent_shape, text_dim: int) -> dict:
         for h in handles:
             h.remove()
     lse = t.config.num_attention_heads * seq * 4   # fp32 log-sum-exp of the fused attention kernel
-    return {"block": sum(saved["block"].values()) + lse, "rest": sum(saved["rest"].values()), "seq": seq}
+    return {"block": sum(saved["block"].values()) + lse, "rest": sum(saved["rest"].values()), "seq": seq,
+            "block_weights_kept": sum(weights_kept.values())}
 
 
 def estimate_training_memory(model, buckets: list[tuple[int, int, int]], *, rank: int, alpha: float,
@@ -252,7 +261,8 @@ def estimate_training_memory(model, buckets: list[tuple[int, int, int]], *, rank
       checkpointing: every block's share; with it: each block's inputs + one block recomputed;
     - fp8 without checkpointing: + the compute-dtype copies of the cast weights that autograd keeps
       (measured as the difference of the one-block counts); offload: the non-block weights resident,
-      plus the block weights autograd keeps (all blocks without checkpointing, one with it).
+      plus the block weights autograd keeps (counted per block on the meta forward) in every block
+      without checkpointing, one whole block (being recomputed) with it.
 
     Not counted: the allocator's slack and the transient buffers of single ops (the largest is a
     feed-forward intermediate or an attention workspace), CUDA context (~0.5 GB) and the batch.
@@ -284,15 +294,16 @@ def estimate_training_memory(model, buckets: list[tuple[int, int, int]], *, rank
         shape = (f_lat, c.in_channels, height // 8, width // 8)
         act = _saved_bytes(one[False], shape, text_dim)
         if copies is None:   # the compute-dtype copies of the cast weights one block keeps: no token dependence
-            copies = max(0, _saved_bytes(one[True], shape, text_dim)["block"] - act["block"])
+            act8 = _saved_bytes(one[True], shape, text_dim)
+            copies, kept_fp8 = max(0, act8["block"] - act["block"]), act8["block_weights_kept"]
         inputs = act["seq"] * inner * 2 + 2 * c.time_embed_dim * 2   # a checkpointed block's inputs (bf16)
         full_act, ckpt_act = n * act["block"] + act["rest"], n * inputs + act["rest"] + act["block"]
         est = {
             "bf16": (weights["bf16"] + full_act, weights["bf16"] + ckpt_act),
             "fp8": (weights["fp8"] + full_act + n * copies, weights["fp8"] + ckpt_act + copies),
-            "bf16+offload": (rest["bf16"] + n * per_block["bf16"] + full_act,
+            "bf16+offload": (rest["bf16"] + n * act["block_weights_kept"] + full_act,
                              rest["bf16"] + ckpt_act + per_block["bf16"]),
-            "fp8+offload": (rest["fp8"] + n * (per_block["fp8"] + copies) + full_act,
+            "fp8+offload": (rest["fp8"] + n * (kept_fp8 + copies) + full_act,
                             rest["fp8"] + ckpt_act + per_block["fp8"] + copies),
         }
         rows.append({"frames": frames, "height": height, "width": width, "tokens": act["seq"],
