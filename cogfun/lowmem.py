@@ -25,10 +25,10 @@ loads a layer's weights to the GPU as new tensors right before it runs and point
 "meta" right after. LoRA layers are not hooked (their parameters must stay the optimizer's). Why not
 diffusers' `enable_group_offload`: its hooks move weights by assigning `param.data` in place
 (`ModuleGroup.onload_` / `offload_`) and act on forward calls only. Autograd keeps some parameters
-themselves for the backward pass (LayerNorm's weight, e.g. `norm1.norm`, `attn1.norm_q`): offloading a
-group after its forward changes what those saved tensors hold, so the backward pass reads CPU
-tensors on a GPU (a device error) or, with `offload_to_disk_path`, freed memory (wrong gradients,
-measured on the CPU in bench/lowmem.py). Under gradient checkpointing the backward recompute of a
+themselves for the backward pass (LayerNorm's weight, e.g. `norm1.norm`, `attn1.norm_q`, `norm_out`):
+offloading a group after its forward changes what those saved tensors hold, so the backward pass
+computes with the offloaded tensors: CPU tensors in a GPU computation (not run here: no GPU) or, with
+`offload_to_disk_path`, uninitialised memory (NaN gradients, measured on the CPU in bench/lowmem.py). Under gradient checkpointing the backward recompute of a
 block stops early (torch's non-reentrant checkpoint ends the recompute once it has what it needs),
 so the group's offload never runs and every block stays on the GPU after the backward pass.
 accelerate's hook replaces the parameter instead of writing into it: what autograd saved stays valid
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 from cogfun.config import ConfigError
 
-FLOAT8 = ("float8_e4m3fn", "float8_e5m2")
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "float8_e4m3fn": "float8_e4m3fn",
            "float8_e5m2": "float8_e5m2"}
 

@@ -169,13 +169,17 @@ def test_fp8_and_offload_runs_train_resume_exactly_and_the_lora_samples_on_a_bf1
         assert f.metadata()["cogfun_base_weight_dtype"] == "float8_e4m3fn"
     final = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert {v.dtype for v in final.values()} == {torch.float32}
-    # resume from step 2: steps 3-4 and the LoRA come out exactly the same
+    # resume from step 2: steps 3-4 and the LoRA come out exactly the same; validation renders through
+    # the same hooked transformer
     shutil.rmtree(out / "checkpoint-4")
     again = train_run(tiny_model_inp, shards, out, base_weight_dtype="float8_e4m3fn", offload_blocks=1,
-                      resume_from_checkpoint="latest")
+                      resume_from_checkpoint="latest", validation_prompts="A white square slides to the right.",
+                      validation_steps=4, validation_num_frames=9, validation_height=48, validation_width=64,
+                      validation_num_inference_steps=2)
     assert again == both[2:]
     resumed = load_file(str(out / "pytorch_lora_weights.safetensors"))
     assert all(torch.equal(resumed[k], final[k]) for k in final)
+    assert len(list((out / "samples" / "step-4").glob("*.mp4"))) == 1
     # the LoRA trained on an fp8 base, applied by diffusers to a bf16 base, and sampled (also with fp8 + offload)
     common = dict(pretrained_model_name_or_path=str(tiny_model_inp), prompt="A white square slides to the right.",
                   image=str(synthetic_data.parent / "images" / "landscape.jpg"), num_inference_steps=2,
