@@ -47,7 +47,8 @@ def kb(n: float) -> str:
 
 def add_args(p):
     p.add_argument("--steps", type=int, default=None, help="training steps per run (20)")
-    p.add_argument("--rounds", type=int, default=None, help="repeats of the 4 runs, for the step-time ratios (2)")
+    p.add_argument("--rounds", type=int, default=None, help="repeats of the 4 training runs (2)")
+    p.add_argument("--repeat", type=int, default=None, help="interleaved rounds of the step-time comparison (30)")
 
 
 # ------------------------------------------------------------------ 1. cogfun train, each option
@@ -99,6 +100,49 @@ def report_product(res: dict) -> None:
                          "|loss - bf16| max / mean", "max relative", "loss vs same dtype w/o offload",
                          "step ms", "step time / bf16"]))
     C.goal("frozen bytes on the device fp8 / bf16 (tiny model)", res["fp8"]["on_device"] / base["on_device"], "<=", 0.52)
+
+
+def step_times(args) -> dict:
+    """Seconds per training step of each option, the four models side by side, step after step
+    (`C.interleave`): BIG_TINY transformer (4 blocks x 128 wide) + LoRA r16, 17x128x128, bf16 autocast,
+    checkpointing, AdamW; every block offloaded for the offload options."""
+    import torch
+
+    from cogfun import lowmem, models
+    from cogfun.lora import inject_lora
+
+    model = C.tiny_model(C.BIG_TINY)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 5, 33, 16, 16, generator=gen).bfloat16()
+    text = torch.randn(1, 226, 32, generator=gen).bfloat16()
+    target = torch.randn(1, 5, 16, 16, 16, generator=gen)
+    steps = {}
+    for name, opt in OPTIONS.items():
+        t = models.load_transformer(model, torch.bfloat16)
+        inject_lora(t, rank=16, alpha=8, target_name=TARGETS, seed=0, lora_dtype=torch.float32)
+        t.enable_gradient_checkpointing()
+        lowmem.apply_base_weight_dtype(t, lowmem.storage_dtype(opt.get("base_weight_dtype"), torch.bfloat16),
+                                       torch.bfloat16)
+        lowmem.offload_blocks(t, len(t.transformer_blocks) if opt.get("offload_blocks") else 0, "cpu")
+        params = [p for p in t.train().parameters() if p.requires_grad]
+        optim = torch.optim.AdamW(params, lr=1e-4)
+
+        def step(t=t, optim=optim):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = t(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([500]), return_dict=False)[0]
+            torch.nn.functional.mse_loss(out.float(), target).backward()
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+
+        steps[name] = step
+    times = C.interleave(steps, repeat=args.repeat, warmup=2)
+    rows = []
+    for name, ts in times.items():
+        ratios = C.per_round_ratio(ts, times["bf16"])
+        rows.append([name, f"{C.median(ts) * 1e3:.1f}", f"{C.median(ratios):.3f} ({min(ratios):.2f}-{max(ratios):.2f})"])
+    print(C.table(rows, ["option (BIG_TINY, 17x128x128, grad ckpt)", "step ms (median)",
+                         "step time / bf16, per round (min-max)"]))
+    return {k: {"median_s": C.median(v), "ratio": C.median(C.per_round_ratio(v, times["bf16"]))} for k, v in times.items()}
 
 
 # ------------------------------------------------------------------ 2. real shapes on meta
@@ -400,12 +444,15 @@ def main() -> None:
     dlogging.set_verbosity_error()
     args.steps = args.steps or (8 if args.quick else 20)
     args.rounds = args.rounds or (1 if args.quick else 2)
+    args.repeat = args.repeat or (8 if args.quick else 30)
     args.gpu_steps = 3
     result = {"machine": C.machine(args.threads)}
     print(f"\n## 1. cogfun train, tiny InP model, {args.steps} steps, bf16 compute, gradient checkpointing, "
           f"{args.rounds} round(s)")
     result["product"] = product_runs(args)
     report_product(result["product"])
+    print(f"\nstep time side by side (one process, {args.repeat} interleaved rounds):")
+    result["step_times"] = step_times(args)
     print("\n## 2. frozen-weight bytes of the real transformers (meta device, LoRA r128 on the seed's targets)")
     result["real"] = real_bytes()
     report_real(result["real"])
