@@ -75,14 +75,18 @@ def needs_casting(storage, compute) -> bool:
     return storage != compute and storage != torch.float32
 
 
-def check_launch(base_weight_dtype: str | None, offload: int, *, kind: str, mixed_precision: str) -> None:
-    """Refuse what a launch kind cannot do, naming the flag (call before loading anything)."""
+def check_launch(base_weight_dtype: str | None, offload: int, *, kind: str, mixed_precision: str,
+                 blocks: int | None = None) -> None:
+    """Refuse what a launch kind cannot do, naming the flag (call before loading anything); `blocks`:
+    the transformer's block count (config.json's num_layers), when known."""
     import torch
 
     from cogfun.models import dtype_of
 
     if offload < 0:
         raise ConfigError(f"--offload_blocks {offload}: give a number of transformer blocks >= 0 (0 = off)")
+    if blocks is not None and offload > blocks:
+        raise ConfigError(f"--offload_blocks {offload}: this transformer has {blocks} blocks")
     compute = dtype_of(mixed_precision)
     storage = storage_dtype(base_weight_dtype, compute)
     if kind == "fsdp" and (base_weight_dtype is not None or offload):
@@ -96,6 +100,18 @@ def check_launch(base_weight_dtype: str | None, offload: int, *, kind: str, mixe
         raise ConfigError(f"--base_weight_dtype {base_weight_dtype}: DeepSpeed casts every bf16/fp16/fp32 weight "
                           f"to its own precision ({mixed_precision}), so only float8 storage (float8_e4m3fn, "
                           f"float8_e5m2) or --mixed_precision's dtype can be used under it")
+
+
+def memory_notes(base_weight_dtype: str | None, offload: int, checkpointing: bool) -> list[str]:
+    """What to tell a user whose options save little at the step's peak."""
+    if checkpointing or not ((base_weight_dtype or "").startswith("float8") or offload):
+        return []
+    flags = " and ".join(f for f, on in (("--base_weight_dtype " + str(base_weight_dtype),
+                                          (base_weight_dtype or "").startswith("float8")),
+                                         (f"--offload_blocks {offload}", bool(offload))) if on)
+    return [f"note: {flags} without --gradient_checkpointing: autograd keeps a compute-dtype copy of most frozen "
+            f"weights until the backward pass, so the step's peak memory drops little or rises (float8); add "
+            f"--gradient_checkpointing (inspect-buckets --pretrained_model_name_or_path shows both)"]
 
 
 def apply_base_weight_dtype(transformer, storage, compute) -> bool:

@@ -45,7 +45,8 @@ def sample(cfg: SampleConfig) -> list[Path]:
     outputs = [Path(cfg.output)] if cfg.output else \
         [Path(cfg.output_dir) / f"{sampling.slug(i, r.prompt)}.mp4" for i, r in enumerate(requests)]
     fps = cfg.fps or sampling.default_fps(tcfg)
-    lowmem.check_launch(cfg.base_weight_dtype, cfg.offload_blocks, kind="sample", mixed_precision=cfg.mixed_precision)
+    lowmem.check_launch(cfg.base_weight_dtype, cfg.offload_blocks, kind="sample", mixed_precision=cfg.mixed_precision,
+                        blocks=tcfg.get("num_layers", 30))
     if cfg.offload_blocks and cfg.low_vram:
         raise ConfigError("--offload_blocks and --low_vram: --low_vram already streams every transformer layer "
                           "from the CPU; give one of them")

@@ -534,10 +534,10 @@ def train(cfg: TrainConfig) -> dict:
     for flag in ("pretrained_model_name_or_path", "shard_dir"):
         if not getattr(cfg, flag):
             raise ConfigError(f"--{flag} is required")
-    lowmem.check_launch(cfg.base_weight_dtype, cfg.offload_blocks, kind=launch_kind(),
-                        mixed_precision=cfg.mixed_precision)
     output_dir = Path(cfg.output_dir)
     family = models.transformer_family(cfg.pretrained_model_name_or_path)  # refuses what cogfun cannot train
+    lowmem.check_launch(cfg.base_weight_dtype, cfg.offload_blocks, kind=launch_kind(), mixed_precision=cfg.mixed_precision,
+                        blocks=models.read_component_config(cfg.pretrained_model_name_or_path, "transformer").get("num_layers", 30))
     store = open_store(cfg)  # a local dir or a URL (per-node cache, retries)
     manifest = shards.require_manifest(store)
     store.check_cache_fits(manifest["shard_bytes"])
@@ -595,6 +595,9 @@ def train(cfg: TrainConfig) -> dict:
 
     global_step = 0
     resume_dir = agree_on_checkpoint(accelerator, output_dir, cfg.resume_from_checkpoint)
+    if main:
+        for note in lowmem.memory_notes(cfg.base_weight_dtype, cfg.offload_blocks, cfg.gradient_checkpointing):
+            print(note)
     if cfg.resume_from_checkpoint and resume_dir is None and main:
         print(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting from step 0")
     if resume_dir is not None:

@@ -99,7 +99,7 @@ def test_offloaded_blocks_train_identically_and_hold_no_weights(fp8, checkpointi
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
 
 
-def test_refusals_name_the_flag(tmp_path, monkeypatch):
+def test_refusals_name_the_flag(tmp_path, monkeypatch, tiny_model_inp):
     with pytest.raises(ConfigError, match="--base_weight_dtype: not supported under FSDP"):
         lowmem.check_launch("float8_e4m3fn", 0, kind="fsdp", mixed_precision="bf16")
     with pytest.raises(ConfigError, match="--offload_blocks: not supported under FSDP"):
@@ -114,10 +114,14 @@ def test_refusals_name_the_flag(tmp_path, monkeypatch):
     # train refuses under an FSDP launch before it sets anything up
     from stages.train import train
 
+    with pytest.raises(ConfigError, match="--offload_blocks 5: this transformer has 2 blocks"):
+        train(TrainConfig(pretrained_model_name_or_path=str(tiny_model_inp), shard_dir=str(tmp_path), offload_blocks=5))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ConfigError, match="--base_weight_dtype"):
-        train(TrainConfig(pretrained_model_name_or_path=str(tmp_path), shard_dir=str(tmp_path),
+        train(TrainConfig(pretrained_model_name_or_path=str(tiny_model_inp), shard_dir=str(tmp_path),
                           base_weight_dtype="float8_e4m3fn"))
+    assert "without --gradient_checkpointing" in lowmem.memory_notes("float8_e4m3fn", 0, False)[0]
+    assert lowmem.memory_notes("float8_e4m3fn", 4, True) == lowmem.memory_notes("bf16", 0, False) == []
 
 
 @pytest.fixture(scope="module")
