@@ -170,7 +170,7 @@ class SampleArgs:
 @dataclass
 class MemoryArgs:
     """Fitting the frozen transformer in a small GPU (cogfun train, validation and cogfun sample)."""
-    base_weight_dtype: Optional[str] = opt(None, "Storage dtype of the frozen transformer weights (default: the --mixed_precision dtype, as before). float8_e4m3fn / float8_e5m2 store the Linear weights in 8 bits and upcast each layer to the compute dtype (--mixed_precision) only while it runs (diffusers' layerwise casting; norms, embeddings, patch/proj layers and the LoRA weights keep their dtype): about half the bytes of bf16. Not under FSDP.", choices=BASE_WEIGHT_DTYPES)
+    base_weight_dtype: Optional[str] = opt(None, "Storage dtype of the frozen transformer weights (default: the --mixed_precision dtype, as before). float8_e4m3fn / float8_e5m2 store the Linear weights in 8 bits and upcast each layer to the compute dtype (--mixed_precision) only while it runs (diffusers' layerwise casting; norms, AdaLN modulation Linears, embeddings, patch/proj layers and the LoRA weights keep their dtype): 0.57x the bytes of bf16 for a 5b. Use with --gradient_checkpointing (without it autograd keeps the upcast copies until the backward pass). Not under FSDP.", choices=BASE_WEIGHT_DTYPES)
     offload_blocks: int = opt(0, "Keep the frozen weights of this many transformer blocks (the first ones) in CPU memory and move each layer to the GPU only while it runs, forward and backward (accelerate's offload hooks; LoRA weights stay on the GPU). 0 = off. Slower (every step copies those weights to the GPU, twice with --gradient_checkpointing); the numbers do not change. Not under FSDP; with cogfun sample not together with --low_vram (which already streams every layer).")
 
 
