@@ -367,59 +367,75 @@ def estimate_vs_step() -> list[dict]:
 # ------------------------------------------------------------------ 6. GPU
 
 
-def gpu_runs(args) -> list[dict]:
-    import tempfile
-    from pathlib import Path
+def measure_options(config: dict, frames: int, height: int, width: int, device, steps: int) -> list[dict]:
+    """Per option: peak memory and median step time of a LoRA step (r128, seed's targets, AdamW, clip,
+    bf16 autocast, checkpointing) of a random `config` transformer, built on `device` (fast init) and
+    then cast / offloaded; the peak is reset after that set-up, so it is the training step's own."""
+    import gc
 
     import torch
     from diffusers import CogVideoXTransformer3DModel
 
     from cogfun import lowmem
     from cogfun.lora import inject_lora
+    from stages.train import rotary_embedding
 
-    device = torch.device("cuda")
-    frames, height, width = 49, 480, 720
+    device = torch.device(device)
+    cuda = device.type == "cuda"
     lat = ((frames - 1) // 4 + 1, height // 8, width // 8)
     results = []
     for name, opt in OPTIONS.items():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        t = optim = None
         try:
-            with torch.device("cpu"):
-                t = CogVideoXTransformer3DModel(**REAL["5b-InP"]).to(torch.bfloat16)
+            with torch.device(device):
+                t = CogVideoXTransformer3DModel(**config).to(torch.bfloat16)
             inject_lora(t, rank=128, alpha=64, target_name=TARGETS, seed=0, lora_dtype=torch.float32)
             t.enable_gradient_checkpointing()
             storage = torch.float8_e4m3fn if opt.get("base_weight_dtype") else torch.bfloat16
             lowmem.apply_base_weight_dtype(t, storage, torch.bfloat16)
-            if opt.get("offload_blocks"):
-                lowmem.offload_blocks(t, len(t.transformer_blocks), device)
-            else:
-                t.to(device)
-            params = [p for p in t.parameters() if p.requires_grad]
-            opt_ = torch.optim.AdamW(params, lr=1e-4)
-            x = torch.randn(1, lat[0], 33, lat[1], lat[2], device=device, dtype=torch.bfloat16)
-            text = torch.randn(1, 226, 4096, device=device, dtype=torch.bfloat16)
-            from stages.train import rotary_embedding
-
+            lowmem.offload_blocks(t, len(t.transformer_blocks) if opt.get("offload_blocks") else 0, device)
+            params = [p for p in t.train().parameters() if p.requires_grad]
+            optim = torch.optim.AdamW(params, lr=1e-4)
+            x = torch.randn(1, lat[0], config.get("in_channels", 16), lat[1], lat[2], device=device, dtype=torch.bfloat16)
+            text = torch.randn(1, 226, t.config.text_embed_dim, device=device, dtype=torch.bfloat16)
             rope = rotary_embedding(t.config, x.shape, device)
-            times = []
-            for i in range(2 + args.gpu_steps):
+            if cuda:
                 torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            times = []
+            for i in range(2 + steps):
                 t0 = time.perf_counter()
-                with torch.autocast("cuda", dtype=torch.bfloat16):
+                with torch.autocast(device.type, dtype=torch.bfloat16):
                     out = t(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([500], device=device),
                             image_rotary_emb=rope, return_dict=False)[0]
                 out.float().square().mean().backward()
                 torch.nn.utils.clip_grad_norm_(params, 0.05)
-                opt_.step()
-                opt_.zero_grad(set_to_none=True)
-                torch.cuda.synchronize()
+                optim.step()
+                optim.zero_grad(set_to_none=True)
+                if cuda:
+                    torch.cuda.synchronize()
                 if i >= 2:
                     times.append(time.perf_counter() - t0)
-            results.append({"option": name, "peak": torch.cuda.max_memory_allocated(), "step_s": C.median(times)})
-            del t, opt_, params, out
+            results.append({"option": name, "peak": torch.cuda.max_memory_allocated() if cuda else C.self_peak_rss(),
+                            "step_s": C.median(times)})
         except torch.OutOfMemoryError as exc:
             results.append({"option": name, "error": f"out of memory: {str(exc).splitlines()[0][:60]}"})
+        finally:
+            del t, optim
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+    return results
+
+
+def gpu_runs(args) -> list[dict]:
+    import tempfile
+    from pathlib import Path
+
+    from cogfun import lowmem
+
+    frames, height, width = 49, 480, 720
+    results = measure_options(REAL["5b-InP"], frames, height, width, "cuda", args.gpu_steps)
     with tempfile.TemporaryDirectory() as d:   # what inspect-buckets would have said
         (Path(d) / "transformer").mkdir()
         (Path(d) / "transformer" / "config.json").write_text(json.dumps(REAL["5b-InP"]))
@@ -431,8 +447,8 @@ def gpu_runs(args) -> list[dict]:
     print(C.table([[r["option"], f"{r['peak'] / 2**30:.2f} GiB" if "peak" in r else r["error"],
                     f"{r['estimate'] / 2**30:.2f} GiB", f"{r['step_s']:.2f}" if "step_s" in r else "-",
                     f"{r['step_s'] / base['step_s']:.2f}" if base and "step_s" in r else "-"] for r in results],
-                  ["option (5b-shaped, 49x480x720, grad ckpt)", "peak memory", "inspect-buckets estimate",
-                   "step s", "step / bf16"]))
+                  ["option (5b-shaped, 49x480x720, grad ckpt)", "peak memory (max_memory_allocated)",
+                   "inspect-buckets estimate", "step s", "step / bf16"]))
     return results
 
 
