@@ -27,6 +27,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 # The LoRA file formats cogfun writes (cogfun.lora owns them): diffusers (diffusers' load_lora_weights,
 # resume), kohya (CogVideoX-Fun's merge_lora and its ComfyUI nodes, kijai's wrapper), comfyui (core ComfyUI).
 LORA_FORMATS = ("diffusers", "kohya", "comfyui")
+# --base_weight_dtype: how the frozen transformer weights are stored (cogfun.lowmem applies it)
+BASE_WEIGHT_DTYPES = ("bf16", "fp16", "fp32", "float8_e4m3fn", "float8_e5m2")
 # Mask policies and the default cached set, as cogfun.masks defines them (it imports no torch at
 # module level).
 MASK_POLICIES = POLICIES
@@ -236,7 +238,14 @@ class UpstreamArgs:
 
 
 @dataclass
-class SampleConfig(ModelArgs, SampleArgs):
+class MemoryArgs:
+    """Fitting the frozen transformer in a small GPU (cogfun train, validation and cogfun sample)."""
+    base_weight_dtype: Optional[str] = opt(None, "Storage dtype of the frozen transformer weights (default: the --mixed_precision dtype, as before). float8_e4m3fn / float8_e5m2 store the Linear weights in 8 bits and upcast each layer to the compute dtype (--mixed_precision) only while it runs (diffusers' layerwise casting; norms, AdaLN modulation Linears, embeddings, patch/proj layers and the LoRA weights keep their dtype): 0.57x the bytes of bf16 for a 5b. Use with --gradient_checkpointing (without it autograd keeps the upcast copies until the backward pass). Not under FSDP.", choices=BASE_WEIGHT_DTYPES)
+    offload_blocks: int = opt(0, "Keep the frozen weights of this many transformer blocks (the first ones) in CPU memory and move each layer to the GPU only while it runs, forward and backward (accelerate's offload hooks; LoRA weights stay on the GPU). 0 = off. Slower (every step copies those weights to the GPU, twice with --gradient_checkpointing); the numbers do not change. Not under FSDP; with cogfun sample not together with --low_vram (which already streams every layer).")
+
+
+@dataclass
+class SampleConfig(ModelArgs, SampleArgs, MemoryArgs):
     """`cogfun sample`."""
 
 
@@ -246,7 +255,7 @@ class PrecomputeConfig(ModelArgs, DataArgs, EncodeArgs):
 
 
 @dataclass
-class TrainConfig(ModelArgs, DataArgs, EncodeArgs, ShardReadArgs, TrainArgs, ValidationArgs, UpstreamArgs):
+class TrainConfig(ModelArgs, DataArgs, EncodeArgs, ShardReadArgs, TrainArgs, ValidationArgs, UpstreamArgs, MemoryArgs):
     """`cogfun train` (data and encode flags are used when it must precompute first)."""
 
 

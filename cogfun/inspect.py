@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import fields
 
 from cogfun.buckets import Sampling, one_frame_videos, parse_bucket, sample_bytes, tokens_per_sample
 from cogfun.config import InspectConfig, ConfigError, mask_policy_list
@@ -187,6 +188,8 @@ def format_table(report: dict) -> str:
             lines.append(f"conditionings cached per clip (views x masks per policy x policies, + t2v): "
                          f"{m['conditionings_per_clip_mean']:g} on average, at most {m['conditionings_per_clip_max']}; "
                          f"a clip shows each view with each mask set within {m['cycle_epochs_max']} epoch(s)")
+    if report.get("memory"):
+        lines.extend(memory_lines(report["memory"]))
     lines.extend(media_lines(report))
     return "\n".join(lines)
 
@@ -248,8 +251,46 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+def memory_report(cfg: InspectConfig, buckets: list[dict]) -> dict:
+    """The training-memory estimate of `cogfun.lowmem` for the model and these buckets, with the LoRA
+    of train's default --rank / --network_alpha / --target_name."""
+    from cogfun.config import TrainArgs
+    from cogfun.lowmem import estimate_training_memory
+
+    lora = {f.name: f.default for f in fields(TrainArgs) if f.name in ("rank", "network_alpha", "target_name")}
+    shapes = sorted({(b["frames"], b["height"], b["width"]) for b in buckets})
+    est = estimate_training_memory(cfg.pretrained_model_name_or_path, shapes, rank=lora["rank"],
+                                   alpha=lora["network_alpha"], target_name=lora["target_name"])
+    by_shape = {(r["frames"], r["height"], r["width"]): r for r in est.pop("buckets")}
+    est["lora"] = lora
+    est["buckets"] = {b["name"]: by_shape[(b["frames"], b["height"], b["width"])]["peak"] for b in buckets}
+    return est
+
+
+def memory_lines(m: dict) -> list[str]:
+    gib = _human
+    w = m["frozen_weight_bytes"]
+    lines = [f"training memory per GPU (estimate; batch 1, --mixed_precision bf16, LoRA rank {m['lora']['rank']} "
+             f"on {m['lora']['target_name']}): frozen transformer weights bf16 {gib(w['bf16'])}, float8 "
+             f"{gib(w['fp8'])} ({w['fp8'] / w['bf16']:.2f}x); LoRA + gradients + AdamW {gib(m['lora_state_bytes'])}",
+             f"  {'bucket (HxWxF)':>16} " + " ".join(f"{k:>20}" for k in OPTION_COLUMNS.values())]
+    for name, peaks in m["buckets"].items():
+        lines.append(f"  {name:>16} " + " ".join(
+            f"{gib(peaks[k]['checkpointing']) + ' (' + gib(peaks[k]['no_checkpointing']) + ')':>20}" for k in OPTION_COLUMNS))
+    lines.append("  with --gradient_checkpointing (without it in brackets); offload = --offload_blocks <all "
+                 f"{m['blocks']} blocks>. Weights counted exactly on the meta device, activations = what autograd "
+                 "keeps in one block's training forward (meta tensors, fused attention) x blocks; not counted: "
+                 "CUDA context, allocator slack, single ops' transient buffers")
+    return lines
+
+
+OPTION_COLUMNS = {"bf16": "bf16", "fp8": "float8", "bf16+offload": "bf16+offload", "fp8+offload": "float8+offload"}
+
+
 def run(cfg: InspectConfig) -> dict:
     report = report_from_shards(cfg) if cfg.shard_dir else report_from_dataset(cfg)
+    if cfg.pretrained_model_name_or_path and report["buckets"]:
+        report["memory"] = memory_report(cfg, report["buckets"])
     if cfg.json:
         print(json.dumps(report, indent=2))
     else:

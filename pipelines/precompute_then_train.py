@@ -12,8 +12,14 @@ from cogfun.config import PrecomputeConfig, TrainConfig, subset
 
 
 def run(cfg: TrainConfig) -> dict:
-    from stages.train import train
+    from cogfun.lowmem import check_launch
+    from cogfun.models import read_component_config
+    from stages.train import launch_kind, train
 
+    # refused before any encoding, as train would refuse them
+    check_launch(cfg.base_weight_dtype, cfg.offload_blocks, kind=launch_kind(), mixed_precision=cfg.mixed_precision,
+                 blocks=read_component_config(cfg.pretrained_model_name_or_path, "transformer").get("num_layers", 30)
+                 if cfg.pretrained_model_name_or_path else None)
     if cfg.train_data_meta:
         from stages.precompute import precompute
 

@@ -111,6 +111,19 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path):
 
 # ------------------------------------------------------------------ checks
 
+def weight_dtypes(cfg: TrainConfig):
+    """(compute, storage) dtype of the frozen transformer: --mixed_precision's (fp32 under FSDP, which
+    shards one flat dtype per unit and computes in bf16 through its policy) and --base_weight_dtype's
+    (default: the compute dtype)."""
+    import torch
+
+    from cogfun.lowmem import storage_dtype
+    from cogfun.models import dtype_of
+
+    compute = torch.float32 if launch_kind() == "fsdp" else dtype_of(cfg.mixed_precision)
+    return compute, storage_dtype(cfg.base_weight_dtype, compute)
+
+
 def check_shards_fit(manifest: dict, tcfg, train_mode: str, family=None) -> None:
     """Refuse shards that do not fit the transformer (latent channels, text dim, in_channels) or
     were made for another model family (`family`: the frame rule of patch_size_t, reference noise)."""
@@ -509,9 +522,11 @@ def rotary_embedding(transformer_config, latent_shape, device):
 def save_lora_files(folder: Path, lora_sd: dict, cfg: TrainConfig, targets: list[str], step: int,
                     manifest: dict, *, kohya: bool) -> None:
     from cogfun.lora import EXPORT_FORMATS, save_lora_as
+    from cogfun.lowmem import dtype_name
 
     meta = {"cogfun_step": str(step), "cogfun_config": json.dumps(to_dict(cfg), sort_keys=True),
-            "cogfun_shards_fingerprint": manifest["fingerprint"]}
+            "cogfun_shards_fingerprint": manifest["fingerprint"],
+            "cogfun_base_weight_dtype": dtype_name(weight_dtypes(cfg)[1])}
     # the diffusers file (resume reads it); with `kohya` also the CogVideoX-Fun/kohya and core ComfyUI files
     for fmt in EXPORT_FORMATS if kohya else ["diffusers"]:
         save_lora_as(fmt, folder / EXPORT_FORMATS[fmt], lora_sd, rank=cfg.rank, alpha=cfg.network_alpha,
@@ -627,7 +642,7 @@ def train(cfg: TrainConfig) -> dict:
     from safetensors.torch import load
     from tqdm import tqdm
 
-    from cogfun import models, validation
+    from cogfun import lowmem, models, validation
     from cogfun.loader import BucketBatchSampler, CachedSamples, batches, held_out, index_rows
     from cogfun.lora import LORA_WEIGHT_NAME, inject_lora
     from cogfun.storage import open_store
@@ -638,6 +653,8 @@ def train(cfg: TrainConfig) -> dict:
             raise ConfigError(f"--{flag} is required")
     output_dir = Path(cfg.output_dir)
     family = models.transformer_family(cfg.pretrained_model_name_or_path)  # refuses what cogfun cannot train
+    lowmem.check_launch(cfg.base_weight_dtype, cfg.offload_blocks, kind=launch_kind(), mixed_precision=cfg.mixed_precision,
+                        blocks=models.read_component_config(cfg.pretrained_model_name_or_path, "transformer").get("num_layers", 30))
     store = open_store(cfg)  # a local dir or a URL (per-node cache, retries)
     manifest = shards.require_manifest(store)
     store.check_cache_fits(manifest["shard_bytes"])
@@ -647,9 +664,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     device = accelerator.device
-    weight_dtype = models.dtype_of(cfg.mixed_precision)
-    if launch_kind() == "fsdp":
-        weight_dtype = torch.float32  # FSDP shards one flat dtype per unit; bf16 compute via its policy
+    weight_dtype, storage_dtype = weight_dtypes(cfg)
 
     tcfg_dict = models.read_component_config(cfg.pretrained_model_name_or_path, "transformer")
     from types import SimpleNamespace
@@ -658,7 +673,7 @@ def train(cfg: TrainConfig) -> dict:
                                                   **tcfg_dict}), cfg.train_mode, family)
     # validation prompts: encoded by a side process (T5 never enters this one), before the transformer loads
     validation_set = validation.prepare(cfg, output_dir, accelerator)
-    transformer = models.load_transformer(cfg.pretrained_model_name_or_path, weight_dtype)
+    transformer = models.load_transformer(cfg.pretrained_model_name_or_path, lowmem.load_dtype(storage_dtype, weight_dtype))
     if cfg.transformer_path:   # CogVideoX-Fun's --transformer_path: weights over the folder's, before the LoRA
         missing, unexpected = models.load_transformer_weights(transformer, cfg.transformer_path)
         if main:
@@ -677,6 +692,7 @@ def train(cfg: TrainConfig) -> dict:
     targets = inject_lora(transformer, rank=cfg.rank, alpha=cfg.network_alpha, target_name=cfg.target_name,
                           seed=cfg.seed, lora_dtype=torch.float32)
     params = [p for p in transformer.parameters() if p.requires_grad]
+    lowmem.apply_base_weight_dtype(transformer, storage_dtype, weight_dtype)  # before the device sees the weights
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.to(device)
@@ -699,9 +715,13 @@ def train(cfg: TrainConfig) -> dict:
                                  num_training_steps=max_steps * world)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     unwrapped = accelerator.unwrap_model(transformer)
+    offloaded = lowmem.offload_blocks(unwrapped, cfg.offload_blocks, device)  # after prepare: DDP/DeepSpeed broadcast weights
 
     global_step = 0
     resume_dir = agree_on_checkpoint(accelerator, output_dir, cfg.resume_from_checkpoint)
+    if main:
+        for note in lowmem.memory_notes(cfg.base_weight_dtype, cfg.offload_blocks, cfg.gradient_checkpointing):
+            print(note)
     if cfg.resume_from_checkpoint and resume_dir is None and main:
         print(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting from step 0")
     if resume_dir is not None:
@@ -715,7 +735,10 @@ def train(cfg: TrainConfig) -> dict:
         run_config = {"config": to_dict(cfg), "launch": launch_kind(), "world_size": world,
                       "lora_targets": targets, "steps_per_epoch": steps_per_epoch, "max_train_steps": max_steps,
                       "shards_fingerprint": manifest["fingerprint"], "eval_samples_held_out": len(eval_indices),
-                      "mask_policy_weights": weights}
+                      "mask_policy_weights": weights, "base_weight_dtype": lowmem.dtype_name(storage_dtype),
+                      "compute_dtype": lowmem.dtype_name(weight_dtype), "offloaded_layers": len(offloaded),
+                      "frozen_bytes_on_device": lowmem.resident_bytes(unwrapped),
+                      "frozen_bytes_offloaded": lowmem.offloaded_bytes(unwrapped)}
         shards.write_json_atomic(output_dir / "run_config.json", run_config)
     if accelerator.log_with:
         accelerator.init_trackers(cfg.tracker_project_name, config={k: v for k, v in to_dict(cfg).items()
