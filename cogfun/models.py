@@ -216,25 +216,12 @@ def encode_clips(vae, pixels):
 # ---------------------------------------------------------------- transformer / scheduler
 
 def load_transformer(model: str | Path, dtype):
-    from diffusers import CogVideoXTransformer3DModel
+    """The transformer as CogVideoX-Fun's own class runs it (`cogfun.positions.FunTransformer`:
+    diffusers' class and weights, CogVideoX-Fun's positions at every size, the CogVideoX 1.5 padding
+    of a 1-latent-frame input built in). Callers pass no `image_rotary_emb` and pad nothing."""
+    from cogfun.positions import FunTransformer
 
-    return CogVideoXTransformer3DModel.from_pretrained(component_dir(model, "transformer"), torch_dtype=dtype)
-
-
-def pad_for_patch_t(hidden_states, patch_size_t: int | None):
-    """CogVideoX-Fun's transformer for CogVideoX 1.5: a 1-latent-frame input [B, 1, C, h, w] gets
-    zero frames appended up to patch_size_t (diffusers' class has no such padding). Returns (input,
-    real frame count): crop the output back with `[:, :n]` so the loss covers the real frame only."""
-    import torch
-
-    n = hidden_states.shape[1]
-    if not patch_size_t or n % patch_size_t == 0:
-        return hidden_states, n
-    if n != 1:
-        raise ValueError(f"{n} latent frames do not fill patches of {patch_size_t} frames (the shards' "
-                         f"frame rule should have made them a multiple)")
-    pad = hidden_states.new_zeros(hidden_states.shape[0], patch_size_t - 1, *hidden_states.shape[2:])
-    return torch.cat([hidden_states, pad], dim=1), n
+    return FunTransformer.from_pretrained(component_dir(model, "transformer"), torch_dtype=dtype)
 
 
 def load_scheduler(model: str | Path):
