@@ -96,7 +96,8 @@ class StretchedPatchEmbed(CogVideoXPatchEmbed):
                 f"{self.sample_frames} frames (--video_sample_n_frames / --num_frames)")
         p = self.patch_size
         grid = (self.sample_height // p, self.sample_width // p)
-        table = self.pos_embedding[:, self.max_text_seq_length:]
+        # in the model's dtype, as CogVideoX-Fun's class holds the table (diffusers keeps it in float64)
+        table = self.pos_embedding[:, self.max_text_seq_length:].to(self.text_proj.weight.dtype)
         table = table.reshape(1, table_frames, *grid, self.embed_dim).permute(0, 4, 1, 2, 3)
         table = F.interpolate(table, size=(table_frames, height // p, width // p), mode="trilinear",
                               align_corners=False)
