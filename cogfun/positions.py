@@ -149,10 +149,11 @@ class FunTransformer(CogVideoXTransformer3DModel):
                 image_rotary_emb=None, attention_kwargs=None, return_dict: bool = True):
         frames = hidden_states.shape[1]
         hidden_states = pad_frames(hidden_states, self.config.patch_size_t)
-        rope = rotary_tables(self.config, *hidden_states.shape[1:2], *hidden_states.shape[3:], hidden_states.device)
+        padded_frames, _, height, width = hidden_states.shape[1:]
+        rope = rotary_tables(self.config, padded_frames, height, width, hidden_states.device)
         out = super().forward(hidden_states, encoder_hidden_states, timestep, timestep_cond=timestep_cond, ofs=ofs,
                               image_rotary_emb=rope, attention_kwargs=attention_kwargs, return_dict=return_dict)
-        if hidden_states.shape[1] == frames:
+        if padded_frames == frames:
             return out
         if not return_dict:
             return (out[0][:, :frames],)
