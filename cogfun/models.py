@@ -53,12 +53,15 @@ class TransformerFamily:
 
     `patch_size_t` (CogVideoX 1.5: 2): latent frames are patched in pairs, so every video sample
     needs a multiple of it (`latent_multiple`); `reference_noise`: CogVideoX-Fun's
-    `add_noise_in_inpaint_model` (noise on the reference pixels before the masked-clip encode).
+    `add_noise_in_inpaint_model` (noise on the reference pixels before the masked-clip encode);
+    `position_frames`: the most latent frames the model's positions cover (sincos models: the
+    stored table's, `position_frames_of`; None with RoPE).
     """
     in_channels: int
     latent_channels: int
     patch_size_t: int | None
     reference_noise: bool
+    position_frames: int | None = None
 
     @property
     def latent_multiple(self) -> int:
@@ -103,7 +106,29 @@ def transformer_family(model: str | Path) -> TransformerFamily:
     p_t = raw.get("patch_size_t")
     return TransformerFamily(in_channels=in_channels, latent_channels=latent,
                              patch_size_t=int(p_t) if p_t and int(p_t) > 1 else None,
-                             reference_noise=bool(raw.get("add_noise_in_inpaint_model", False)))
+                             reference_noise=bool(raw.get("add_noise_in_inpaint_model", False)),
+                             position_frames=position_frames_of(raw))
+
+
+def position_frames_of(transformer_config: dict) -> int | None:
+    """The most latent frames a model without RoPE can take: CogVideoX-Fun's class stretches its
+    stored sincos table over height and width only, so the table's (sample_frames - 1) / 4 + 1
+    frames (49 -> 13) bound every input (`cogfun.positions`). None for RoPE models (any length)."""
+    if transformer_config.get("use_rotary_positional_embeddings", False):
+        return None
+    ratio = transformer_config.get("temporal_compression_ratio", 4)
+    return (transformer_config.get("sample_frames", 49) - 1) // ratio + 1
+
+
+def check_position_frames(position_frames: int | None, frames: int, flag: str) -> None:
+    """Refuse `frames` pixel frames (from `flag`) beyond what the model's positions cover
+    (`position_frames_of`), before any work, naming the largest count that fits."""
+    if position_frames is None or (frames - 1) // 4 + 1 <= position_frames:
+        return
+    raise ModelError(f"{flag} {frames}: this model has sincos positions (no RoPE) stored for "
+                     f"{position_frames} latent frames ({(position_frames - 1) * 4 + 1} frames: its transformer "
+                     f"config's sample_frames); CogVideoX-Fun's transformer class cannot run longer inputs and "
+                     f"neither does cogfun's: use at most {(position_frames - 1) * 4 + 1}")
 
 
 def _weight_files(folder: Path) -> list[Path]:

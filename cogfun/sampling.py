@@ -111,6 +111,7 @@ def geometry(transformer_config: dict, frames: int | None, height: int | None, w
         lo = (max(frames, 1) - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1
         raise ConfigError(f"{flags[0]} {frames}: must be 4k+1 (the VAE packs 4 frames per latent frame "
                           f"after the first): use {lo} or {lo + VAE_TEMPORAL}")
+    models.check_position_frames(models.position_frames_of(transformer_config), frames, flags[0])
     unit = VAE_SPATIAL * transformer_config.get("patch_size", 2)
     for flag, value in zip(flags[1:], (height, width)):
         if value < unit or value % unit:

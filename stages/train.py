@@ -114,7 +114,10 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path):
 
 def check_shards_fit(manifest: dict, tcfg, train_mode: str, family=None) -> None:
     """Refuse shards that do not fit the transformer (latent channels, text dim, in_channels) or
-    were made for another model family (`family`: the frame rule of patch_size_t, reference noise)."""
+    were made for another model family (`family`: the frame rule of patch_size_t, reference noise,
+    the frames its positions cover)."""
+    from cogfun.buckets import VAE_TEMPORAL, latent_frames, parse_bucket
+
     model = manifest["model"]
     problems = []
     if family is not None:
@@ -124,6 +127,13 @@ def check_shards_fit(manifest: dict, tcfg, train_mode: str, family=None) -> None
                             f"(patch_size_t {made if made > 1 else 'none'}), this transformer patches "
                             f"{family.latent_multiple} latent frame(s) at a time (patch_size_t "
                             f"{family.patch_size_t or 'none'}); precompute the shards with this model")
+        longest = max((parse_bucket(b)[2] for b in manifest.get("buckets", {})), default=1)
+        if family.position_frames is not None and latent_frames(longest) > family.position_frames:
+            problems.append(f"frames: the shards hold {longest}-frame samples ({latent_frames(longest)} latent frames); "
+                            f"this model's sincos positions cover {family.position_frames} latent frames "
+                            f"(transformer config sample_frames), as in CogVideoX-Fun's transformer class; "
+                            f"precompute with --video_sample_n_frames <= "
+                            f"{(family.position_frames - 1) * VAE_TEMPORAL + 1}")
         noise = bool(manifest.get("reference_noise"))
         if train_mode in ("inpaint", "i2v") and manifest["mask_policies"] and noise != family.reference_noise:
             problems.append("reference noise: " + (

@@ -152,3 +152,37 @@ def test_pipeline_rope_is_replaced_and_padding_is_inside(models_dir):
     sincos = models.load_transformer(models_dir["inp"], torch.float32)
     with pytest.raises(ValueError, match="covers 13 latent frames.*sample_frames 49"):
         sincos(hidden_states=torch.randn(1, 14, 33, 4, 4), encoder_hidden_states=text, timestep=torch.tensor([10]))
+
+
+def test_frames_beyond_the_sincos_table_are_refused_before_any_work(models_dir, tmp_path):
+    """A 2b model's positions cover its sample_frames (49 -> 13 latent frames): longer videos are refused
+    by `cogfun sample` / validation geometry, precompute (before reading any media) and train (the shards)."""
+    from types import SimpleNamespace
+
+    from cogfun import models, sampling
+    from cogfun.config import PrecomputeConfig
+    from cogfun.masks import MASK_DESIGN
+    from cogfun.shards import ShardError
+    from stages.precompute import precompute
+    from stages.train import check_shards_fit
+
+    sincos = models.read_component_config(models_dir["inp"], "transformer")
+    assert sampling.geometry(sincos, 49, 64, 64).frames == 49
+    with pytest.raises(models.ModelError, match=r"^--num_frames 53: .*sample_frames.*use at most 49$"):
+        sampling.geometry(sincos, 53, 64, 64)
+    rope = models.read_component_config(models_dir["5b-inp-v1.1"], "transformer")
+    assert sampling.geometry(rope, 85, 64, 64).frames == 85   # RoPE: any length
+
+    cfg = PrecomputeConfig(pretrained_model_name_or_path=str(models_dir["inp"]), train_data_meta=str(tmp_path / "m.json"),
+                           shard_dir=str(tmp_path / "shards"), video_sample_n_frames=85)
+    with pytest.raises(models.ModelError, match="--video_sample_n_frames 85"):
+        precompute(cfg)
+    assert not (tmp_path / "shards").exists()
+
+    family = models.transformer_family(models_dir["inp"])
+    manifest = {"model": {"latent_channels": 16, "text_dim": 32}, "mask_policies": ["i2v"], "mask_design": MASK_DESIGN,
+                "latent_frame_multiple": 1, "reference_noise": None, "buckets": {"64x64x49": 2, "64x64x53": 1}}
+    tcfg = SimpleNamespace(out_channels=16, text_embed_dim=32, in_channels=33)
+    with pytest.raises(ShardError, match="53-frame samples .*13 latent frames.*--video_sample_n_frames <= 49"):
+        check_shards_fit(manifest, tcfg, "inpaint", family)
+    check_shards_fit({**manifest, "buckets": {"64x64x49": 2}}, tcfg, "inpaint", family)
