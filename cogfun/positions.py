@@ -96,7 +96,6 @@ class StretchedPatchEmbed(CogVideoXPatchEmbed):
                 f"{self.sample_frames} frames (--video_sample_n_frames / --num_frames)")
         p = self.patch_size
         grid = (self.sample_height // p, self.sample_width // p)
-        # in the model's dtype, as CogVideoX-Fun's class holds the table (diffusers keeps it in float64)
         table = self.pos_embedding[:, self.max_text_seq_length:].to(self.text_proj.weight.dtype)
         table = table.reshape(1, table_frames, *grid, self.embed_dim).permute(0, 4, 1, 2, 3)
         table = F.interpolate(table, size=(table_frames, height // p, width // p), mode="trilinear",
@@ -115,6 +114,9 @@ def stretch_patch_embed(embed: CogVideoXPatchEmbed) -> StretchedPatchEmbed:
                          "CogVideoX-Fun one; cogfun does not train it")
     embed.__class__ = StretchedPatchEmbed
     embed.use_positional_embeddings = False  # diffusers' recomputed table off; forward adds the stretched one
+    # CogVideoX-Fun's class holds the table in float32, then in the model's dtype; diffusers' stays
+    # float64 (270 MB for the real 2b models), whatever dtype the model is loaded in
+    embed.pos_embedding = embed.pos_embedding.float().to(embed.text_proj.weight.dtype)
     return embed
 
 
