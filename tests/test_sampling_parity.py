@@ -3,7 +3,8 @@ and conditioning): final latents within 1e-3 on the tiny InP stand-ins.
 
 Reference latents (tests/data/sampling_reference.safetensors, see tests/data/README.md): VideoX-Fun's
 pipeline with its transformer and VAE classes on the same tiny weights, inputs as its predict
-scripts build them, 96x160, 9 frames, 5 DDIM steps, guidance 6, seed 42.
+scripts build them, 96x160, 9 frames (5 for the 1.5 model: an even latent count, see README), 5 DDIM
+steps, guidance 6, seed 42.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 REFERENCE = Path(__file__).parent / "data" / "sampling_reference.safetensors"
 
 
-@pytest.mark.parametrize("variant,mode", [("inp", "t2v"), ("inp", "i2v"), ("5b-inp-v1.1", "t2v")])
+@pytest.mark.parametrize("variant,mode", [("inp", "t2v"), ("inp", "i2v"), ("5b-inp-v1.1", "t2v"), ("v1.5-5b-inp", "t2v")])
 def test_final_latents_equal_cogvideox_fun_pipeline(tmp_path, variant, mode):
     from PIL import Image
     from safetensors import safe_open
@@ -36,7 +37,8 @@ def test_final_latents_equal_cogvideox_fun_pipeline(tmp_path, variant, mode):
     g = torch.Generator().manual_seed(meta["embeds_seed"])
     prompt, negative = torch.randn(226, 32, generator=g), torch.randn(226, 32, generator=g)
 
-    geo = sampling.geometry(models.read_component_config(model, "transformer"), meta["frames"], height, width)
+    frames = meta["case_frames"].get(f"{variant}.{mode}", meta["frames"])
+    geo = sampling.geometry(models.read_component_config(model, "transformer"), frames, height, width)
     vae = models.load_vae(model, torch.float32, torch.device("cpu"))
     request = sampling.Request("a prompt", image=str(image) if mode == "i2v" else None)
     condition = sampling.inpaint_condition(vae, request, geo, reference_noise=False,
@@ -46,5 +48,5 @@ def test_final_latents_equal_cogvideox_fun_pipeline(tmp_path, variant, mode):
         latents = sampling.denoise(transformer, models.load_sampling_scheduler(model), prompt, negative, condition,
                                    geo, steps=meta["steps"], guidance_scale=meta["guidance_scale"], seed=meta["seed"],
                                    device=torch.device("cpu"), dtype=torch.float32, progress=False)
-    assert latents.shape == expected.shape == (1, 3, 16, height // 8, width // 8)
+    assert latents.shape == expected.shape == (1, geo.latent_frames, 16, height // 8, width // 8)
     torch.testing.assert_close(latents, expected, atol=1e-3, rtol=0)   # measured: <= 5e-6 (main: 2.5)
