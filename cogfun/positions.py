@@ -8,7 +8,7 @@ positions differ from diffusers' `CogVideoXTransformer3DModel` away from the nat
 - **sincos (2b models, `use_rotary_positional_embeddings: false`).** The patch embedding keeps the
   table diffusers builds for (frames', sample_height / patch, sample_width / patch) and *resizes* it
   to the input's grid, trilinear with `align_corners=False` (the frame axis keeps its length), then
-  cuts it to the input's tokens. diffusers recomputes sin/cos at the input's grid instead (a 35-58 %
+  cuts it to the input's tokens. diffusers recomputes sin/cos at the input's grid instead (a 37-58 %
   relative difference of a tiny 2b model's whole forward at 512-based buckets).
 - **RoPE, CogVideoX 1.0 (V1.1-5b).** The crop-region grid with numpy's
   `linspace(start, stop, n, endpoint=False)` spacing: position `start + (stop - start) * i / n`.
