@@ -374,11 +374,9 @@ def measure_options(config: dict, frames: int, height: int, width: int, device, 
     import gc
 
     import torch
-    from diffusers import CogVideoXTransformer3DModel
-
     from cogfun import lowmem
     from cogfun.lora import inject_lora
-    from stages.train import rotary_embedding
+    from cogfun.positions import FunTransformer
 
     device = torch.device(device)
     cuda = device.type == "cuda"
@@ -388,7 +386,7 @@ def measure_options(config: dict, frames: int, height: int, width: int, device, 
         t = optim = None
         try:
             with torch.device(device):
-                t = CogVideoXTransformer3DModel(**config).to(torch.bfloat16)
+                t = FunTransformer(**config).to(torch.bfloat16)
             inject_lora(t, rank=128, alpha=64, target_name=TARGETS, seed=0, lora_dtype=torch.float32)
             t.enable_gradient_checkpointing()
             storage = torch.float8_e4m3fn if opt.get("base_weight_dtype") else torch.bfloat16
@@ -398,7 +396,6 @@ def measure_options(config: dict, frames: int, height: int, width: int, device, 
             optim = torch.optim.AdamW(params, lr=1e-4)
             x = torch.randn(1, lat[0], config.get("in_channels", 16), lat[1], lat[2], device=device, dtype=torch.bfloat16)
             text = torch.randn(1, 226, t.config.text_embed_dim, device=device, dtype=torch.bfloat16)
-            rope = rotary_embedding(t.config, x.shape, device)
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -407,7 +404,7 @@ def measure_options(config: dict, frames: int, height: int, width: int, device, 
                 t0 = time.perf_counter()
                 with torch.autocast(device.type, dtype=torch.bfloat16):
                     out = t(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([500], device=device),
-                            image_rotary_emb=rope, return_dict=False)[0]
+                            return_dict=False)[0]
                 out.float().square().mean().backward()
                 torch.nn.utils.clip_grad_norm_(params, 0.05)
                 optim.step()

@@ -14,9 +14,12 @@ own (LoRA-carrying, possibly sharded) transformer:
    No image = the t2v policy: mask and masked latents all zero (CogVideoX-Fun's all-masked case).
 2. (the caller) a transformer; `load_lora` applies a trained LoRA file to a loaded one.
 3. `denoise`: diffusers' `CogVideoXPipeline` runs the loop (scheduler, classifier-free guidance,
-   5b RoPE, progress bar) on a `Denoiser`: the transformer as the pipeline sees a text-to-video
+   progress bar) on a `Denoiser`: the transformer as the pipeline sees a text-to-video
    one, 16 input channels, with the (CFG-doubled) conditioning appended to every call. So the InP
-   models need no second copy of the loop; only the conditioning is ours.
+   models need no second copy of the loop; only the conditioning is ours. The positions are the
+   transformer's own (`cogfun.positions`: the pipeline's RoPE is replaced), so the final latents are
+   those of CogVideoX-Fun's `CogVideoXFunInpaintPipeline` for the same seed, prompts and image
+   (tests/test_sampling_parity.py).
 4. `decode`: the VAE (loaded only now) -> uint8 frames; `cogfun.video.write_mp4` writes them.
 
 Frame counts: `num_frames` must be 4k+1. CogVideoX 1.5 transformers (`patch_size_t: 2`) need a
@@ -108,6 +111,7 @@ def geometry(transformer_config: dict, frames: int | None, height: int | None, w
         lo = (max(frames, 1) - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1
         raise ConfigError(f"{flags[0]} {frames}: must be 4k+1 (the VAE packs 4 frames per latent frame "
                           f"after the first): use {lo} or {lo + VAE_TEMPORAL}")
+    models.check_position_frames(models.position_frames_of(transformer_config), frames, flags[0])
     unit = VAE_SPATIAL * transformer_config.get("patch_size", 2)
     for flag, value in zip(flags[1:], (height, width)):
         if value < unit or value % unit:

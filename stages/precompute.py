@@ -237,6 +237,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
     shard_dir = Path(plain_path(cfg.shard_dir))   # file:///x is /x, as the readers (fsspec) see it
     family = models.transformer_family(cfg.pretrained_model_name_or_path)  # frame rule, reference noise
+    models.check_position_frames(family.position_frames, cfg.video_sample_n_frames, "--video_sample_n_frames")
     sampling = Sampling.from_config(cfg, latent_multiple=family.latent_multiple)
     sampling.validate()
     policies = mask_policy_list(cfg)

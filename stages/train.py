@@ -6,8 +6,9 @@ manifest checks -> transformer + LoRA -> data -> resume -> loop -> LoRA export.
 Training maths follow CogVideoX-Fun's train_lora.py: DDPM from the model's scheduler config
 (v-prediction, zero terminal SNR), t ~ U{0..999}, x0 = posterior sample from the cached
 mean/logvar times the VAE scaling factor, MSE on the velocity in fp32, 10 % caption dropout on
-the cached empty-caption embedding; for CogVideoX 1.5 (patch_size_t) a 1-frame sample gets a zero
-latent frame appended for the patch and its output cropped back (the loss covers the real frame);
+the cached empty-caption embedding; the transformer (`cogfun.positions.FunTransformer`) computes
+CogVideoX-Fun's positions and, for CogVideoX 1.5 (patch_size_t), appends a zero latent frame to a
+1-frame sample for the patch and crops its output back (the loss covers the real frame);
 with `add_noise_in_inpaint_model` the conditioning carries reference noise (cogfun.masks). Every
 random draw of a batch comes from generators seeded by (seed, epoch, global batch id), so a resumed
 run (and a run on another world size) sees the same noise for the same batch.
@@ -126,7 +127,10 @@ def weight_dtypes(cfg: TrainConfig):
 
 def check_shards_fit(manifest: dict, tcfg, train_mode: str, family=None) -> None:
     """Refuse shards that do not fit the transformer (latent channels, text dim, in_channels) or
-    were made for another model family (`family`: the frame rule of patch_size_t, reference noise)."""
+    were made for another model family (`family`: the frame rule of patch_size_t, reference noise,
+    the frames its positions cover)."""
+    from cogfun.buckets import VAE_TEMPORAL, latent_frames, parse_bucket
+
     model = manifest["model"]
     problems = []
     if family is not None:
@@ -136,6 +140,13 @@ def check_shards_fit(manifest: dict, tcfg, train_mode: str, family=None) -> None
                             f"(patch_size_t {made if made > 1 else 'none'}), this transformer patches "
                             f"{family.latent_multiple} latent frame(s) at a time (patch_size_t "
                             f"{family.patch_size_t or 'none'}); precompute the shards with this model")
+        longest = max((parse_bucket(b)[2] for b in manifest.get("buckets", {})), default=1)
+        if family.position_frames is not None and latent_frames(longest) > family.position_frames:
+            problems.append(f"frames: the shards hold {longest}-frame samples ({latent_frames(longest)} latent frames); "
+                            f"this model's sincos positions cover {family.position_frames} latent frames "
+                            f"(transformer config sample_frames), as in CogVideoX-Fun's transformer class; "
+                            f"precompute with --video_sample_n_frames <= "
+                            f"{(family.position_frames - 1) * VAE_TEMPORAL + 1}")
         noise = bool(manifest.get("reference_noise"))
         if train_mode in ("inpaint", "i2v") and manifest["mask_policies"] and noise != family.reference_noise:
             problems.append("reference noise: " + (
@@ -450,18 +461,17 @@ EVAL_TIMESTEPS = 9
 
 
 def eval_loss(accelerator, transformer, dataset, indices: list[int], *, cfg: TrainConfig, scheduler, scaling: float,
-              policies: list[str], device, dtype, family) -> float:
+              policies: list[str], device, dtype) -> float:
     """Mean velocity MSE of the held-out samples at 9 fixed timesteps (the midpoints of 9 equal
     quantiles of [0, T)), with fixed noise per (sample, timestep), the posterior mean as x0, the
     sample's own caption and a fixed mask policy per sample (clean conditioning, no reference noise):
-    the same weights give the same number. CogVideoX 1.5: padded for the patch as in training.
+    the same weights give the same number. Positions and the CogVideoX 1.5 padding: the transformer's own.
 
     Split across the ranks and reduced; every rank runs the same number of forwards (FSDP gathers
     weights in each). Call on every rank.
     """
     import torch
 
-    from cogfun import models
     from cogfun.masks import conditioning, parse_weights, weights_for
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -488,33 +498,16 @@ def eval_loss(accelerator, transformer, dataset, indices: list[int], *, cfg: Tra
             cond = conditioning(policy, t, 0, frames=meta["frames"], keep=latents.shape[1], scaling=scaling,
                                 geometry=meta.get("masks", {}).get(policy), device=device)
             model_in = torch.cat([model_in, cond.expand(EVAL_TIMESTEPS, *cond.shape[1:])], dim=2)
-        model_in, n_frames = models.pad_for_patch_t(model_in, family.patch_size_t)
-        rope = rotary_embedding(model.config, model_in.shape, device)
         for k in range(EVAL_TIMESTEPS):  # one timestep per forward: a training step's activation size
             with torch.no_grad(), accelerator.autocast():
                 pred = model(hidden_states=model_in[k:k + 1].to(dtype), encoder_hidden_states=t["prompt_embeds"].to(dtype),
-                             timestep=timesteps[k:k + 1], image_rotary_emb=rope, return_dict=False)[0][:, :n_frames]
+                             timestep=timesteps[k:k + 1], return_dict=False)[0]
             if j < len(mine):
                 total += torch.stack([torch.nn.functional.mse_loss(pred.float(), target[k:k + 1]).double(),
                                       torch.ones((), device=device, dtype=torch.float64)])
     model.train()
     total = accelerator.reduce(total, reduction="sum")
     return (total[0] / total[1]).item()
-
-
-def rotary_embedding(transformer_config, latent_shape, device):
-    """CogVideoX 5b-style 3D RoPE for this latent size (None for 2b-style models)."""
-    if not transformer_config.use_rotary_positional_embeddings:
-        return None
-    from types import SimpleNamespace
-
-    from diffusers import CogVideoXPipeline
-
-    from cogfun.buckets import VAE_SPATIAL
-
-    f_lat, _, h, w = latent_shape[1:]
-    fake = SimpleNamespace(vae_scale_factor_spatial=VAE_SPATIAL, transformer=SimpleNamespace(config=transformer_config))
-    return CogVideoXPipeline._prepare_rotary_positional_embeddings(fake, h * VAE_SPATIAL, w * VAE_SPATIAL, f_lat, device)
 
 
 # ------------------------------------------------------------------ saving
@@ -748,13 +741,11 @@ def train(cfg: TrainConfig) -> dict:
         kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= global_step]
         log_path.write_text("".join(line + "\n" for line in kept))
     transformer.train()
-    unwrapped_config = unwrapped.config
     sampling_scheduler = models.load_sampling_scheduler(cfg.pretrained_model_name_or_path) if validation_set else None
 
     def evaluate() -> float:
         return eval_loss(accelerator, transformer, dataset, eval_indices, cfg=cfg, scheduler=scheduler,
-                         scaling=scaling, policies=policies, device=device, dtype=weight_dtype,
-                         family=family)
+                         scaling=scaling, policies=policies, device=device, dtype=weight_dtype)
 
     if eval_indices and global_step == 0:  # the baseline the held-out loss falls from
         logs = {"eval_loss": evaluate()}
@@ -784,11 +775,9 @@ def train(cfg: TrainConfig) -> dict:
                     null_prompt=null_prompt, device=device, dtype=weight_dtype, family=family, black=black,
                     sample_n_frames=sample_n_frames, t_range=t_range,
                     keep_at_most=same_token_length_frames(cfg, batch, epoch, world, family, manifest["config"]))
-                model_in, n_frames = models.pad_for_patch_t(model_in, family.patch_size_t)
-                rope = rotary_embedding(unwrapped_config, model_in.shape, device)
                 with accelerator.autocast():
                     pred = transformer(hidden_states=model_in, encoder_hidden_states=prompts, timestep=timesteps,
-                                       image_rotary_emb=rope, return_dict=False)[0][:, :n_frames]
+                                       return_dict=False)[0]
                 loss = torch.nn.functional.mse_loss(pred.float(), target, reduction="mean")
                 if cfg.motion_sub_loss:
                     loss = with_motion_loss(loss, pred.float(), target, cfg.motion_sub_loss_ratio)
