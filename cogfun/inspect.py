@@ -30,10 +30,10 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
     policies = mask_policy_list(cfg)
     multiple, noise = 1, False
     if cfg.pretrained_model_name_or_path:  # the model's frame rule and reference noise (config reads only)
-        from cogfun.models import read_component_config, transformer_family
+        from cogfun.models import check_model_fits, read_component_config
 
         text_dim = read_component_config(cfg.pretrained_model_name_or_path, "text_encoder")["d_model"]
-        family = transformer_family(cfg.pretrained_model_name_or_path)
+        family = check_model_fits(cfg.pretrained_model_name_or_path, cfg.train_mode)  # as precompute refuses
         multiple, noise = family.latent_multiple, family.reference_noise and bool(policies)
     sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir)
     plans, skips, by_key = probe_and_plan(sources, Sampling.from_config(cfg, latent_multiple=multiple),

@@ -187,7 +187,8 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     state = dist.partial_state()
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
     shard_dir = Path(plain_path(cfg.shard_dir))   # file:///x is /x, as the readers (fsspec) see it
-    family = models.transformer_family(cfg.pretrained_model_name_or_path)  # frame rule, reference noise
+    # frame rule, reference noise; refuses a --train_mode (or a VAE / T5) the transformer does not fit
+    family = models.check_model_fits(cfg.pretrained_model_name_or_path, cfg.train_mode)
     sampling = Sampling.from_config(cfg, latent_multiple=family.latent_multiple)
     sampling.validate()
     policies = mask_policy_list(cfg)
