@@ -37,7 +37,7 @@ def run(workdir: Path, *, steps: int = 20) -> dict:
     summary = precompute(PrecomputeConfig(**data, **common))
     print(f"== train -> {workdir / 'output'}")
     # validation videos of the first frame of one of the clips at the middle and the end; a held-out eval loss
-    result = train(TrainConfig(**data, **common, output_dir=str(workdir / "output"), max_train_steps=steps,
+    result = train(TrainConfig(**data, **common, output_dir=str(workdir / "output"), overwrite=True, max_train_steps=steps,
                                checkpointing_steps=max(1, steps // 2), learning_rate=1e-3, rank=8,
                                network_alpha=4.0, use_peft_lora=True, report_to="tensorboard",
                                random_frame_crop=True, validation_prompts="A white square slides to the right. | "
