@@ -160,9 +160,13 @@ def shard_settings() -> list[str]:
     return [f.name for f in fields(PrecomputeConfig) if f.name not in TRAIN_READS]
 
 
-def _normal(key: str, value, train_mode: str):
+def _normal(key: str, value, made: dict):
+    """A shard setting's value as the shards' bytes see it (`made`: the shards' settings)."""
+    train_mode = made.get("train_mode", "normal")
     if key == "num_views":
         return num_views_setting(value)
+    if key == "max_views" and str(made.get("num_views")).strip().lower() != "auto":
+        return None                                            # read only with --num_views auto
     if key == "train_mode":
         return "normal" if value == "normal" else "inpaint"   # one mode, two names (as CogVideoX-Fun)
     if key == "mask_policies":
@@ -182,19 +186,21 @@ def adopt_shard_settings(cfg, manifest: dict) -> list[str]:
     warnings). Unset validation sizes default to the shards' largest video bucket."""
     made = manifest["config"]
     given = given_settings(cfg)
-    byte_keys = set(fingerprint_keys(DataArgs)) | {"vae_mini_batch"}
-    mode = made.get("train_mode", "normal")
-    clashes = []
+    byte_keys = set(fingerprint_keys(DataArgs)) | {"vae_mini_batch", "max_image_pixels"}   # change what they hold
+    clashes, unused = [], []
     for key in shard_settings():
         if key not in made:
             continue
         mine, theirs = getattr(cfg, key), made[key]
-        if _normal(key, mine, mode) == _normal(key, theirs, mode):
+        if _normal(key, mine, made) == _normal(key, theirs, made):
             continue
-        if key in given and key in byte_keys:
-            clashes.append(f"--{key} {mine} (the shards: {theirs})")
+        if key in given:
+            (clashes if key in byte_keys else unused).append(f"--{key} {mine} (the shards: {theirs})")
         setattr(cfg, key, theirs)
     warnings = []
+    if unused and not cfg.train_data_meta:   # (the seed's form used them, if the shards needed encoding)
+        warnings.append("note: precompute-only flags, unused when training from existing shards (they do not "
+                        "change what the shards hold): " + "; ".join(unused))
     if clashes:
         where = f"--shard_dir {cfg.shard_dir}"
         if not cfg.allow_data_flag_mismatch:

@@ -18,7 +18,7 @@ from safetensors import safe_open
 import cli
 from cogfun.config import ConfigError, PrecomputeConfig, TrainConfig
 from cogfun.models import ModelError
-from test_train import DATA, ROOT, TRAIN_FLAGS, VENV, base_args, cli_env, losses, setup  # noqa: F401 (fixture)
+from test_train import DATA, ROOT, VENV, base_args, cli_env, losses, setup  # noqa: F401 (fixture)
 
 
 @pytest.fixture(autouse=True)
@@ -134,8 +134,11 @@ def test_train_from_shards_takes_their_data_settings_and_refuses_contradicting_f
     assert not (tmp_path / "refused").exists()
     # the same value under the other name of the mode is no contradiction; with the flag: warned, shards' recorded
     out = tmp_path / "allowed"
-    result = invoke([*common, "--output_dir", str(out), *bad[:4], "--train_mode", "i2v", "--allow_data_flag_mismatch"])
+    result = invoke([*common, "--output_dir", str(out), *bad[:4], "--train_mode", "i2v", "--allow_data_flag_mismatch",
+                     "--probe_workers", "3"])
     assert result.exit_code == 0, result.output
+    assert "note: precompute-only flags, unused when training from existing shards" in result.output
+    assert "--probe_workers 3 (the shards: 8)" in result.output
     assert "WARNING" in result.output and "--video_sample_stride 3 (the shards: 2)" in result.output
     assert "--train_mode" not in result.output.split("WARNING")[1].splitlines()[0]
     recorded = json.loads((out / "run_config.json").read_text())["config"]
@@ -231,15 +234,18 @@ def test_a_run_says_what_it_does_and_lists_the_held_out_files(setup, tmp_path, c
 def test_sigint_saves_a_checkpoint_at_the_next_step_and_prints_the_resume_command(setup, tmp_path):
     out = tmp_path / "out"
     args = base_args(setup, out, steps=10, ckpt=1000)
+    err = open(tmp_path / "stderr.txt", "w+")   # a file, not a pipe: nothing blocks while the test waits
     proc = subprocess.Popen([str(VENV / "python"), str(ROOT / "cli.py"), *args], cwd=ROOT, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=err, text=True)
     log = out / "train_log.jsonl"
     deadline = time.time() + 120
     while not (log.exists() and log.read_text().count("\n") >= 1):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "stderr.txt").read_text()[-3000:]
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    err.seek(0)
+    stderr = err.read()
     assert proc.returncode == 130, stderr[-3000:]
     m = re.search(r"stopped by SIGINT at step (\d+); checkpoint saved to (\S+)\nResume with:\n  (.*)\n", stderr)
     assert m, stderr[-3000:]
@@ -269,3 +275,51 @@ def test_sigterm_is_a_stop_request_until_restored():
         stop.restore()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     assert Interrupted(signal.SIGTERM, 3, Path("o/checkpoint-3")).exit_code == 143
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(setup, tmp_path):
+    """2 processes (DDP over gloo): only rank 1 gets SIGTERM (a node's preemption); both ranks save one
+    complete checkpoint at the same step boundary and the launch exits non-zero."""
+    from test_train import LAUNCHES, free_port
+
+    out = tmp_path / "out"
+    launch, env = LAUNCHES["ddp"]
+    cmd = [str(VENV / "accelerate"), "launch", *launch, "--main_process_port", str(free_port()), str(ROOT / "cli.py"),
+           *base_args(setup, out, steps=10, ckpt=1000)]
+    log_file = open(tmp_path / "launch.txt", "w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(env), stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    log = out / "train_log.jsonl"
+    deadline = time.time() + 300
+    while not (log.exists() and log.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "launch.txt").read_text()[-3000:]
+        time.sleep(0.01)
+    ranks = children_by_rank(proc.pid)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGTERM)
+    proc.wait(timeout=300)
+    log_file.seek(0)
+    output = log_file.read()
+    assert proc.returncode != 0
+    m = re.search(r"stopped by SIGTERM at step (\d+); checkpoint saved to (\S+)\nResume with:\n  accelerate launch "
+                  r"<the same launch flags> ", output)
+    assert m, output[-4000:]
+    ckpt = Path(m.group(2))
+    assert state(ckpt)["global_step"] == int(m.group(1)) == len(losses(out)) < 10
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+
+
+def children_by_rank(pid: int) -> dict[int, int]:
+    """{RANK: pid} of the worker processes the launcher `pid` started (read from /proc)."""
+    found = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) != pid:
+                continue
+            env = dict(e.split(b"=", 1) for e in (p / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if b"RANK" in env:
+            found[int(env[b"RANK"])] = int(p.name)
+    return found
