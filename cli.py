@@ -86,7 +86,10 @@ def precompute(ctx, **params):
 @click_options(TrainConfig)
 @click.pass_context
 def train(ctx, **params):
-    """Train a LoRA from cached shards (precomputing them first when given --train_data_meta)."""
+    """Train a LoRA from cached shards (precomputing them first when given --train_data_meta).
+
+    One run per --output_dir. Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the next step boundary,
+    prints the command that resumes it and exits with 130 / 143."""
     cfg = build_config(TrainConfig, params, ctx)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from pipelines.precompute_then_train import run

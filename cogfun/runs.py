@@ -37,8 +37,9 @@ RUN_ENTRIES = (RUN_CONFIG, TRAIN_LOG, EVAL_FILES, "logs", "samples")
 LORA_FILES = "pytorch_lora_weights*.safetensors"
 
 # Settings of a run that fix the batch order and the held-out set: a checkpoint's data position
-# means nothing under other values, so a resume refuses a change.
-BATCH_ORDER = ("train_batch_size", "gradient_accumulation_steps", "seed", "video_repeat", "eval_samples")
+# means nothing under other values, so a resume refuses a change. (So does a change of the
+# micro-batches per step, --gradient_accumulation_steps x ranks; either factor alone may change.)
+BATCH_ORDER = ("train_batch_size", "seed", "video_repeat", "eval_samples")
 # Settings that do not describe the training (how this launch was started).
 NOT_SETTINGS = ("resume_from_checkpoint", "overwrite", "allow_data_flag_mismatch")
 # Settings `cogfun train` reads although precompute declares them too; the others of PrecomputeConfig
@@ -121,11 +122,11 @@ def settings_record(cfg) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if k not in NOT_SETTINGS}
 
 
-def check_resume(where: Path, record: dict | None, mine: dict, settings: dict) -> dict:
+def check_resume(where: Path, record: dict | None, mine: dict, settings: dict, world: int) -> dict:
     """Refuse to resume from a checkpoint (or a run record) of another run, or with a changed batch
     order, naming every difference. `record`: what the checkpoint wrote ({"run": identity,
     "config": settings}); `mine`: this launch's identity and settings. Returns the settings that
-    changed {name: [checkpoint's, now]}, which apply from the next step."""
+    changed {name: [checkpoint's, now]}, which apply from the next step. `world`: this launch's ranks."""
     if not record or "run" not in record:
         raise ConfigError(f"cannot resume from {where}: it records no run identity (made by an older cogfun), so "
                           f"cannot be checked to belong to this run. Start a new run (another --output_dir, or "
@@ -145,6 +146,13 @@ def check_resume(where: Path, record: dict | None, mine: dict, settings: dict) -
         if key in before and before[key] != settings[key]:
             problems.append(f"--{key}: {before[key]} in the checkpoint, {settings[key]} now (it fixes the batch "
                             f"order / held-out files the checkpoint's data position refers to)")
+    if "gradient_accumulation_steps" in before and "world_size" in record:
+        was = (before["gradient_accumulation_steps"], record["world_size"])
+        now = (settings["gradient_accumulation_steps"], world)
+        if was[0] * was[1] != now[0] * now[1]:
+            problems.append(f"micro-batches per step (--gradient_accumulation_steps x ranks): {was[0]} x {was[1]} in "
+                            f"the checkpoint, {now[0]} x {now[1]} now (a step's batches would differ; keep the "
+                            f"product, e.g. twice the accumulation on half the ranks)")
     if problems:
         raise ConfigError(f"cannot resume from {where}: it belongs to another run:\n  " + "\n  ".join(problems)
                           + "\nResume with the settings it was made with, or start a new run (another "

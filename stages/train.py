@@ -265,11 +265,12 @@ def resume_or_claim(accelerator, cfg: TrainConfig, output_dir: Path, manifest: d
             checkpoint = find_checkpoint(output_dir, cfg.resume_from_checkpoint)
             if checkpoint is not None:
                 record = json.loads((checkpoint / CHECKPOINT_STATE).read_text())
-                found = (runs.check_resume(checkpoint, record, mine, settings), record.get("changes", []))
+                found = (runs.check_resume(checkpoint, record, mine, settings, accelerator.num_processes),
+                         record.get("changes", []))
             elif cfg.resume_from_checkpoint and (output_dir / runs.RUN_CONFIG).is_file():
                 # no checkpoint yet: starting over is fine, but only for this run
                 record = json.loads((output_dir / runs.RUN_CONFIG).read_text())
-                runs.check_resume(output_dir / runs.RUN_CONFIG, record, mine, settings)
+                runs.check_resume(output_dir / runs.RUN_CONFIG, record, mine, settings, accelerator.num_processes)
         except ConfigError as exc:
             found = exc
     found = broadcast(found, accelerator)

@@ -165,9 +165,12 @@ def test_resume_applies_a_changed_learning_rate_from_the_next_step_and_refuses_a
     assert run_config["changes"] == [{"from_step": 3, "changed": {"learning_rate": [1e-3, 5e-5],
                                                                   "max_train_steps": [2, 4]}}]
     assert state(out / "checkpoint-4")["changes"] == run_config["changes"]   # carried to the next resume
-    with pytest.raises(ConfigError, match=r"--train_batch_size: 1 in the checkpoint, 2 now \(it fixes the batch order"):
+    with pytest.raises(ConfigError) as err:
         train(config(setup, out, max_train_steps=6, checkpointing_steps=2, resume_from_checkpoint="latest",
-                     learning_rate=5e-5, train_batch_size=2))
+                     learning_rate=5e-5, train_batch_size=2, gradient_accumulation_steps=2))
+    assert "--train_batch_size: 1 in the checkpoint, 2 now (it fixes the batch order" in str(err.value)
+    assert "micro-batches per step (--gradient_accumulation_steps x ranks): 1 x 1 in the checkpoint, 2 x 1 now" \
+        in str(err.value)
 
 
 # ------------------------------------------------------------------ 3. refused before the encode
