@@ -78,7 +78,7 @@ class EncodeArgs:
     low_vram: bool = opt(False, "Precompute on a small GPU: T5 stays on the CPU and streams its layers to the GPU (accelerate cpu_offload); VAE batch slicing. Same bytes.")
     dataloader_num_workers: int = opt(2, "Precompute: DataLoader worker processes decoding clips. Train: threads reading shards ahead of the step (0: read in the step).")
     mixed_precision: str = opt("bf16", "Compute dtype of the encoders (precompute) and of the frozen transformer (train).", choices=MIXED_PRECISION, fingerprint=True)
-    overwrite: bool = opt(False, "Precompute: replace a shard dir made with different settings, model or sources. Train: an --output_dir holding another run is refused unless this flag is given, which deletes that run (its checkpoints, LoRA files, run_config.json, train_log.jsonl, eval_files.txt, logs/ and samples/; the validation/ prompt cache and any shard dir inside are kept) and starts a new one; with --resume_from_checkpoint it deletes nothing.")
+    overwrite: bool = opt(False, "Precompute: replace a shard dir made with different settings, model or sources. Train: an --output_dir holding another run is refused unless this flag is given, which deletes that run (its checkpoints, LoRA files, run_config.json, train_log.jsonl, eval_files.txt, TensorBoard logs/cogfun/ and validation videos samples/step-*/; nothing else, e.g. the validation/ prompt cache or a shard dir inside, is touched) and starts a new one; with --resume_from_checkpoint it deletes nothing.")
     shard_max_samples: int = opt(64, "Precompute: samples per tar before a new one is started.")
     decode_timeout: float = opt(120.0, "Precompute: seconds one clip may take to decode before it is skipped.")
 

@@ -32,9 +32,12 @@ from cogfun.config import (DataArgs, PrecomputeConfig, ConfigError, fingerprint_
 RUN_CONFIG = "run_config.json"
 TRAIN_LOG = "train_log.jsonl"
 EVAL_FILES = "eval_files.txt"
-# what --overwrite deletes besides checkpoint-*/ and the LoRA files (validation/ is a checked cache: kept)
-RUN_ENTRIES = (RUN_CONFIG, TRAIN_LOG, EVAL_FILES, "logs", "samples")
+# what marks a dir as holding a run, besides checkpoint-*/ and the LoRA files
+RUN_FILES = (RUN_CONFIG, TRAIN_LOG, EVAL_FILES)
 LORA_FILES = "pytorch_lora_weights*.safetensors"
+# also deleted by --overwrite: TensorBoard's run and the validation videos (validation/, a checked
+# cache of the encoded prompts, is kept; so is anything else in the dir)
+RUN_OUTPUTS = ("logs/cogfun", "samples/step-*")
 
 # Settings of a run that fix the batch order and the held-out set: a checkpoint's data position
 # means nothing under other values, so a resume refuses a change. (So does a change of the
@@ -52,12 +55,15 @@ TRAIN_READS = ("pretrained_model_name_or_path", "shard_dir", "train_data_dir", "
 # ------------------------------------------------------------------ one run per output dir
 
 def run_entries(output_dir: Path) -> list[Path]:
-    """What of a training run `output_dir` holds: checkpoints, LoRA files, run record, logs, samples."""
+    """What of a training run `output_dir` holds: run record, LoRA files, checkpoints (none: no run);
+    then its TensorBoard logs and validation videos."""
     if not output_dir.is_dir():
         return []
-    found = [output_dir / n for n in RUN_ENTRIES if (output_dir / n).exists()]
+    found = [output_dir / n for n in RUN_FILES if (output_dir / n).exists()]
     found += sorted(output_dir.glob(LORA_FILES))
     found += sorted(output_dir.glob("checkpoint-*"), key=_step_of) + sorted(output_dir.glob(".checkpoint-*.tmp"))
+    if found:
+        found += [p for pattern in RUN_OUTPUTS for p in sorted(output_dir.glob(pattern))]
     return found
 
 
@@ -68,10 +74,15 @@ def _step_of(path: Path) -> int:
 
 def describe_entries(entries: list[Path]) -> str:
     ckpts = [p.name for p in entries if p.name.startswith("checkpoint-")]
-    rest = [p.name + ("/" if p.is_dir() else "") for p in entries if not p.name.startswith("checkpoint-")]
+    rest = [_shown(p) for p in entries if not p.name.startswith("checkpoint-")]
     if ckpts:
         rest.append(f"{len(ckpts)} checkpoint(s) " + (ckpts[0] if len(ckpts) == 1 else f"{ckpts[0]} .. {ckpts[-1]}"))
     return ", ".join(rest)
+
+
+def _shown(p: Path) -> str:
+    name = f"{p.parent.name}/{p.name}" if p.parent.name in ("logs", "samples") else p.name
+    return name + ("/" if p.is_dir() else "")
 
 
 def claim_output_dir(output_dir: Path, *, resuming: bool, overwrite: bool, delete: bool = True) -> list[str]:
@@ -91,7 +102,7 @@ def claim_output_dir(output_dir: Path, *, resuming: bool, overwrite: bool, delet
                 shutil.rmtree(p)
             else:
                 p.unlink()
-    return [p.name for p in entries]
+    return [_shown(p) for p in entries]
 
 
 # ------------------------------------------------------------------ which run a checkpoint belongs to

@@ -58,6 +58,9 @@ def state(ckpt: Path) -> dict:
 
 def test_a_second_run_into_an_output_dir_is_refused_unless_overwrite(setup, tmp_path, capsys):
     out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "mine.txt").write_text("not cogfun's")   # a user's files are no run, and never deleted
+    (out / "notes.txt").write_text("not cogfun's")
     train(config(setup, out, max_train_steps=3))
     before = (out / "train_log.jsonl").read_text()
     with pytest.raises(ConfigError, match=r"holds another run \(run_config.json, train_log.jsonl, .*3 checkpoint"
@@ -73,6 +76,7 @@ def test_a_second_run_into_an_output_dir_is_refused_unless_overwrite(setup, tmp_
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]   # nothing of the old run left
     assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == [1]
     assert result["global_step"] == 1
+    assert (out / "logs" / "mine.txt").is_file() and (out / "notes.txt").is_file()
     # the one-launch form refuses before precompute encodes anything
     fresh = tmp_path / "fresh-shards"
     with pytest.raises(ConfigError, match="holds another run"):
