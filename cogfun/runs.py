@@ -93,16 +93,17 @@ def claim_output_dir(output_dir: Path, *, resuming: bool, overwrite: bool, delet
     if not entries or resuming:
         return []
     if not overwrite:
-        raise ConfigError(f"--output_dir {output_dir} holds another run ({describe_entries(entries)}). One run per "
+        raise ConfigError(f"--output_dir {output_dir} holds a run ({describe_entries(entries)}). One run per "
                           f"output dir: continue it with --resume_from_checkpoint latest, start over with "
                           f"--overwrite (deletes that run), or give another --output_dir.")
+    names = [_shown(p) for p in entries]
     if delete:
         for p in entries:
             if p.is_dir():
                 shutil.rmtree(p)
             else:
                 p.unlink()
-    return [_shown(p) for p in entries]
+    return names
 
 
 # ------------------------------------------------------------------ which run a checkpoint belongs to
