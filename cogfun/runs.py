@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -254,13 +255,18 @@ class Interrupted(Exception):
 class StopRequest:
     """From `install()` to `restore()`, SIGINT and SIGTERM (a SLURM preemption sends SIGTERM) do not
     end the process: they set `signum`, and the training loop saves a checkpoint at the next step
-    boundary and stops. A second SIGINT raises KeyboardInterrupt (stop now, without saving).
-    Outside the main thread nothing is installed."""
+    boundary and stops. A second SIGINT more than `REPEAT_S` later raises KeyboardInterrupt (stop
+    now, without saving); sooner it is the same request (Ctrl-C reaches the workers both from the
+    terminal and forwarded by accelerate's / torchrun's launcher). Outside the main thread nothing
+    is installed."""
+
+    REPEAT_S = 2.0
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, announce: bool = True):
         self.signum: int | None = None
+        self.at = 0.0
         self.announce = announce
         self.previous: dict = {}
 
@@ -275,12 +281,14 @@ class StopRequest:
         self.previous = {}
 
     def _handler(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
+        if self.signum is not None:
+            if signum == signal.SIGINT and time.monotonic() - self.at > self.REPEAT_S:
+                raise KeyboardInterrupt
+            return
+        self.signum, self.at = signum, time.monotonic()
         if self.announce:
             print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
-                  f"(Ctrl-C again: stop now, without saving)", file=sys.stderr, flush=True)
+                  f"(Ctrl-C again, after {self.REPEAT_S:g} s: stop now, without saving)", file=sys.stderr, flush=True)
 
 
 def resume_command(argv: list[str], checkpoint: Path) -> str:

@@ -276,6 +276,9 @@ def test_sigterm_is_a_stop_request_until_restored():
     try:
         os.kill(os.getpid(), signal.SIGTERM)   # a SLURM preemption: no exit, a request
         assert stop.signum == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGINT)    # at once: the same request (terminal + launcher forwarding)
+        assert stop.signum == signal.SIGTERM
+        stop.at -= StopRequest.REPEAT_S        # later: stop now
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)  # the second signal: stop now
     finally:
