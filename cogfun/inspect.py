@@ -15,6 +15,7 @@ from collections import Counter
 from cogfun.buckets import Sampling, parse_bucket, sample_bytes, tokens_per_sample
 from cogfun.config import InspectConfig, ConfigError, mask_policy_list
 from cogfun.dataset import count_by_category
+from cogfun.masks import draw_weights
 from cogfun.models import TEXT_LEN
 
 # tar headers (2 members + padding) + json member + safetensors header, per sample (measured ~2-3 KB)
@@ -28,6 +29,11 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
         raise ConfigError("give --train_data_meta (a dataset to probe) or --shard_dir (a finished precompute)")
     text_dim = cfg.text_dim
     policies = mask_policy_list(cfg)
+    try:  # what precompute and train would refuse
+        draw_weights(policies, cfg.mask_policy_weights, frame_crop=cfg.random_frame_crop,
+                     cached_by="these --mask_policies")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     multiple, noise = 1, False
     if cfg.pretrained_model_name_or_path:  # the model's frame rule and reference noise (config reads only)
         from cogfun.models import check_model_fits, read_component_config

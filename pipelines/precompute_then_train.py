@@ -1,8 +1,8 @@
 """The seed's form: `cogfun train --train_data_dir D --train_data_meta F ...` in one launch.
 
-Precompute into the shard dir (a no-op when its fingerprint matches), then train on it; what train
-would refuse without the shards (another run in --output_dir, the model against --train_mode,
---mask_policy_weights) is refused before precompute encodes anything. Both
+Precompute into the shard dir (a no-op when its fingerprint matches), then train on it; another
+run in --output_dir is refused before precompute encodes anything (precompute itself refuses a
+model that does not fit --train_mode and --mask_policy_weights that train would refuse). Both
 stages run on every rank of the same launch; nothing of either stage is copied here.
 """
 
@@ -14,13 +14,16 @@ from cogfun.config import PrecomputeConfig, TrainConfig, subset
 
 
 def run(cfg: TrainConfig) -> dict:
-    from stages.train import preflight, train
+    from stages.train import train
 
     if cfg.train_data_meta:
+        from cogfun.runs import claim_output_dir
         from stages.precompute import precompute
 
         if not cfg.shard_dir:
             cfg.shard_dir = str(Path(cfg.output_dir) / "shards")
-        preflight(cfg)  # what train would refuse, refused before the encode
+        # another run in --output_dir: refused before the encode (precompute refuses the rest itself)
+        claim_output_dir(Path(cfg.output_dir), resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite,
+                         delete=False)
         precompute(subset(cfg, PrecomputeConfig))
     return train(cfg)

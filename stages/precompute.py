@@ -22,7 +22,7 @@ from pathlib import Path
 import cogfun
 from cogfun import shards
 from cogfun.buckets import SamplePlan, Sampling
-from cogfun.config import PrecomputeConfig, fingerprint_keys, mask_policy_list, to_dict
+from cogfun.config import ConfigError, PrecomputeConfig, fingerprint_keys, mask_policy_list, to_dict
 from cogfun.dataset import Skipped, count_by_category, load_sources, media_report, probe_and_plan, retry_skipped
 from cogfun.shards import ShardError
 from cogfun.storage import is_url, plain_path
@@ -110,6 +110,17 @@ def settings_of(cfg: PrecomputeConfig, family=None) -> dict:
     return settings
 
 
+def check_draw_weights(cfg, policies: list[str]) -> None:
+    """--mask_policy_weights that training would refuse with these policies cached, refused now."""
+    from cogfun.masks import draw_weights
+
+    try:
+        draw_weights(policies, cfg.mask_policy_weights, frame_crop=cfg.random_frame_crop,
+                     cached_by="these --mask_policies")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def check_existing(shard_dir: Path, parts: dict, fp: str, inputs: dict, overwrite: bool,
                    max_image_pixels: int) -> str:
     """Decide what to do with what is in `shard_dir`: 'up_to_date', 'fresh', 'resume' or 'incremental'
@@ -192,6 +203,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     sampling = Sampling.from_config(cfg, latent_multiple=family.latent_multiple)
     sampling.validate()
     policies = mask_policy_list(cfg)
+    check_draw_weights(cfg, policies)
     reference_noise = family.reference_noise and bool(policies)
     sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir)
 

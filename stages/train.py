@@ -150,43 +150,16 @@ def check_shards_fit(manifest: dict, tcfg, train_mode: str, family=None) -> None
         raise ShardError("the shards do not fit this transformer:\n  " + "\n  ".join(problems))
 
 
-def preflight(cfg: TrainConfig) -> None:
-    """What `train` refuses that can be known before the shards exist (the one-launch form calls it
-    before precompute): another run in --output_dir, a model that does not fit --train_mode, and
-    --mask_policy_weights that name an uncached policy or leave nothing to draw."""
-    from cogfun.config import mask_policy_list
-    from cogfun.models import check_model_fits
-
-    runs.claim_output_dir(Path(cfg.output_dir), resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite,
-                          delete=False)
-    check_model_fits(cfg.pretrained_model_name_or_path, cfg.train_mode)
-    mask_weights(cfg, mask_policy_list(cfg))
-
-
 def mask_weights(cfg: TrainConfig, policies: list[str]) -> dict[str, dict[str, float]]:
     """The train-time draw weights {"video": .., "image": ..}: CogVideoX-Fun's over the cached policies,
     with --mask_policy_weights applied. Refuses a weight for a policy the shards do not cache, and
-    weights that leave nothing to draw."""
-    from cogfun.masks import PREFIX_SAFE, parse_weights, weights_for
+    weights that leave nothing to draw (`cogfun.masks.draw_weights`)."""
+    from cogfun.masks import draw_weights
 
-    if not policies:
-        return {}
     try:
-        overrides = parse_weights(cfg.mask_policy_weights)
+        return draw_weights(policies, cfg.mask_policy_weights, frame_crop=cfg.random_frame_crop)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    missing = [p for p in overrides if p != "t2v" and p not in policies]
-    if missing:
-        raise ConfigError(f"--mask_policy_weights names {', '.join(missing)}, which the shards do not cache "
-                          f"(cached: {', '.join(policies)}); precompute with --mask_policies including it")
-    out = {"video": weights_for(policies, 49, overrides), "image": weights_for(policies, 1, overrides)}
-    for kind, weights in out.items():
-        crop = [w for p, w in weights.items() if p in PREFIX_SAFE] if kind == "video" and cfg.random_frame_crop else []
-        if sum(weights.values()) <= 0 or (crop and sum(crop) <= 0):
-            raise ConfigError(f"--mask_policy_weights leaves no {kind} conditioning to draw"
-                              + (" for a frame-cropped sample (--random_frame_crop keeps only "
-                                 f"{', '.join(p for p in weights if p in PREFIX_SAFE)})" if sum(weights.values()) else ""))
-    return out
 
 
 def find_checkpoint(output_dir: Path, spec: str | None) -> Path | None:

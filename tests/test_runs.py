@@ -201,7 +201,12 @@ def test_precompute_and_inspect_refuse_a_train_mode_the_model_does_not_fit_befor
     with pytest.raises(ModelError, match=r"--train_mode inpaint needs 33, the transformer has 16 \(a text-to-video"):
         precompute(PrecomputeConfig(pretrained_model_name_or_path=str(setup["t2v"]), shard_dir=str(tmp_path / "s2"),
                                     **{**data, "train_mode": "inpaint"}), progress=False)
-    assert not any((tmp_path / "s1").rglob("*.tar")) and not any((tmp_path / "s2").rglob("*.tar"))
+    with pytest.raises(ConfigError, match=r"--mask_policy_weights names i2v, which these --mask_policies do not cache "
+                                          r"\(cached: block\)"):   # what train would refuse on these shards
+        precompute(PrecomputeConfig(pretrained_model_name_or_path=str(setup["model"]), shard_dir=str(tmp_path / "s3"),
+                                    **{**data, "train_mode": "inpaint", "mask_policies": "block",
+                                       "mask_policy_weights": "i2v=1"}), progress=False)
+    assert not any(tmp_path.rglob("*.tar"))
     result = invoke(["inspect-buckets", "--pretrained_model_name_or_path", str(setup["model"]), "--train_data_meta",
                      data["train_data_meta"], "--train_data_dir", data["train_data_dir"]])
     assert result.exit_code == 1 and "in_channels: --train_mode normal needs 16, the transformer has 33" in result.output
