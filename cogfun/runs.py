@@ -143,7 +143,7 @@ def check_resume(where: Path, record: dict | None, mine: dict, settings: dict, w
     if not record or "run" not in record:
         raise ConfigError(f"cannot resume from {where}: it records no run identity (made by an older cogfun), so "
                           f"cannot be checked to belong to this run. Start a new run (another --output_dir, or "
-                          f"--overwrite).")
+                          f"--overwrite without --resume_from_checkpoint).")
     old, problems = record["run"], []
     if old["shards_fingerprint"] != mine["shards_fingerprint"]:
         problems.append(f"shards: it was trained on shards {old['shards_fingerprint'][:12]}, --shard_dir holds "
@@ -154,6 +154,7 @@ def check_resume(where: Path, record: dict | None, mine: dict, settings: dict, w
     for key, flag in (("rank", "--rank"), ("network_alpha", "--network_alpha"), ("target_name", "--target_name")):
         if old[key] != mine[key]:
             problems.append(f"LoRA {flag}: {old[key]} in the checkpoint, {mine[key]} now")
+    other_run = bool(problems)
     before = record.get("config", {})
     for key in BATCH_ORDER:
         if key in before and before[key] != settings[key]:
@@ -167,9 +168,10 @@ def check_resume(where: Path, record: dict | None, mine: dict, settings: dict, w
                             f"the checkpoint, {now[0]} x {now[1]} now (a step's batches would differ; keep the "
                             f"product, e.g. twice the accumulation on half the ranks)")
     if problems:
-        raise ConfigError(f"cannot resume from {where}: it belongs to another run:\n  " + "\n  ".join(problems)
+        head = "it belongs to another run" if other_run else "its batch order cannot change on resume"
+        raise ConfigError(f"cannot resume from {where}: {head}:\n  " + "\n  ".join(problems)
                           + "\nResume with the settings it was made with, or start a new run (another "
-                            "--output_dir, or --overwrite to delete this one).")
+                            "--output_dir, or --overwrite without --resume_from_checkpoint to delete this one).")
     return {k: [before[k], v] for k, v in settings.items() if k in before and before[k] != v}
 
 
