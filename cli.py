@@ -35,8 +35,16 @@ def _user_errors():
 def _run(fn, *args, **kwargs):
     import errno
 
+    from cogfun.runs import Interrupted
+
     try:
         return fn(*args, **kwargs)
+    except Interrupted as exc:
+        # a checkpoint was saved: say how to go on, and exit as a process ended by that signal (130 SIGINT,
+        # 143 SIGTERM) so that a script or scheduler never takes the run for finished
+        if int(os.environ.get("RANK", "0")) == 0:
+            click.echo(_interrupted_message(exc), err=True)
+        sys.exit(exc.exit_code)
     except _user_errors() as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
@@ -44,6 +52,16 @@ def _run(fn, *args, **kwargs):
             raise click.ClickException(f"cannot write: {exc}. Nothing was committed; the previous "
                                        f"manifest (if any) is untouched.") from None
         raise
+
+
+def _interrupted_message(exc) -> str:
+    from cogfun.runs import resume_command
+
+    prog = "cogfun" if Path(sys.argv[0]).name == "cogfun" else sys.argv[0]
+    command = resume_command([prog, *sys.argv[1:]], exc.checkpoint)
+    if "LOCAL_RANK" in os.environ:  # started by accelerate launch / torchrun: its flags are not ours to see
+        command = f"accelerate launch <the same launch flags> {command}"
+    return f"{exc}\nResume with:\n  {command}"
 
 
 class _Group(click.Group):
@@ -76,7 +94,10 @@ def precompute(ctx, **params):
 @click_options(TrainConfig)
 @click.pass_context
 def train(ctx, **params):
-    """Train a LoRA from cached shards (precomputing them first when given --train_data_meta)."""
+    """Train a LoRA from cached shards (precomputing them first when given --train_data_meta).
+
+    One run per --output_dir. Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the next step boundary,
+    prints the command that resumes it and exits with 130 / 143."""
     cfg = _run(build_config, TrainConfig, params, ctx)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from pipelines.precompute_then_train import run

@@ -83,7 +83,7 @@ class DataArgs:
     bucket_rules: str = opt("cogfun", "cogfun: CogVideoX-Fun's bucket code, except where its training doc says otherwise (token-length frames 512->49, 768->21, 1024->9 at N 49, T 512; the token budget also without --random_hw_adapt or --enable_bucket). upstream: its code throughout (frames min(N*T^2/s^2, N)//4*4+1: 13 at 1024; the token budget and base draws only with --random_hw_adapt and --enable_bucket; clip frames // stride available; 1 to 4 of them make a 1-frame video instead of a skip).", choices=("cogfun", "upstream"), fingerprint=True)
     random_frame_crop: bool = opt(False, "At train time, keep a prefix of each batch's frames, as CogVideoX-Fun: a length drawn from 5, 9, ..., video_sample_n_frames (the shards' value) pixel frames, the full length 90% of the time and the others uniformly; never one latent frame of a video (CogVideoX 1.5: even latent counts).")
     video_repeat: int = opt(1, "Videos weigh this many times more than images when batches are drawn (0 counts as 1, as in CogVideoX-Fun).")
-    train_mode: str = opt("normal", "normal: text-to-video (in_channels 16); inpaint / i2v: InP models (in_channels 33), masked-clip latents are cached.", choices=TRAIN_MODES, fingerprint=True)
+    train_mode: str = opt("normal", "What the LoRA learns. normal: text-to-video, for a text-to-video model (transformer in_channels 16): it sees the noisy latents and the caption only. inpaint and i2v are two names of one mode (as in CogVideoX-Fun), for an InP model (in_channels 33): every step also feeds a mask and the latents of the clip with the masked pixels blacked out, the mask drawn per sample from the cached --mask_policies (first frame known = image-to-video, first+last frames, blocks, ..., everything masked = text-to-video) with --mask_policy_weights; one LoRA learns image-to-video and inpainting together (weight i2v up for an i2v-focused LoRA). Precompute refuses a mode the model's in_channels do not fit before encoding anything. cogfun train --shard_dir takes it from the shards.", choices=TRAIN_MODES, fingerprint=True)
     seed: int = opt(42, "Seed of every random choice (base sizes, frame windows, batch order, noise).", fingerprint=True)
     num_views: str = opt("1", "Views (base size, frame window) stored per clip; training shows one view of each clip per epoch, cycling through them. 'auto': about clip frames / window frames views per video, the window being the shortest a view may get (with --training_with_video_token_length: at the largest base), with stratified windows covering the clip; images 1; at most --max_views.", fingerprint=True, int_or_word=True)
     max_views: int = opt(8, "Most views per clip that --num_views auto stores.", fingerprint=True)
@@ -102,7 +102,7 @@ class EncodeArgs:
     low_vram: bool = opt(False, "Precompute on a small GPU: T5 stays on the CPU and streams its layers to the GPU (accelerate cpu_offload); VAE batch slicing. Same bytes.")
     dataloader_num_workers: int = opt(2, "Precompute: DataLoader worker processes decoding clips. Train: threads reading shards ahead of the step (0: read in the step).")
     mixed_precision: str = opt("bf16", "Compute dtype of the encoders (precompute) and of the frozen transformer (train).", choices=MIXED_PRECISION, fingerprint=True)
-    overwrite: bool = opt(False, "Precompute: replace a shard dir made with different settings, model or sources.")
+    overwrite: bool = opt(False, "Precompute: replace a shard dir made with different settings, model or sources. Train: an --output_dir holding another run is refused unless this flag is given, which deletes that run (its checkpoints, LoRA files, run_config.json, train_log.jsonl, eval_files.txt, TensorBoard logs/cogfun/ and validation videos samples/step-*/; nothing else, e.g. the validation/ prompt cache or a shard dir inside, is touched) and starts a new one; with --resume_from_checkpoint it deletes nothing.")
     shard_max_samples: int = opt(64, "Precompute: samples per tar before a new one is started.")
     decode_timeout: float = opt(120.0, "Precompute: seconds one clip may take to decode before it is skipped.")
 
@@ -119,7 +119,8 @@ class ShardReadArgs:
 @dataclass
 class TrainArgs:
     """Training flags of CogVideoX-Fun's train_lora.py (same names, same meaning)."""
-    output_dir: str = opt("output_dir", "Where checkpoints, the LoRA file, logs and the run config go.")
+    output_dir: str = opt("output_dir", "Where checkpoints, the LoRA file, logs and the run config go. One run per folder: a folder holding another run is refused unless --resume_from_checkpoint (which must name a checkpoint of the same run) or --overwrite.")
+    allow_data_flag_mismatch: bool = opt(False, "Training from an existing --shard_dir uses the data settings the shards were made with (their manifest), and records those. A data flag given with another value (e.g. --video_sample_stride) is refused, listing them all; with this flag it is only warned about and ignored.")
     train_batch_size: int = opt(1, "Samples per rank per step (all from one bucket).")
     gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated per optimizer step.")
     num_train_epochs: int = opt(100, "Passes over the cached samples (ignored when --max_train_steps is set).")
@@ -127,7 +128,7 @@ class TrainArgs:
     checkpointing_steps: int = opt(500, "Save a resumable checkpoint every this many optimizer steps.")
     checkpoints_total_limit: Optional[int] = opt(None, "Keep at most this many checkpoints (oldest removed first).")
     checkpoint_kohya: bool = opt(False, "Also write the kohya (CogVideoX-Fun nodes) and core-ComfyUI LoRA files into every checkpoint-<step>/ (always written for the final LoRA; `cogfun export-lora` converts any checkpoint later).")
-    resume_from_checkpoint: Optional[str] = opt(None, "A checkpoint-<step> folder (a path that does not exist is looked for in --output_dir, as CogVideoX-Fun does: checkpoint-500 means <output_dir>/checkpoint-500), or 'latest' for the newest complete one in --output_dir.")
+    resume_from_checkpoint: Optional[str] = opt(None, "A checkpoint-<step> folder (a path that does not exist is looked for in --output_dir, as CogVideoX-Fun does: checkpoint-500 means <output_dir>/checkpoint-500), or 'latest' for the newest complete one in --output_dir (none: start at step 0). The checkpoint must be of this run: the same shards (fingerprint), model, LoRA rank, alpha and --target_name, and the same batch order (--train_batch_size, --seed, --video_repeat, --eval_samples, and --gradient_accumulation_steps x ranks); every difference is named. Other changed flags apply from the next step (printed, and recorded in run_config.json under 'changes'), e.g. a new --learning_rate.")
     learning_rate: float = opt(1e-4, "AdamW learning rate.")
     lr_scheduler: str = opt("constant", "diffusers LR schedule: constant, constant_with_warmup, linear, cosine, ...")
     lr_warmup_steps: int = opt(0, "Warm-up steps of the LR schedule.")
@@ -157,9 +158,9 @@ class ValidationArgs:
     validation_images: Optional[str] = opt(None, "InP models: the first frame of each validation video (image-to-video), one for all prompts or one per prompt: a .txt file (one path per line) or paths separated by '|'. Without it InP validation is text-to-video. (CogVideoX-Fun's --validation_paths is another name of it.)", several=True)
     validation_steps: int = opt(2000, "Render the validation prompts every this many optimizer steps (and after the last step).")
     validation_negative_prompt: str = opt(NEGATIVE_PROMPT, "Negative prompt of the validation videos (classifier-free guidance).")
-    validation_num_frames: Optional[int] = opt(None, "Frames per validation video (4k+1); default --video_sample_n_frames rounded down to 4k+1 (as precompute does).")
-    validation_height: Optional[int] = opt(None, "Validation video height (multiple of 16); default --video_sample_size floored to a multiple of 16.")
-    validation_width: Optional[int] = opt(None, "Validation video width (multiple of 16); default --video_sample_size floored to a multiple of 16.")
+    validation_num_frames: Optional[int] = opt(None, "Frames per validation video (4k+1); default: those of the shards' largest video bucket (most tokens).")
+    validation_height: Optional[int] = opt(None, "Validation video height (multiple of 16); default: the shards' largest video bucket's.")
+    validation_width: Optional[int] = opt(None, "Validation video width (multiple of 16); default: the shards' largest video bucket's.")
     validation_num_inference_steps: int = opt(25, "Denoising steps per validation video.")
     validation_guidance_scale: float = opt(4.5, "Classifier-free guidance scale of the validation videos (1 = none).")
     eval_samples: float = opt(0.0, "Hold this many source files out of training, with all their samples (every view and caption variant), for a deterministic eval loss (a value below 1 is a fraction of the files); the same files on every rank, on resume and for any number of ranks. 0 = off.")
@@ -332,6 +333,11 @@ def build_config(cls: type, params: dict[str, Any], ctx=None):
             if not from_cli:
                 values[key] = value
     cfg = cls(**values)
+    # what the user set (command line, environment, TOML) as opposed to a declared default: train
+    # refuses a given data flag that the shards contradict, and takes the others from the shards
+    given = {k for k in values if ctx is not None and ctx.get_parameter_source(k) in (
+        click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)}
+    cfg._given = frozenset(given | set(toml if config_file else ()))
     for note in upstream_flags(cfg):
         if os.environ.get("RANK", "0") == "0":   # once per launch, not once per process
             click.echo(f"warning: {note}", err=True)
@@ -377,6 +383,15 @@ def join_several(cls: type, args: list[str]) -> list[str]:
             continue
         i += 1
     return out
+
+
+def given_settings(cfg: Any) -> frozenset[str]:
+    """The settings the user set (command line, environment or TOML file), as `build_config`
+    recorded them; for a config made in code, those that differ from their declared defaults."""
+    given = getattr(cfg, "_given", None)
+    if given is not None:
+        return given
+    return frozenset(f.name for f in fields(cfg) if getattr(cfg, f.name) != f.default)
 
 
 def load_toml(path: str | Path, cls: type) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from dataclasses import fields
 from cogfun.buckets import Sampling, one_frame_videos, parse_bucket, sample_bytes, tokens_per_sample
 from cogfun.config import InspectConfig, ConfigError, mask_policy_list
 from cogfun.dataset import count_by_category
+from cogfun.masks import draw_weights
 from cogfun.models import TEXT_LEN
 
 # tar headers (2 members + padding) + json member + safetensors header, per sample (measured ~2-3 KB)
@@ -29,12 +30,17 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
         raise ConfigError("give --train_data_meta (a dataset to probe) or --shard_dir (a finished precompute)")
     text_dim = cfg.text_dim
     policies = mask_policy_list(cfg)
+    try:  # what precompute and train would refuse
+        draw_weights(policies, cfg.mask_policy_weights, frame_crop=cfg.random_frame_crop,
+                     cached_by="these --mask_policies")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     multiple, noise = 1, False
     if cfg.pretrained_model_name_or_path:  # the model's frame rule and reference noise (config reads only)
-        from cogfun.models import read_component_config, transformer_family
+        from cogfun.models import check_model_fits, read_component_config
 
         text_dim = read_component_config(cfg.pretrained_model_name_or_path, "text_encoder")["d_model"]
-        family = transformer_family(cfg.pretrained_model_name_or_path)
+        family = check_model_fits(cfg.pretrained_model_name_or_path, cfg.train_mode)  # as precompute refuses
         multiple, noise = family.latent_multiple, family.reference_noise and bool(policies)
     sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir)
     plans, skips, by_key = probe_and_plan(sources, Sampling.from_config(cfg, latent_multiple=multiple),

@@ -177,6 +177,28 @@ def weights_for(policies, frames: int, overrides: dict[str, float]) -> dict[str,
     return {p: overrides.get(p, w) for p, w in default_weights(policies, frames).items()}
 
 
+def draw_weights(policies, spec: str, *, frame_crop: bool, cached_by: str = "the shards") -> dict[str, dict[str, float]]:
+    """The train-time draw weights {"video": .., "image": ..}: CogVideoX-Fun's over the cached `policies`,
+    with `--mask_policy_weights` `spec` applied. ValueError for a weight of a policy not cached (by
+    `cached_by`, for the message) and for weights that leave nothing to draw (with `frame_crop`,
+    --random_frame_crop: also for a frame-cropped video)."""
+    if not policies:
+        return {}
+    overrides = parse_weights(spec)
+    missing = [p for p in overrides if p != "t2v" and p not in policies]
+    if missing:
+        raise ValueError(f"--mask_policy_weights names {', '.join(missing)}, which {cached_by} do not cache "
+                         f"(cached: {', '.join(policies)}); precompute with --mask_policies including it")
+    out = {"video": weights_for(policies, 49, overrides), "image": weights_for(policies, 1, overrides)}
+    for kind, weights in out.items():
+        crop = [w for p, w in weights.items() if p in PREFIX_SAFE] if kind == "video" and frame_crop else []
+        if sum(weights.values()) <= 0 or (crop and sum(crop) <= 0):
+            raise ValueError(f"--mask_policy_weights leaves no {kind} conditioning to draw"
+                             + (" for a frame-cropped sample (--random_frame_crop keeps only "
+                                f"{', '.join(p for p in weights if p in PREFIX_SAFE)})" if sum(weights.values()) else ""))
+    return out
+
+
 # ---------------------------------------------------------------- geometry: drawn once, stored, rebuilt
 
 def draw_geometries(policies, frames: int, height: int, width: int, *, seed: int, key: str,

@@ -131,6 +131,34 @@ def check_position_frames(position_frames: int | None, frames: int, flag: str) -
                      f"neither does cogfun's: use at most {(position_frames - 1) * 4 + 1}")
 
 
+def check_model_fits(model: str | Path, train_mode: str) -> TransformerFamily:
+    """Refuse, before any encoding, a model whose parts do not fit each other or `train_mode`
+    (config.json reads only): the transformer's in_channels against the mode (16 for normal,
+    2 x latent + 1 = 33 for inpaint / i2v), the VAE's latent channels against the transformer's
+    out_channels, T5's width against its text_embed_dim. These are the checks `cogfun train` makes
+    of the shards; precompute and inspect-buckets make them first. Returns the family."""
+    family = transformer_family(model)
+    tcfg = read_component_config(model, "transformer")
+    problems = []
+    want = 2 * family.latent_channels + 1 if train_mode in ("inpaint", "i2v") else family.latent_channels
+    if family.in_channels != want:
+        hint = ("an InP model needs --train_mode inpaint (or i2v)" if family.inpaint else
+                "a text-to-video model needs --train_mode normal")
+        problems.append(f"in_channels: --train_mode {train_mode} needs {want}, the transformer has "
+                        f"{family.in_channels} ({hint})")
+    vae_latent = read_component_config(model, "vae").get("latent_channels", 16)
+    if vae_latent != family.latent_channels:
+        problems.append(f"latent channels: the VAE makes {vae_latent}, the transformer's out_channels is "
+                        f"{family.latent_channels}")
+    text_dim = read_component_config(model, "text_encoder").get("d_model")
+    if text_dim is not None and text_dim != tcfg.get("text_embed_dim", 4096):
+        problems.append(f"text dim: T5 gives {text_dim}, the transformer's text_embed_dim is "
+                        f"{tcfg.get('text_embed_dim', 4096)}")
+    if problems:
+        raise ModelError(f"{model} does not fit this run (nothing was encoded):\n  " + "\n  ".join(problems))
+    return family
+
+
 def _weight_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
     if not files:

@@ -1,6 +1,8 @@
 """The seed's form: `cogfun train --train_data_dir D --train_data_meta F ...` in one launch.
 
-Precompute into the shard dir (a no-op when its fingerprint matches), then train on it. Both
+Precompute into the shard dir (a no-op when its fingerprint matches), then train on it; another
+run in --output_dir is refused before precompute encodes anything (precompute itself refuses a
+model that does not fit --train_mode and --mask_policy_weights that train would refuse). Both
 stages run on every rank of the same launch; nothing of either stage is copied here.
 """
 
@@ -21,9 +23,13 @@ def run(cfg: TrainConfig) -> dict:
                  blocks=read_component_config(cfg.pretrained_model_name_or_path, "transformer").get("num_layers", 30)
                  if cfg.pretrained_model_name_or_path else None)
     if cfg.train_data_meta:
+        from cogfun.runs import claim_output_dir
         from stages.precompute import precompute
 
         if not cfg.shard_dir:
             cfg.shard_dir = str(Path(cfg.output_dir) / "shards")
+        # another run in --output_dir: refused before the encode (precompute refuses the rest itself)
+        claim_output_dir(Path(cfg.output_dir), resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite,
+                         delete=False)
         precompute(subset(cfg, PrecomputeConfig))
     return train(cfg)

@@ -24,7 +24,7 @@ from pathlib import Path
 import cogfun
 from cogfun import shards
 from cogfun.buckets import SamplePlan, Sampling, one_frame_videos
-from cogfun.config import PrecomputeConfig, fingerprint_keys, mask_policy_list, to_dict
+from cogfun.config import ConfigError, PrecomputeConfig, fingerprint_keys, mask_policy_list, to_dict
 from cogfun.dataset import Skipped, count_by_category, load_sources, media_report, probe_and_plan, retry_skipped
 from cogfun.shards import ShardError
 from cogfun.storage import is_url, plain_path
@@ -151,6 +151,17 @@ def sample_recipe(plan: SamplePlan, geometry: dict, source_digest: str, encode: 
                           "size": [plan.frames, plan.height, plan.width], "masks": geometry})
 
 
+def check_draw_weights(cfg, policies: list[str]) -> None:
+    """--mask_policy_weights that training would refuse with these policies cached, refused now."""
+    from cogfun.masks import draw_weights
+
+    try:
+        draw_weights(policies, cfg.mask_policy_weights, frame_crop=cfg.random_frame_crop,
+                     cached_by="these --mask_policies")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def check_existing(shard_dir: Path, parts: dict, fp: str, inputs: dict, overwrite: bool,
                    max_image_pixels: int) -> str:
     """Decide what to do with what is in `shard_dir`: 'up_to_date', 'fresh', 'resume', 'incremental'
@@ -236,11 +247,13 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     state = dist.partial_state()
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
     shard_dir = Path(plain_path(cfg.shard_dir))   # file:///x is /x, as the readers (fsspec) see it
-    family = models.transformer_family(cfg.pretrained_model_name_or_path)  # frame rule, reference noise
+    # frame rule, reference noise; refuses a --train_mode (or a VAE / T5) the transformer does not fit
+    family = models.check_model_fits(cfg.pretrained_model_name_or_path, cfg.train_mode)
     models.check_position_frames(family.position_frames, cfg.video_sample_n_frames, "--video_sample_n_frames")
     sampling = Sampling.from_config(cfg, latent_multiple=family.latent_multiple)
     sampling.validate()
     policies = mask_policy_list(cfg)
+    check_draw_weights(cfg, policies)
     reference_noise = family.reference_noise and bool(policies)
     sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir)
 

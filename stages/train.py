@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from cogfun import shards
+from cogfun import runs, shards
 from cogfun.config import ConfigError, TrainConfig, to_dict
 from cogfun.masks import MASK_DESIGN
 from cogfun.shards import ShardError
@@ -177,27 +177,13 @@ def check_shards_fit(manifest: dict, tcfg, train_mode: str, family=None) -> None
 def mask_weights(cfg: TrainConfig, policies: list[str]) -> dict[str, dict[str, float]]:
     """The train-time draw weights {"video": .., "image": ..}: CogVideoX-Fun's over the cached policies,
     with --mask_policy_weights applied. Refuses a weight for a policy the shards do not cache, and
-    weights that leave nothing to draw."""
-    from cogfun.masks import PREFIX_SAFE, parse_weights, weights_for
+    weights that leave nothing to draw (`cogfun.masks.draw_weights`)."""
+    from cogfun.masks import draw_weights
 
-    if not policies:
-        return {}
     try:
-        overrides = parse_weights(cfg.mask_policy_weights)
+        return draw_weights(policies, cfg.mask_policy_weights, frame_crop=cfg.random_frame_crop)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    missing = [p for p in overrides if p != "t2v" and p not in policies]
-    if missing:
-        raise ConfigError(f"--mask_policy_weights names {', '.join(missing)}, which the shards do not cache "
-                          f"(cached: {', '.join(policies)}); precompute with --mask_policies including it")
-    out = {"video": weights_for(policies, 49, overrides), "image": weights_for(policies, 1, overrides)}
-    for kind, weights in out.items():
-        crop = [w for p, w in weights.items() if p in PREFIX_SAFE] if kind == "video" and cfg.random_frame_crop else []
-        if sum(weights.values()) <= 0 or (crop and sum(crop) <= 0):
-            raise ConfigError(f"--mask_policy_weights leaves no {kind} conditioning to draw"
-                              + (" for a frame-cropped sample (--random_frame_crop keeps only "
-                                 f"{', '.join(p for p in weights if p in PREFIX_SAFE)})" if sum(weights.values()) else ""))
-    return out
 
 
 def find_checkpoint(output_dir: Path, spec: str | None) -> Path | None:
@@ -256,6 +242,91 @@ def agree_on_checkpoint(accelerator, output_dir: Path, spec: str | None) -> Path
                           f"same --output_dir (a shared filesystem): a checkpoint holds the state of every rank, "
                           f"written by that rank.")
     return choice
+
+
+def resume_or_claim(accelerator, cfg: TrainConfig, output_dir: Path, manifest: dict):
+    """One run per output dir, checked on rank 0 before anything loads: a dir holding another run
+    is refused unless this launch resumes or --overwrite (the deletion waits until training
+    starts); a resume must be from a checkpoint of this run (`runs.check_resume`). Returns
+    (checkpoint or None, settings changed since it {name: [old, new]}, the run's change history,
+    this run's identity)."""
+    from cogfun.dist import broadcast
+
+    mine, settings = runs.identity(cfg, manifest), runs.settings_record(cfg)
+    found = None
+    if accelerator.is_main_process:
+        try:
+            runs.claim_output_dir(output_dir, resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite,
+                                  delete=False)
+            found = ({}, [])
+            checkpoint = find_checkpoint(output_dir, cfg.resume_from_checkpoint)
+            if checkpoint is not None:
+                record = json.loads((checkpoint / CHECKPOINT_STATE).read_text())
+                found = (runs.check_resume(checkpoint, record, mine, settings, accelerator.num_processes),
+                         record.get("changes", []))
+            elif cfg.resume_from_checkpoint and (output_dir / runs.RUN_CONFIG).is_file():
+                # no checkpoint yet: starting over is fine, but only for this run
+                record = json.loads((output_dir / runs.RUN_CONFIG).read_text())
+                runs.check_resume(output_dir / runs.RUN_CONFIG, record, mine, settings, accelerator.num_processes)
+        except ConfigError as exc:
+            found = exc
+    found = broadcast(found, accelerator)
+    if isinstance(found, Exception):
+        raise found
+    changes, history = found
+    return agree_on_checkpoint(accelerator, output_dir, cfg.resume_from_checkpoint), changes, history, mine
+
+
+def apply_optimizer_settings(optimizer, lr_scheduler, cfg: TrainConfig) -> None:
+    """After a resume: AdamW's learning rate, betas, weight decay and epsilon are the flags' (the
+    loaded state holds the checkpoint's); the LR schedule (diffusers': a LambdaLR) keeps its position."""
+    sched = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    sched.base_lrs = [cfg.learning_rate] * len(sched.base_lrs)
+    lrs = [base * factor(sched.last_epoch) for base, factor in zip(sched.base_lrs, sched.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group.update(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                     eps=cfg.adam_epsilon)
+    sched._last_lr = lrs
+
+
+def stop_requested(accelerator, stop: runs.StopRequest, device) -> int:
+    """The signal (0: none) any rank received: all ranks stop at the same step boundary."""
+    signum = stop.signum or 0
+    if accelerator.num_processes == 1:
+        return signum
+    import torch
+    import torch.distributed as tdist
+
+    flag = torch.tensor([signum], device=device, dtype=torch.int64)
+    tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def held_out_files(dataset, indices: list[int]) -> list[str]:
+    """The source files of the held-out samples (`--eval_samples`), sorted."""
+    if not indices:
+        return []
+    idx, wanted = dataset.index, set(indices)
+    return sorted({src for shard, pos, src in zip(idx["shard"], idx["position"], idx["source"])
+                   if dataset.global_index(shard, pos) in wanted})
+
+
+def print_summary(cfg: TrainConfig, train_rows, steps_per_epoch: int, max_steps: int, start: int,
+                  world: int, held_files: list[str], n_held: int, output_dir: Path) -> None:
+    """The start-up summary: what trains, how long, what is held out, what the progress bar shows."""
+    buckets = {r[1] for r in train_rows}
+    batch = cfg.train_batch_size * cfg.gradient_accumulation_steps * world
+    held = (f"; {len(held_files)} source file(s) ({n_held} samples) held out for the eval loss, listed in "
+            f"{output_dir / runs.EVAL_FILES}" if held_files else "; no eval loss (--eval_samples 0)")
+    print(f"train: {len(train_rows)} samples in {len(buckets)} bucket(s){held}")
+    print(f"train: {steps_per_epoch} steps per epoch at an effective batch of {batch} samples "
+          f"(--train_batch_size {cfg.train_batch_size} x --gradient_accumulation_steps "
+          f"{cfg.gradient_accumulation_steps} x {world} rank(s)); {max_steps} steps "
+          f"({max_steps / max(1, steps_per_epoch):.1f} epochs)" + (f", from step {start}" if start else "")
+          + f"; a checkpoint every {cfg.checkpointing_steps} steps and at the end")
+    print("progress bar: loss = the step's training loss (mean over micro-batches and ranks; noisy: the timestep "
+          "is random), lr = learning rate, step_s = seconds the step took; the eval loss (held-out files, fixed "
+          "noise) is printed on its own line")
 
 
 # ------------------------------------------------------------------ one batch -> loss inputs
@@ -651,8 +722,13 @@ def train(cfg: TrainConfig) -> dict:
     store = open_store(cfg)  # a local dir or a URL (per-node cache, retries)
     manifest = shards.require_manifest(store)
     store.check_cache_fits(manifest["shard_bytes"])
+    # the data settings (train_mode included) are the shards': refuses a data flag they contradict
+    data_warnings = runs.adopt_shard_settings(cfg, manifest)
     accelerator = make_accelerator(cfg, output_dir)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    for warning in data_warnings if main else []:
+        print(warning, file=sys.stderr)
+    resume_dir, changes, history, run_id = resume_or_claim(accelerator, cfg, output_dir, manifest)
     set_seed(cfg.seed)
     if cfg.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -711,7 +787,6 @@ def train(cfg: TrainConfig) -> dict:
     offloaded = lowmem.offload_blocks(unwrapped, cfg.offload_blocks, device)  # after prepare: DDP/DeepSpeed broadcast weights
 
     global_step = 0
-    resume_dir = agree_on_checkpoint(accelerator, output_dir, cfg.resume_from_checkpoint)
     if main:
         for note in lowmem.memory_notes(cfg.base_weight_dtype, cfg.offload_blocks, cfg.gradient_checkpointing):
             print(note)
@@ -719,24 +794,40 @@ def train(cfg: TrainConfig) -> dict:
         print(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting from step 0")
     if resume_dir is not None:
         load_resume_state(accelerator, transformer, optimizer, lr_scheduler, resume_dir)
+        apply_optimizer_settings(optimizer, lr_scheduler, cfg)  # the flags', not the checkpoint's
         global_step = json.loads((resume_dir / CHECKPOINT_STATE).read_text())["global_step"]
         if main:
             print(f"resumed from {resume_dir} at step {global_step}")
+            if changes:
+                print(f"changed since that checkpoint, applied from step {global_step + 1}: "
+                      + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items()))
+        if changes:
+            history = history + [{"from_step": global_step + 1, "changed": changes}]
 
+    held_files = held_out_files(dataset, eval_indices)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        run_config = {"config": to_dict(cfg), "launch": launch_kind(), "world_size": world,
-                      "lora_targets": targets, "steps_per_epoch": steps_per_epoch, "max_train_steps": max_steps,
-                      "shards_fingerprint": manifest["fingerprint"], "eval_samples_held_out": len(eval_indices),
+        if not cfg.resume_from_checkpoint:
+            deleted = runs.claim_output_dir(output_dir, resuming=False, overwrite=cfg.overwrite)
+            if deleted:
+                print(f"--overwrite: deleted the previous run in {output_dir}: {', '.join(deleted)}")
+        run_config = {"config": to_dict(cfg), "run": run_id, "changes": history, "launch": launch_kind(),
+                      "world_size": world, "lora_targets": targets, "steps_per_epoch": steps_per_epoch,
+                      "max_train_steps": max_steps, "shards_fingerprint": manifest["fingerprint"],
+                      "eval_samples_held_out": len(eval_indices), "eval_files_held_out": len(held_files),
                       "mask_policy_weights": weights, "base_weight_dtype": lowmem.dtype_name(storage_dtype),
                       "compute_dtype": lowmem.dtype_name(weight_dtype), "offloaded_layers": len(offloaded),
                       "frozen_bytes_on_device": lowmem.resident_bytes(unwrapped),
                       "frozen_bytes_offloaded": lowmem.offloaded_bytes(unwrapped)}
-        shards.write_json_atomic(output_dir / "run_config.json", run_config)
+        shards.write_json_atomic(output_dir / runs.RUN_CONFIG, run_config)
+        if held_files:
+            (output_dir / runs.EVAL_FILES).write_text("".join(f + "\n" for f in held_files))
+        print_summary(cfg, train_rows, steps_per_epoch, max_steps, global_step, world, held_files,
+                      len(eval_indices), output_dir)
     if accelerator.log_with:
         accelerator.init_trackers(cfg.tracker_project_name, config={k: v for k, v in to_dict(cfg).items()
                                                     if isinstance(v, (int, float, str, bool))})
-    log_path = output_dir / "train_log.jsonl"
+    log_path = output_dir / runs.TRAIN_LOG
     if main and log_path.exists():  # keep the history up to the step we (re)start from
         kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= global_step]
         log_path.write_text("".join(line + "\n" for line in kept))
@@ -747,10 +838,13 @@ def train(cfg: TrainConfig) -> dict:
         return eval_loss(accelerator, transformer, dataset, eval_indices, cfg=cfg, scheduler=scheduler,
                          scaling=scaling, policies=policies, device=device, dtype=weight_dtype)
 
+    eval_losses: list[tuple[int, float]] = []
     if eval_indices and global_step == 0:  # the baseline the held-out loss falls from
         logs = {"eval_loss": evaluate()}
+        eval_losses.append((0, logs["eval_loss"]))
         accelerator.log(logs, step=0)
         if main:
+            print(f"step 0: eval loss {logs['eval_loss']:.4f} (held-out files, before training)")
             with open(log_path, "a") as fh:
                 fh.write(json.dumps({"step": 0, **logs}) + "\n")
 
@@ -761,6 +855,7 @@ def train(cfg: TrainConfig) -> dict:
                dynamic_ncols=True)
     epoch, epoch_start = sampler.locate_step(global_step)
     losses: list[float] = []
+    stop = runs.StopRequest(announce=main).install()  # SIGINT / SIGTERM: checkpoint at the next step, stop
     t_step = time.time()
     while global_step < max_steps:
         sampler.set_epoch(epoch)
@@ -803,17 +898,31 @@ def train(cfg: TrainConfig) -> dict:
             t_step = now
             if eval_indices and (global_step % cfg.eval_steps == 0 or global_step == max_steps):
                 logs["eval_loss"] = evaluate()
+                eval_losses.append((global_step, logs["eval_loss"]))
+                if main:
+                    bar.write(f"step {global_step}: eval loss {logs['eval_loss']:.4f} (held-out files)")
                 t_step = time.time()
             accelerator.log(logs, step=global_step)
             if main:
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps({"step": global_step, **logs}) + "\n")
                 bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}", s=f"{logs['step_time']:.2f}")
-            if global_step % cfg.checkpointing_steps == 0 or global_step == max_steps:
-                save_checkpoint(accelerator, transformer, optimizer, lr_scheduler, cfg, output_dir, global_step,
-                                {"epoch": epoch}, targets, manifest)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}", step_s=f"{logs['step_time']:.2f}")
+            stopping = stop_requested(accelerator, stop, device)  # every rank agrees
+            saved = None
+            if global_step % cfg.checkpointing_steps == 0 or global_step == max_steps or stopping:
+                saved = save_checkpoint(accelerator, transformer, optimizer, lr_scheduler, cfg, output_dir,
+                                        global_step, {"epoch": epoch, "run": run_id,
+                                                      "config": runs.settings_record(cfg), "changes": history},
+                                        targets, manifest)
+                if main:
+                    bar.write(f"step {global_step}: checkpoint saved to {saved}")
                 t_step = time.time()  # the save is not the next step's time
+            if stopping:
+                bar.close()
+                stop.restore()
+                accelerator.end_training()
+                raise runs.Interrupted(stopping, global_step, saved)
             if validation_set and (global_step % cfg.validation_steps == 0 or global_step == max_steps):
                 seconds = validation.render(validation_set, accelerator, transformer, cfg=cfg, step=global_step,
                                             output_dir=output_dir, scheduler=sampling_scheduler, dtype=weight_dtype,
@@ -833,6 +942,7 @@ def train(cfg: TrainConfig) -> dict:
             t_step = time.time()
         epoch += 1
     bar.close()
+    stop.restore()
 
     # ------------------------------------------------------------ save the LoRA
     lora_sd = gather_lora(accelerator, transformer)
@@ -842,4 +952,4 @@ def train(cfg: TrainConfig) -> dict:
               f"alpha {cfg.network_alpha}, {len(targets)} modules)")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {"global_step": global_step, "losses": losses, "output_dir": str(output_dir)}
+    return {"global_step": global_step, "losses": losses, "eval_losses": eval_losses, "output_dir": str(output_dir)}

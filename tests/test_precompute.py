@@ -790,7 +790,7 @@ def test_inspect_buckets_from_dataset_follows_the_rules(synthetic_data, bad_data
 
 # ---------------------------------------------------------------------------------------------- 10. real-world media
 
-def test_real_world_media_and_caption_variants(tiny_model_inp, tmp_path):
+def test_real_world_media_and_caption_variants(tiny_model_t2v, tmp_path):
     """The media zoo (every kind of file, cogfun.tiny.write_media_zoo) with a clip listed under two
     captions and one row repeated: one sample per (file, caption), the decoders other than the
     default, the warnings and the skips per reason in the summary, the manifest and inspect-buckets
@@ -803,7 +803,7 @@ def test_real_world_media_and_caption_variants(tiny_model_inp, tmp_path):
     h264 = next(r for r in rows if r["file_path"] == "zoo/h264.mp4")
     rows += [dict(h264, text="The same clip, described another way."), dict(h264)]   # a variant, a repeat
     meta.write_text(json.dumps(rows))
-    cfg = make_cfg(tiny_model_inp, meta, tmp_path / "shards", video_sample_size=32, image_sample_size=32,
+    cfg = make_cfg(tiny_model_t2v, meta, tmp_path / "shards", video_sample_size=32, image_sample_size=32,
                    token_sample_size=32, video_sample_n_frames=5, train_mode="normal")
     result = CliRunner().invoke(cli.main, ["precompute", *cli_args(cfg)])
     assert result.exit_code == 0, (result.output, result.exception)
@@ -875,7 +875,7 @@ def test_skipped_sources_are_retried_when_cogfun_may_read_them_now(tiny_model_in
     assert precompute(cfg, progress=False)["status"] == "up to date"
 
 
-def test_num_views_auto_stores_views_and_an_epoch_shows_one(tiny_model_inp, synthetic_data, tmp_path):
+def test_num_views_auto_stores_views_and_an_epoch_shows_one(tiny_model_inp, tiny_model_t2v, synthetic_data, tmp_path):
     """--num_views auto on real clips: 24-frame clips at a 9-frame window get 3 views, the 36-frame one 4, the
     6-frame one (a 5-frame window) 1,
     images 1; the trainer's sampler shows one view of each clip per epoch. An explicit count and its
@@ -883,7 +883,7 @@ def test_num_views_auto_stores_views_and_an_epoch_shows_one(tiny_model_inp, synt
     from cogfun.loader import BucketBatchSampler, CachedSamples, index_rows
     from stages.precompute import settings_of
 
-    cfg = make_cfg(tiny_model_inp, synthetic_data, tmp_path / "auto", train_mode="normal", video_sample_stride=1,
+    cfg = make_cfg(tiny_model_t2v, synthetic_data, tmp_path / "auto", train_mode="normal", video_sample_stride=1,
                    num_views="auto")
     precompute(cfg, progress=False)
     index = shards.read_index(cfg.shard_dir)
