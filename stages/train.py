@@ -472,7 +472,7 @@ def auto_tile(cfg: TrainConfig, batch: dict, data: dict | None = None) -> dict:
     whose pixel volume F x H x W is at most 1/16 of the token budget N x T^2 is repeated 4x, at most
     1/4 of it 2x (each copy draws its own noise, timestep, posterior sample, caption dropout and
     mask policy). The token budget N x T^2 is the shards' (`data`, their manifest's config, else
-    cfg's); the token-length flag is on for the shards or on this command line."""
+    cfg's); the shards were made with --training_with_video_token_length."""
     data = {**{k: getattr(cfg, k) for k in ("video_sample_n_frames", "token_sample_size")}, **(data or {})}
     if not (cfg.auto_tile_batch_size and (cfg.training_with_video_token_length
                                           or data.get("training_with_video_token_length"))):

@@ -124,7 +124,9 @@ def test_inject_freezes_base_and_adds_lora_to_exactly_the_targets():
         inject_lora(model, rank=RANK, alpha=ALPHA, target_name=SEED_TARGETS)
 
 
-# The values cogfun's LoRA has always produced (both former paths, bitwise): seed 1 init, then 3 AdamW steps.
+# The values cogfun's LoRA has always produced (both former paths): seed 1 init (bitwise: a seeded draw),
+# then 3 AdamW steps (to float32 rounding: the CPU's kernels, chosen by its instruction set, differ in
+# the last bits from machine to machine; the same machine gives the same bits).
 PINNED_INIT_A = [0.1019539013504982, 0.108670674264431, -0.010245182551443577]   # block 0 to_q lora_A[0, :3]
 PINNED_TRAINED_B = [0.02923668548464775, -0.02956751361489296, -0.02729899063706398]  # block 1 ff.net.2 lora_B[0, :3]
 PINNED_OUTPUT_SUM, PINNED_ABS_SUM = 21.380956049077213, 201.65036146668717
@@ -143,9 +145,10 @@ def test_numbers_and_files_are_the_ones_cogfun_always_wrote(tmp_path):
 
     train(model)
     sd = lora_state_dict(model)
-    assert sd["transformer.transformer_blocks.1.ff.net.2.lora_B.weight"][0, :3].tolist() == PINNED_TRAINED_B
-    assert float(run(model, batch()[0]).double().sum()) == pytest.approx(PINNED_OUTPUT_SUM, rel=1e-12)
-    assert float(sum(v.double().abs().sum() for v in sd.values())) == pytest.approx(PINNED_ABS_SUM, rel=1e-12)
+    trained = sd["transformer.transformer_blocks.1.ff.net.2.lora_B.weight"][0, :3].tolist()
+    assert trained == pytest.approx(PINNED_TRAINED_B, rel=1e-6, abs=0)
+    assert float(run(model, batch()[0]).double().sum()) == pytest.approx(PINNED_OUTPUT_SUM, rel=1e-6)
+    assert float(sum(v.double().abs().sum() for v in sd.values())) == pytest.approx(PINNED_ABS_SUM, rel=1e-6)
     assert all(torch.count_nonzero(v) for v in sd.values())  # lora_B trained away from 0
 
     # the file holds exactly these tensors and the adapter header, whatever --use_peft_lora said

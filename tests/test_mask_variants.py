@@ -172,10 +172,20 @@ def test_training_with_upstream_batch_flags(shards, tiny_model_inp, tmp_path, mo
     token budget N 9 x T 64^2 (from their manifest): a 1 x 64 x 64 image batch is at most 1/4 of it
     and is doubled, the 9 x 48 x 80 video batches are not; T <= 256 draws one length, 256^2 x 9,
     which keeps all 9 frames (3 latent frames) of every bucket."""
+    import dataclasses
+
+    from accelerate.state import AcceleratorState
+
     import stages.train as stage
+    from stages.precompute import precompute
     from stages.train import train
 
-    cfg, _ = shards[1]
+    # the token budget is the shards' own: precompute them with --training_with_video_token_length
+    # (at V = I = T = 64 the plans are those of the k1 shards)
+    cfg = dataclasses.replace(shards[1][0], shard_dir=str(tmp_path / "token_length"),
+                              training_with_video_token_length=True)
+    precompute(cfg, progress=False)
+    AcceleratorState._reset_state(True)
     seen = []
     batch_inputs = stage.batch_inputs
 
@@ -188,8 +198,7 @@ def test_training_with_upstream_batch_flags(shards, tiny_model_inp, tmp_path, mo
     result = train(TrainConfig(pretrained_model_name_or_path=str(tiny_model_inp), shard_dir=cfg.shard_dir,
                                output_dir=str(tmp_path / "out"), max_train_steps=6, checkpointing_steps=100,
                                mixed_precision="no", rank=4, network_alpha=2.0, dataloader_num_workers=0,
-                               report_to="none", train_mode="inpaint", auto_tile_batch_size=True,
-                               training_with_video_token_length=True, keep_all_node_same_token_length=True))
+                               report_to="none", auto_tile_batch_size=True, keep_all_node_same_token_length=True))
     assert len(result["losses"]) == 6 and all(torch.isfinite(torch.tensor(result["losses"])))
     assert len(seen) == 6 and {v for v, _, _ in seen} == {4096, 9 * 48 * 80}   # both kinds were trained
     for volume, size, cap in seen:
