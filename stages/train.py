@@ -857,92 +857,94 @@ def train(cfg: TrainConfig) -> dict:
     losses: list[float] = []
     stop = runs.StopRequest(announce=main).install()  # SIGINT / SIGTERM: checkpoint at the next step, stop
     t_step = time.time()
-    while global_step < max_steps:
-        sampler.set_epoch(epoch)
-        skip = max(0, (global_step - epoch_start) * cfg.gradient_accumulation_steps)  # resume
-        micro_losses = []
-        for batch in batches(dataset, sampler, threads=cfg.dataloader_num_workers, skip=skip,
-                             pin_memory=torch.cuda.is_available()):
-            with accelerator.accumulate(transformer):
-                batch = auto_tile(cfg, batch, manifest["config"])   # --auto_tile_batch_size
-                model_in, prompts, timesteps, target = batch_inputs(
-                    batch, epoch=epoch, cfg=cfg, scheduler=scheduler, scaling=scaling, policies=policies,
-                    null_prompt=null_prompt, device=device, dtype=weight_dtype, family=family, black=black,
-                    sample_n_frames=sample_n_frames, t_range=t_range,
-                    keep_at_most=same_token_length_frames(cfg, batch, epoch, world, family, manifest["config"]))
-                with accelerator.autocast():
-                    pred = transformer(hidden_states=model_in, encoder_hidden_states=prompts, timestep=timesteps,
-                                       return_dict=False)[0]
-                loss = torch.nn.functional.mse_loss(pred.float(), target, reduction="mean")
-                if cfg.motion_sub_loss:
-                    loss = with_motion_loss(loss, pred.float(), target, cfg.motion_sub_loss_ratio)
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params if launch_kind() not in ("fsdp",) else
-                                                            transformer.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_losses.append(loss.detach())
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+    try:   # the handlers go back however the loop ends (an exception too)
+        while global_step < max_steps:
+            sampler.set_epoch(epoch)
+            skip = max(0, (global_step - epoch_start) * cfg.gradient_accumulation_steps)  # resume
             micro_losses = []
-            losses.append(step_loss)
-            now = time.time()
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "step_time": now - t_step}
-            if grad_norm is not None:
-                logs["grad_norm"] = float(grad_norm)
-            t_step = now
-            if eval_indices and (global_step % cfg.eval_steps == 0 or global_step == max_steps):
-                logs["eval_loss"] = evaluate()
-                eval_losses.append((global_step, logs["eval_loss"]))
+            for batch in batches(dataset, sampler, threads=cfg.dataloader_num_workers, skip=skip,
+                                 pin_memory=torch.cuda.is_available()):
+                with accelerator.accumulate(transformer):
+                    batch = auto_tile(cfg, batch, manifest["config"])   # --auto_tile_batch_size
+                    model_in, prompts, timesteps, target = batch_inputs(
+                        batch, epoch=epoch, cfg=cfg, scheduler=scheduler, scaling=scaling, policies=policies,
+                        null_prompt=null_prompt, device=device, dtype=weight_dtype, family=family, black=black,
+                        sample_n_frames=sample_n_frames, t_range=t_range,
+                        keep_at_most=same_token_length_frames(cfg, batch, epoch, world, family, manifest["config"]))
+                    with accelerator.autocast():
+                        pred = transformer(hidden_states=model_in, encoder_hidden_states=prompts, timestep=timesteps,
+                                           return_dict=False)[0]
+                    loss = torch.nn.functional.mse_loss(pred.float(), target, reduction="mean")
+                    if cfg.motion_sub_loss:
+                        loss = with_motion_loss(loss, pred.float(), target, cfg.motion_sub_loss_ratio)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(params if launch_kind() not in ("fsdp",) else
+                                                                transformer.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro_losses.append(loss.detach())
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+                micro_losses = []
+                losses.append(step_loss)
+                now = time.time()
+                logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "step_time": now - t_step}
+                if grad_norm is not None:
+                    logs["grad_norm"] = float(grad_norm)
+                t_step = now
+                if eval_indices and (global_step % cfg.eval_steps == 0 or global_step == max_steps):
+                    logs["eval_loss"] = evaluate()
+                    eval_losses.append((global_step, logs["eval_loss"]))
+                    if main:
+                        bar.write(f"step {global_step}: eval loss {logs['eval_loss']:.4f} (held-out files)")
+                    t_step = time.time()
+                accelerator.log(logs, step=global_step)
                 if main:
-                    bar.write(f"step {global_step}: eval loss {logs['eval_loss']:.4f} (held-out files)")
-                t_step = time.time()
-            accelerator.log(logs, step=global_step)
-            if main:
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps({"step": global_step, **logs}) + "\n")
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}", step_s=f"{logs['step_time']:.2f}")
-            stopping = stop_requested(accelerator, stop, device)  # every rank agrees
-            saved = None
-            if global_step % cfg.checkpointing_steps == 0 or global_step == max_steps or stopping:
-                saved = save_checkpoint(accelerator, transformer, optimizer, lr_scheduler, cfg, output_dir,
-                                        global_step, {"epoch": epoch, "run": run_id,
-                                                      "config": runs.settings_record(cfg), "changes": history},
-                                        targets, manifest)
-                if main:
-                    bar.write(f"step {global_step}: checkpoint saved to {saved}")
-                t_step = time.time()  # the save is not the next step's time
-            if stopping:
-                bar.close()
-                stop.restore()
-                accelerator.end_training()
-                raise runs.Interrupted(stopping, global_step, saved)
-            if validation_set and (global_step % cfg.validation_steps == 0 or global_step == max_steps):
+                    with open(log_path, "a") as fh:
+                        fh.write(json.dumps({"step": global_step, **logs}) + "\n")
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}", step_s=f"{logs['step_time']:.2f}")
+                stopping = stop_requested(accelerator, stop, device)  # every rank agrees
+                saved = None
+                if global_step % cfg.checkpointing_steps == 0 or global_step == max_steps or stopping:
+                    saved = save_checkpoint(accelerator, transformer, optimizer, lr_scheduler, cfg, output_dir,
+                                            global_step, {"epoch": epoch, "run": run_id,
+                                                          "config": runs.settings_record(cfg), "changes": history},
+                                            targets, manifest)
+                    if main:
+                        bar.write(f"step {global_step}: checkpoint saved to {saved}")
+                    t_step = time.time()  # the save is not the next step's time
+                if stopping:
+                    bar.close()
+                    stop.restore()
+                    accelerator.end_training()
+                    raise runs.Interrupted(stopping, global_step, saved)
+                if validation_set and (global_step % cfg.validation_steps == 0 or global_step == max_steps):
+                    seconds = validation.render(validation_set, accelerator, transformer, cfg=cfg, step=global_step,
+                                                output_dir=output_dir, scheduler=sampling_scheduler, dtype=weight_dtype,
+                                                same_forward_count=launch_kind() == "fsdp")
+                    accelerator.log({"validation_seconds": seconds}, step=global_step)
+                    t_step = time.time()
+                if global_step >= max_steps:
+                    break
+            epoch_start += sampler.steps_in_epoch(epoch)
+            if (validation_set and cfg.validation_epochs and epoch % cfg.validation_epochs == 0
+                    and global_step == epoch_start and global_step % cfg.validation_steps and global_step != max_steps):
+                # --validation_epochs: after a whole epoch (not when the step rule just rendered)
                 seconds = validation.render(validation_set, accelerator, transformer, cfg=cfg, step=global_step,
                                             output_dir=output_dir, scheduler=sampling_scheduler, dtype=weight_dtype,
                                             same_forward_count=launch_kind() == "fsdp")
                 accelerator.log({"validation_seconds": seconds}, step=global_step)
                 t_step = time.time()
-            if global_step >= max_steps:
-                break
-        epoch_start += sampler.steps_in_epoch(epoch)
-        if (validation_set and cfg.validation_epochs and epoch % cfg.validation_epochs == 0
-                and global_step == epoch_start and global_step % cfg.validation_steps and global_step != max_steps):
-            # --validation_epochs: after a whole epoch (not when the step rule just rendered)
-            seconds = validation.render(validation_set, accelerator, transformer, cfg=cfg, step=global_step,
-                                        output_dir=output_dir, scheduler=sampling_scheduler, dtype=weight_dtype,
-                                        same_forward_count=launch_kind() == "fsdp")
-            accelerator.log({"validation_seconds": seconds}, step=global_step)
-            t_step = time.time()
-        epoch += 1
+            epoch += 1
+    finally:
+        stop.restore()
     bar.close()
-    stop.restore()
 
     # ------------------------------------------------------------ save the LoRA
     lora_sd = gather_lora(accelerator, transformer)

@@ -174,7 +174,8 @@ def test_frames_beyond_the_sincos_table_are_refused_before_any_work(models_dir, 
     assert sampling.geometry(rope, 85, 64, 64).frames == 85   # RoPE: any length
 
     cfg = PrecomputeConfig(pretrained_model_name_or_path=str(models_dir["inp"]), train_data_meta=str(tmp_path / "m.json"),
-                           shard_dir=str(tmp_path / "shards"), video_sample_n_frames=85)
+                           shard_dir=str(tmp_path / "shards"), video_sample_n_frames=85,
+                           train_mode="inpaint")
     with pytest.raises(models.ModelError, match="--video_sample_n_frames 85"):
         precompute(cfg)
     assert not (tmp_path / "shards").exists()

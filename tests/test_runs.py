@@ -277,6 +277,7 @@ def test_sigint_saves_a_checkpoint_at_the_next_step_and_prints_the_resume_comman
 def test_sigterm_is_a_stop_request_until_restored():
     from cogfun.runs import Interrupted, StopRequest
 
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     stop = StopRequest(announce=False).install()
     try:
         os.kill(os.getpid(), signal.SIGTERM)   # a SLURM preemption: no exit, a request
@@ -288,7 +289,7 @@ def test_sigterm_is_a_stop_request_until_restored():
             os.kill(os.getpid(), signal.SIGINT)  # the second signal: stop now
     finally:
         stop.restore()
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert {s: signal.getsignal(s) for s in before} == before   # whatever was there before is back
     assert Interrupted(signal.SIGTERM, 3, Path("o/checkpoint-3")).exit_code == 143
 
 
