@@ -80,8 +80,8 @@ def retry_skipped(manifest: dict, max_image_pixels: int) -> bool:
     lower --max_image_pixels and skipped an image as too large, or its manifest records fewer
     `media_readers` than this cogfun's (a cogfun reading fewer formats). Its fingerprint still
     matches (the inputs and settings that make a sample's bytes are the same): the run is then
-    incremental. Dirs older than shard format 2 fail the fingerprint (format version), so the
-    media-readers case applies only once MEDIA_READERS is raised above 2."""
+    incremental. Dirs older than shard format 2 fail the fingerprint (format version); from
+    MEDIA_READERS 3 on (stills only FFmpeg reads) dirs that recorded 2 retry their skips."""
     from cogfun.video import MAX_IMAGE_PIXELS, MEDIA_READERS
 
     skipped = manifest.get("skipped", [])
