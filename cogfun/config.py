@@ -183,7 +183,7 @@ class TrainConfig(ModelArgs, DataArgs, EncodeArgs, ShardReadArgs, TrainArgs, Val
 @dataclass
 class InspectConfig(ModelArgs, DataArgs):
     """`cogfun inspect-buckets`."""
-    shard_dir: Optional[str] = opt(None, "Report a finished shard dir from its manifest instead of probing a dataset.")
+    shard_dir: Optional[str] = opt(None, "Report a finished shard dir from its manifest instead of probing a dataset. With --train_data_meta: probe the dataset, reusing the dir's probe cache (probes/; a local dir also keeps what was probed now, for the precompute that follows).")
     json: bool = opt(False, "Print one JSON object instead of a table.")
     plot: Optional[str] = opt(None, "Write a PNG histogram of the buckets to this file.")
     text_dim: int = opt(4096, "Text-embedding width used for the size estimate when no model is given (T5-XXL: 4096).")

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from cogfun.buckets import PlanSkip, SamplePlan, Sampling, plan_clip
 
 if TYPE_CHECKING:
+    from cogfun.probes import ProbeCache
     from cogfun.video import MediaInfo
 
 
@@ -183,20 +184,23 @@ def load_sources(meta: str | Path, data_dir: str | Path | None) -> tuple[list[So
     return sources, skipped
 
 
-def _probe_one(path_kind: tuple[str, str], max_pixels: int):
+def _probe_one(path_kind: tuple, max_pixels: int):
     from cogfun.video import MediaError, probe
 
     try:
-        return probe(path_kind[0], path_kind[1], max_pixels=max_pixels), None
+        return probe(path_kind[0], path_kind[-1], max_pixels=max_pixels), None
     except MediaError as exc:
         return None, exc
 
 
 def probe_and_plan(sources: list[Source], sampling: Sampling, *, workers: int = 8, progress: bool = True,
-                   max_pixels: int | None = None) -> tuple[list[SamplePlan], list[Skipped], dict[str, Source]]:
+                   max_pixels: int | None = None, cache: "ProbeCache | None" = None,
+                   ) -> tuple[list[SamplePlan], list[Skipped], dict[str, Source]]:
     """Probe every file in parallel (once per file and type, whatever its captions) and plan the
     samples of every source.
 
+    `cache` (cogfun.probes): files found there (same path, size, mtime and type) are not probed;
+    what is probed is added to it (`cache.new`, for the caller to save).
     Returns (plans sorted by key, skipped sorted by file_path, key -> source with its probe).
     A file that cannot be used is skipped once, with the reason and its category.
     """
@@ -210,14 +214,21 @@ def probe_and_plan(sources: list[Source], sampling: Sampling, *, workers: int = 
     plans: list[SamplePlan] = []
     skipped: dict[tuple[str, str], Skipped] = {}
     by_key: dict[str, Source] = {}
-    files = sorted({(src.path, src.kind) for src in sources})
+    files = sorted({(src.path, src.size, src.mtime_ns, src.kind) for src in sources})
+    probed = {}
+    if cache is not None:
+        probed = {f: found for f in files if (found := cache.get(f)) is not None}
+        files = [f for f in files if f not in probed]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(partial(_probe_one, max_pixels=max_pixels or MAX_IMAGE_PIXELS), files)
         bar = tqdm(results, total=len(files), desc="probe", unit="clip",
                    disable=not progress or len(files) < 50, leave=False)
-        probed = dict(zip(files, bar))
+        for f, result in zip(files, bar):
+            probed[f] = result
+            if cache is not None:
+                cache.put(f, *result)
     for src in sources:
-        info, error = probed[(src.path, src.kind)]
+        info, error = probed[(src.path, src.size, src.mtime_ns, src.kind)]
         if info is None:
             skipped.setdefault((src.file_path, src.kind), Skipped(src.file_path, str(error), error.category))
             continue

@@ -16,6 +16,7 @@ from cogfun.buckets import Sampling, parse_bucket, sample_bytes, tokens_per_samp
 from cogfun.config import InspectConfig, ConfigError, mask_policy_list
 from cogfun.dataset import count_by_category
 from cogfun.models import TEXT_LEN
+from cogfun.storage import is_url, plain_path
 
 # tar headers (2 members + padding) + json member + safetensors header, per sample (measured ~2-3 KB)
 SAMPLE_OVERHEAD = 3072
@@ -36,8 +37,15 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
         family = transformer_family(cfg.pretrained_model_name_or_path)
         multiple, noise = family.latent_multiple, family.reference_noise and bool(policies)
     sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir)
+    cache = None
+    if cfg.shard_dir:   # its probe cache: files probed before are not probed again
+        from cogfun import probes
+
+        cache = probes.load(cfg.shard_dir, paths={s.path for s in sources})
     plans, skips, by_key = probe_and_plan(sources, Sampling.from_config(cfg, latent_multiple=multiple),
-                                          workers=cfg.probe_workers, max_pixels=cfg.max_image_pixels)
+                                          workers=cfg.probe_workers, max_pixels=cfg.max_image_pixels, cache=cache)
+    if cache is not None and not is_url(cfg.shard_dir):   # what it probed now, for the precompute that follows
+        probes.save(plain_path(cfg.shard_dir), cache)
     # caption tables (shard format 2): one T5 embedding per distinct caption, shared out by sample count
     prompts = len({by_key[p.key].text for p in plans}) * TEXT_LEN * text_dim * 2   # bf16
     counts = Counter(p.bucket for p in plans)
@@ -222,7 +230,9 @@ def plot(report: dict, path: str) -> None:
 
 
 def run(cfg: InspectConfig) -> dict:
-    report = report_from_shards(cfg) if cfg.shard_dir else report_from_dataset(cfg)
+    # --shard_dir alone: the finished dir's manifest; with --train_data_meta: the dataset, probed
+    # through the shard dir's probe cache
+    report = report_from_shards(cfg) if cfg.shard_dir and not cfg.train_data_meta else report_from_dataset(cfg)
     if cfg.json:
         print(json.dumps(report, indent=2))
     else:

@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import cogfun
-from cogfun import shards
+from cogfun import probes, shards
 from cogfun.buckets import SamplePlan, Sampling
 from cogfun.config import PrecomputeConfig, fingerprint_keys, mask_policy_list, to_dict
 from cogfun.dataset import Skipped, count_by_category, load_sources, media_report, probe_and_plan, retry_skipped
@@ -141,7 +141,8 @@ def check_existing(shard_dir: Path, parts: dict, fp: str, inputs: dict, overwrit
         if not problems:
             return "resume"
     else:
-        leftovers = [p for p in shard_dir.iterdir() if not p.name.startswith(".")] if shard_dir.exists() else []
+        leftovers = [p for p in shard_dir.iterdir() if not p.name.startswith(".") and p.name != probes.PROBES
+                     ] if shard_dir.exists() else []
         if leftovers:
             problems = [f"{shard_dir} holds {len(leftovers)} entries but no manifest and no record of the "
                         f"settings that made them (e.g. {leftovers[0].name})"]
@@ -159,7 +160,7 @@ def wipe(shard_dir: Path) -> None:
     import shutil
 
     for p in shard_dir.iterdir():
-        if p.name == shards.HASH_CACHE:
+        if p.name in (shards.HASH_CACHE, probes.PROBES):   # keyed by the model's / the media files' identity
             continue
         if p.is_dir():
             shutil.rmtree(p)
@@ -235,8 +236,12 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
 
     # ------------------------------------------------------------ plan: each rank probes a slice
     mine = sources[rank::world]
+    cache = probes.load(shard_dir, paths={s.path for s in mine})   # files probed by an earlier run: not again
     plans, probe_skips, by_key = probe_and_plan(mine, sampling, workers=cfg.probe_workers,
-                                                progress=progress and main, max_pixels=cfg.max_image_pixels)
+                                                progress=progress and main, max_pixels=cfg.max_image_pixels,
+                                                cache=cache)
+    probes.save(shard_dir, cache)
+    n_probed = dist.gather([(len(cache.new), cache.hits)], state)
     all_plans = sorted(dist.gather(plans, state), key=lambda p: p.key)
     all_skips = dist.gather(probe_skips, state)
     probed = dist.gather(list({s.identity: s for s in by_key.values()}.values()), state)  # for the report
@@ -421,12 +426,14 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         }
         shards.write_json_atomic(shard_dir / shards.MANIFEST, manifest)
         (shard_dir / shards.INTENT).unlink(missing_ok=True)
+        probes.merge(shard_dir, keep={(s.path, s.size, s.mtime_ns, s.kind) for s in sources})
         seconds = time.time() - t_start
         summary = {"status": decision, "fingerprint": fp, "samples": len(rows), "encoded": n_encoded_total,
                    "buckets": {k: v["count"] for k, v in sorted(buckets.items())},
                    "skipped": manifest["skipped"], "skipped_by_reason": manifest["skipped_by_reason"],
                    "decoders": media["decoders"], "warnings": media["warnings"],
-                   "bytes_written": bytes_total, "seconds": round(seconds, 2)}
+                   "bytes_written": bytes_total, "seconds": round(seconds, 2),
+                   "probed": sum(n for n, _ in n_probed), "probes_cached": sum(h for _, h in n_probed)}
         print_summary(shard_dir, summary)
     state.wait_for_everyone()
     return summary
@@ -459,6 +466,8 @@ def print_summary(shard_dir: Path, s: dict) -> None:
           f"in {s['seconds']:.1f} s; fingerprint {s['fingerprint'][:12]}")
     from cogfun.inspect import media_lines
 
+    if "probed" in s:
+        print(f"  probed {s['probed']} file(s); {s['probes_cached']} known from {probes.PROBES}/ (not probed again)")
     for name, count in s["buckets"].items():
         print(f"  {name:>16}  {count} samples")
     for line in media_lines(s):
