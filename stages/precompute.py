@@ -219,13 +219,16 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             print(f"{shard_dir}: up to date (fingerprint {fp[:12]}), {manifest['num_samples']} samples; nothing to encode")
         return summary
     on_disk: list = []  # rank 0: the samples of the complete tars, scanned once per run
+    committed: dict[str, int] = {}   # incremental: the finished dir's tars, known from its index (not scanned)
     if main:
         shards.remove_partial(shard_dir)
-        on_disk = shards.scan_shards(shard_dir)
+        if decision == "incremental":
+            committed = shards.require_manifest(shard_dir)["shards"]
+            on_disk = shards.rows_from_index(shard_dir, committed)
+        on_disk += shards.scan_shards(shard_dir, skip=set(committed))
         if decision in ("resume", "incremental"):
             # complete tars of an interrupted run whose sources changed since: not reused
-            committed = set(shards.require_manifest(shard_dir)["shards"]) if decision == "incremental" else set()
-            stale = shards.remove_stale(shard_dir, on_disk, inputs, keep=committed)
+            stale = shards.remove_stale(shard_dir, on_disk, inputs, keep=set(committed))
             on_disk = [r for r in on_disk if r.shard not in stale]
             if stale:
                 print(f"{shard_dir}: removed {len(stale)} unfinished tar(s) holding samples of sources that "
@@ -368,7 +371,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         planned = {p.key for p in all_plans}
         failed = {s.file_path for s in all_decode_skips}
         rows_all = on_disk + shards.scan_shards(shard_dir, skip={r.shard for r in on_disk})  # + this run's tars
-        nsamples: dict[str, int] = {}
+        nsamples: dict[str, int] = dict(committed)
         for r in rows_all:
             nsamples[r.shard] = max(nsamples.get(r.shard, 0), r.position + 1)
         rows = [r for r in rows_all if r.key in planned]
