@@ -23,10 +23,12 @@ SAMPLE_OVERHEAD = 3072
 
 
 def report_from_dataset(cfg: InspectConfig) -> dict:
-    from cogfun.dataset import load_sources, media_report, probe_and_plan
+    from cogfun.dataset import load_sources, load_tar_sources, media_report, media_tars, probe_and_plan, unique_keys
+    from cogfun.storage import MediaFetcher
 
-    if not cfg.train_data_meta:
-        raise ConfigError("give --train_data_meta (a dataset to probe) or --shard_dir (a finished precompute)")
+    if not cfg.train_data_meta and not cfg.train_data_shards:
+        raise ConfigError("give --train_data_meta or --train_data_shards (a dataset to probe) or --shard_dir "
+                          "(a finished precompute)")
     text_dim = cfg.text_dim
     policies = mask_policy_list(cfg)
     multiple, noise = 1, False
@@ -36,14 +38,21 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
         text_dim = read_component_config(cfg.pretrained_model_name_or_path, "text_encoder")["d_model"]
         family = transformer_family(cfg.pretrained_model_name_or_path)
         multiple, noise = family.latent_multiple, family.reference_noise and bool(policies)
-    sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir)
+    fetch = MediaFetcher.from_config(cfg)
+    if cfg.train_data_shards:
+        sources, row_skips = load_tar_sources(media_tars(cfg.train_data_shards), cfg.train_data_caption_key, fetch)
+        sources, duplicates = unique_keys(sources)
+        row_skips += duplicates
+    else:
+        sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir, fetch)
     cache = None
     if cfg.shard_dir:   # its probe cache: files probed before are not probed again
         from cogfun import probes
 
         cache = probes.load(cfg.shard_dir, paths={s.path for s in sources})
     plans, skips, by_key = probe_and_plan(sources, Sampling.from_config(cfg, latent_multiple=multiple),
-                                          workers=cfg.probe_workers, max_pixels=cfg.max_image_pixels, cache=cache)
+                                          workers=cfg.probe_workers, max_pixels=cfg.max_image_pixels, cache=cache,
+                                          fetch=fetch)
     if cache is not None and not is_url(cfg.shard_dir):   # what it probed now, for the precompute that follows
         probes.save(plain_path(cfg.shard_dir), cache)
     # caption tables (shard format 2): one T5 embedding per distinct caption, shared out by sample count
@@ -232,7 +241,8 @@ def plot(report: dict, path: str) -> None:
 def run(cfg: InspectConfig) -> dict:
     # --shard_dir alone: the finished dir's manifest; with --train_data_meta: the dataset, probed
     # through the shard dir's probe cache
-    report = report_from_shards(cfg) if cfg.shard_dir and not cfg.train_data_meta else report_from_dataset(cfg)
+    dataset = cfg.train_data_meta or cfg.train_data_shards
+    report = report_from_shards(cfg) if cfg.shard_dir and not dataset else report_from_dataset(cfg)
     if cfg.json:
         print(json.dumps(report, indent=2))
     else:

@@ -14,7 +14,7 @@ from cogfun.config import PrecomputeConfig, TrainConfig, subset
 def run(cfg: TrainConfig) -> dict:
     from stages.train import train
 
-    if cfg.train_data_meta:
+    if cfg.train_data_meta or cfg.train_data_shards:
         from stages.precompute import precompute
 
         if not cfg.shard_dir:

@@ -23,9 +23,10 @@ import cogfun
 from cogfun import probes, shards
 from cogfun.buckets import SamplePlan, Sampling
 from cogfun.config import PrecomputeConfig, fingerprint_keys, mask_policy_list, to_dict
-from cogfun.dataset import Skipped, count_by_category, load_sources, media_report, probe_and_plan, retry_skipped
+from cogfun.dataset import (Skipped, count_by_category, load_sources, load_tar_sources, local_media, media_report,
+                            media_tars, probe_and_plan, retry_skipped, unique_keys)
 from cogfun.shards import ShardError
-from cogfun.storage import is_url, plain_path
+from cogfun.storage import MediaFetcher, is_url, plain_path
 
 T5_BATCH = 16
 T5_TABLE = 256  # captions per caption table file
@@ -39,8 +40,9 @@ class DecodeDataset:
     """Map-style dataset: plan i -> (i, decoded pixels [3, F, H, W] in [-1, 1] or None, Skipped or
     None, warnings) (runs in workers). Each source carries its probe, which names the decoder."""
 
-    def __init__(self, plans: list[SamplePlan], sources: dict, timeout: float, max_pixels: int):
+    def __init__(self, plans: list[SamplePlan], sources: dict, timeout: float, max_pixels: int, fetch=None):
         self.plans, self.sources, self.timeout, self.max_pixels = plans, sources, timeout, max_pixels
+        self.fetch = fetch   # MediaFetcher: URLs and tar members are read from the node's media cache
 
     def __len__(self) -> int:
         return len(self.plans)
@@ -51,6 +53,10 @@ class DecodeDataset:
         plan = self.plans[i]
         src = self.sources[plan.key]
         notes: list[str] = []
+        try:
+            path = local_media(src, self.fetch)   # (before the decode's timer: the fetch retries on its own)
+        except video.MediaError as exc:
+            return i, None, Skipped(plan.source, str(exc), exc.category), notes
         use_alarm = self.timeout > 0 and hasattr(signal, "SIGALRM")
         previous = signal.signal(signal.SIGALRM, _on_alarm) if use_alarm else None
         try:
@@ -59,7 +65,7 @@ class DecodeDataset:
             try:
                 if use_alarm:
                     signal.setitimer(signal.ITIMER_REAL, self.timeout)
-                frames = video.decode(src.path, plan.kind, list(plan.frame_indices), plan.resize_hw, plan.crop_box,
+                frames = video.decode(path, plan.kind, list(plan.frame_indices), plan.resize_hw, plan.crop_box,
                                       media=src.media, max_pixels=self.max_pixels, notes=notes)
                 return i, video.frames_to_tensor(frames), None, notes
             finally:
@@ -178,9 +184,12 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
 
     t_start = time.time()
     # ------------------------------------------------------------ setup and checks
-    for flag in ("pretrained_model_name_or_path", "train_data_meta", "shard_dir"):
+    for flag in ("pretrained_model_name_or_path", "shard_dir"):
         if not getattr(cfg, flag):
             raise ShardError(f"--{flag} is required")
+    if bool(cfg.train_data_meta) == bool(cfg.train_data_shards):
+        raise ShardError("give --train_data_meta (a metadata file) or --train_data_shards (WebDataset tars of "
+                         "media), one of the two")
     if is_url(cfg.shard_dir):
         raise ShardError(f"--shard_dir {cfg.shard_dir}: precompute writes to a local or shared filesystem, not a "
                          f"URL. Precompute into a directory, upload it (e.g. `aws s3 sync DIR s3://bucket/DIR`, or "
@@ -193,7 +202,18 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     sampling.validate()
     policies = mask_policy_list(cfg)
     reference_noise = family.reference_noise and bool(policies)
-    sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir)
+    fetch = MediaFetcher.from_config(cfg)   # URLs and tar members: through the node's media cache
+    if cfg.train_data_shards:   # each rank lists (fetching) whole tars of its own; all ranks learn every source
+        tars = media_tars(cfg.train_data_shards)
+        order = {t: i for i, t in enumerate(tars)}
+        listed, row_skips = load_tar_sources(tars[rank::world], cfg.train_data_caption_key, fetch)
+        sources, dup_skips = unique_keys(sorted(dist.gather(listed, state), key=lambda s: (
+            order[s.path.partition("#")[0]], s.member_offset)))
+        row_skips = dist.gather(row_skips, state) + dup_skips
+        mine = [s for s in sources if order[s.path.partition("#")[0]] % world == rank]
+    else:
+        sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir, fetch)
+        mine = sources[rank::world]
 
     inputs = {s.identity: shards.digest(s.digest_fields()) for s in sources}
     if main:
@@ -238,11 +258,10 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     state.wait_for_everyone()
 
     # ------------------------------------------------------------ plan: each rank probes a slice
-    mine = sources[rank::world]
     cache = probes.load(shard_dir, paths={s.path for s in mine})   # files probed by an earlier run: not again
     plans, probe_skips, by_key = probe_and_plan(mine, sampling, workers=cfg.probe_workers,
                                                 progress=progress and main, max_pixels=cfg.max_image_pixels,
-                                                cache=cache)
+                                                cache=cache, fetch=fetch)
     probes.save(shard_dir, cache)
     n_probed = dist.gather([(len(cache.new), cache.hits)], state)
     all_plans = sorted(dist.gather(plans, state), key=lambda p: p.key)
@@ -296,7 +315,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
 
         vae = models.load_vae(cfg.pretrained_model_name_or_path, dtype, device, slicing=cfg.low_vram)
         loader = torch.utils.data.DataLoader(
-            DecodeDataset(work, by_key, cfg.decode_timeout, cfg.max_image_pixels), batch_size=1, shuffle=False,
+            DecodeDataset(work, by_key, cfg.decode_timeout, cfg.max_image_pixels, fetch), batch_size=1, shuffle=False,
             num_workers=cfg.dataloader_num_workers, collate_fn=_collate_one,
             prefetch_factor=4 if cfg.dataloader_num_workers > 0 else None)
         def flush(batch: list[tuple[SamplePlan, torch.Tensor]]):
