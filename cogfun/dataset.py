@@ -155,12 +155,13 @@ def read_metadata(meta: str | Path, fetch: "MediaFetcher | None" = None) -> list
     return data
 
 
-def load_sources(meta: str | Path, data_dir: str | Path | None,
-                 fetch: "MediaFetcher | None" = None) -> tuple[list[Source], list[Skipped]]:
+def load_sources(meta: str | Path, data_dir: str | Path | None, fetch: "MediaFetcher | None" = None, *,
+                 stat: bool = True) -> tuple[list[Source], list[Skipped]]:
     """Validate rows and resolve paths (no decoding): one source per distinct (file_path, text,
     type); an exact repeat of a row is skipped as a duplicate. The metadata, the data dir and a
     row's file_path may be URLs: such files are listed by their size and version (HEAD / stat
-    requests, in parallel), not fetched."""
+    requests, in parallel), not fetched. `stat=False`: sizes and versions left for `stat_paths`
+    (precompute shares that work out over its ranks)."""
     from cogfun.storage import is_url
 
     rows = read_metadata(meta, fetch)
@@ -207,12 +208,16 @@ def load_sources(meta: str | Path, data_dir: str | Path | None,
         else:
             path = str(Path(root) / file_path)
         sources.append(Source(file_path=file_path, text=text, kind=kind, path=path, variant=variant))
-    stats = _stat_all(sorted({s.path for s in sources}), fetch)
-    sources = [dataclasses.replace(s, size=stats[s.path][0], mtime_ns=stats[s.path][1]) for s in sources]
+    if stat:
+        sources = with_stats(sources, stat_paths(sorted({s.path for s in sources}), fetch))
     return sources, skipped
 
 
-def _stat_all(paths: list[str], fetch: "MediaFetcher | None") -> dict[str, tuple[int, int]]:
+def with_stats(sources: list[Source], stats: dict[str, tuple[int, int]]) -> list[Source]:
+    return [dataclasses.replace(s, size=stats[s.path][0], mtime_ns=stats[s.path][1]) for s in sources]
+
+
+def stat_paths(paths: list[str], fetch: "MediaFetcher | None") -> dict[str, tuple[int, int]]:
     """{path: (size, mtime_ns or a remote object's version)}; (-1, -1) for a missing file. A URL
     that cannot be reached (after the fetcher's retries) is (-1, -1) too: its probe then says why."""
     from cogfun.shards import ShardError

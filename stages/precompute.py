@@ -24,7 +24,7 @@ from cogfun import probes, shards
 from cogfun.buckets import SamplePlan, Sampling
 from cogfun.config import PrecomputeConfig, fingerprint_keys, mask_policy_list, to_dict
 from cogfun.dataset import (Skipped, count_by_category, load_sources, load_tar_sources, local_media, media_report,
-                            media_tars, probe_and_plan, retry_skipped, unique_keys)
+                            media_tars, probe_and_plan, retry_skipped, stat_paths, unique_keys, with_stats)
 from cogfun.shards import ShardError
 from cogfun.storage import MediaFetcher, is_url, plain_path
 
@@ -212,7 +212,10 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         row_skips = dist.gather(row_skips, state) + dup_skips
         mine = [s for s in sources if order[s.path.partition("#")[0]] % world == rank]
     else:
-        sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir, fetch)
+        sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir, fetch, stat=False)
+        # each rank stats (local) or asks for the size and version of (URLs) a share of the files
+        stats = dist.gather(list(stat_paths(sorted({s.path for s in sources[rank::world]}), fetch).items()), state)
+        sources = with_stats(sources, dict(stats))
         mine = sources[rank::world]
 
     inputs = {s.identity: shards.digest(s.digest_fields()) for s in sources}
