@@ -6,8 +6,13 @@ write tars per bucket, and on rank 0 merge everything into index.parquet and, la
 
 Reruns: same fingerprint -> nothing to do (unless the dir skipped sources this run may read: a
 lower --max_image_pixels, fewer media readers; they are retried, incrementally); new sources only
--> only those are encoded; a dir with complete tars and no manifest (a crash) -> those samples are
-kept and the rest encoded.
+-> only those are probed (the dir's probe cache, cogfun.probes) and encoded, the finished dir's
+samples known from its index; a dir with complete tars and no manifest (a crash) -> those samples
+are kept and the rest encoded.
+
+Sources: a metadata file (paths or URLs; each rank stats a share) or WebDataset tars of media
+(--train_data_shards; each rank lists whole tars of its own); URLs and tar members are read
+through the node's media cache (cogfun.storage.MediaFetcher).
 """
 
 from __future__ import annotations
