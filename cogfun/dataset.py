@@ -75,12 +75,13 @@ class Skipped:
 
 
 # skip categories a better decoder cannot change
-_ROW_CATEGORIES = {"bad row", "duplicate row", "not found", "empty file", "unreadable"}
+_ROW_CATEGORIES = {"bad row", "duplicate row", "not found", "empty file", "unreadable", "fetch failed"}
 
 
 def retry_skipped(manifest: dict, max_image_pixels: int) -> bool:
     """Whether a finished shard dir skipped sources that may become samples now: it was made with a
-    lower --max_image_pixels and skipped an image as too large, or its manifest records fewer
+    lower --max_image_pixels and skipped an image as too large, it could not fetch a file (a URL or
+    tar unreachable after the retries: fetched again), or its manifest records fewer
     `media_readers` than this cogfun's (a cogfun reading fewer formats). Its fingerprint still
     matches (the inputs and settings that make a sample's bytes are the same): the run is then
     incremental. Dirs older than shard format 2 fail the fingerprint (format version); from
@@ -88,6 +89,8 @@ def retry_skipped(manifest: dict, max_image_pixels: int) -> bool:
     from cogfun.video import MAX_IMAGE_PIXELS, MEDIA_READERS
 
     skipped = manifest.get("skipped", [])
+    if any(s.get("category") == "fetch failed" for s in skipped):   # the network may be back
+        return True
     if manifest.get("media_readers", 1) < MEDIA_READERS and any(
             s.get("category") not in _ROW_CATEGORIES for s in skipped):
         return True

@@ -122,6 +122,13 @@ def test_media_from_http_equals_local_with_retries_and_a_lost_file(served, local
     assert tensors_by_source(tmp_path / "H") == expected        # the same tensors, bit for bit
     assert gets["data/clips/square"] == 3 and gets["data/stills/square"] == 3
     assert all(gets[f"data/{name}"] == 1 for name in FILES if "square" not in name), gets   # probe + decode: 1 fetch
+    # the same command once the file is reachable again: fetched and encoded, nothing else
+    before = server.gets
+    again = run(tiny_model_t2v, tmp_path / "H", train_data_meta=f"{server.url}/data/metadata.json",
+                media_cache_dir=str(tmp_path / "cache"), media_fetch_retries=2)
+    assert again["status"] == "incremental" and again["encoded"] == 1 and not again["skipped"]
+    assert tensors_by_source(tmp_path / "H") == tensors_by_source(local_run)
+    assert set(server.gets - before) == {"data/metadata.json", "data/stills/square"}
 
     # a metadata URL that does not exist: a clean error naming it
     from cogfun.dataset import MetadataError
