@@ -140,13 +140,15 @@ def test_media_from_http_equals_local_with_retries_and_a_lost_file(served, local
 def test_media_tars_local_and_http_equal_the_metadata_and_grow_incrementally(served, local_run, tiny_model_t2v,
                                                                               tmp_path):
     root, server = served
-    local = run(tiny_model_t2v, tmp_path / "T", train_data_shards=str(root / "tars" / "part-{0..1}.tar"))
+    local = run(tiny_model_t2v, tmp_path / "T", train_data_shards=str(root / "tars" / "part-{0..1}.tar"),
+                media_cache_dir=str(tmp_path / "members"))   # (the decoders read members copied out of the tar)
     assert local["samples"] == len(FILES)
     assert sorted((s["file_path"], s["category"]) for s in local["skipped"]) == [
         ("broken/nocaption", "bad row"), ("broken/nomedia", "bad row")]
     assert "no string 'caption'" in str(local["skipped"])
     # the same identities as the metadata's file_paths: the same windows, sizes and tensors
     assert tensors_by_source(tmp_path / "T") == tensors_by_source(local_run)
+    assert len([p for p in (tmp_path / "members").rglob("*") if p.is_file()]) == len(FILES)
 
     remote = run(tiny_model_t2v, tmp_path / "TH", train_data_shards=f"{server.url}/tars/part-{{0..1}}.tar",
                  media_cache_dir=str(tmp_path / "cache"))
@@ -155,10 +157,12 @@ def test_media_tars_local_and_http_equal_the_metadata_and_grow_incrementally(ser
         [s["reason"] for s in local["skipped"]]
 
     # one more tar in the pattern: its sample alone is probed and encoded
-    grown = run(tiny_model_t2v, tmp_path / "T", train_data_shards=str(root / "tars" / "part-{0..2}.tar"))
+    grown = run(tiny_model_t2v, tmp_path / "T", train_data_shards=str(root / "tars" / "part-{0..2}.tar"),
+                media_cache_dir=str(tmp_path / "members"))
     assert grown["status"] == "incremental" and grown["encoded"] == 1 and grown["probed"] == 1
     assert grown["samples"] == len(FILES) + 1
-    again = run(tiny_model_t2v, tmp_path / "T", train_data_shards=str(root / "tars" / "part-{0..2}.tar"))
+    again = run(tiny_model_t2v, tmp_path / "T", train_data_shards=str(root / "tars" / "part-{0..2}.tar"),
+                media_cache_dir=str(tmp_path / "members"))
     assert again["status"] == "up to date"
     index = shards.read_index(tmp_path / "T", columns=["source"])
     assert sorted(index["source"]) == sorted([*FILES, "clips/added"])
