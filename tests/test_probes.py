@@ -166,3 +166,22 @@ def test_precompute_reuses_the_cache_and_inspect_reads_it(tmp_path, synthetic_da
     changed = run(overwrite=True)
     assert dict(counted) == {"portrait.mp4": 1} and changed["encoded"] == added["samples"]
     assert [p.name.split("-")[0] for p in (shard_dir / probes.PROBES).iterdir()] == ["merged"]
+
+
+def test_a_remote_shard_dirs_cache_is_read(tmp_path, synthetic_data, counted):
+    """inspect-buckets --shard_dir URL --train_data_meta F: the cache is read over HTTP (and S3 alike)."""
+    from cogfun.testing import HTTPShardServer
+
+    meta = synthetic_data
+    shard_dir = tmp_path / "S"
+    cache = probes.load(shard_dir)
+    expected = plan(meta, cache)[:2]
+    probes.save(shard_dir, cache)
+    counted.clear()
+    with HTTPShardServer(shard_dir) as server:
+        remote = probes.load(server.url, paths={s.path for s in load_sources(meta, meta.parent)[0]})
+        assert len(remote) == 8
+        assert plan(meta, remote)[:2] == expected and not counted
+    (tmp_path / "empty").mkdir()
+    with HTTPShardServer(tmp_path / "empty") as empty:     # a dir without probes/: an empty cache
+        assert len(probes.load(empty.url)) == 0
