@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import json
 import os
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,41 +266,38 @@ def media_tars(pattern: str) -> list[str]:
     return tars
 
 
-def load_tar_sources(tars: list[str], caption_key: str = "caption",
-                     fetch: "MediaFetcher | None" = None) -> tuple[list[Source], list[Skipped]]:
+def load_tar_sources(tars: list[str], caption_key: str = "caption", fetch: "MediaFetcher | None" = None,
+                     listings=None) -> tuple[list[Source], list[Skipped]]:
     """One source per sample of WebDataset tars of media: the sample's media member (the first of
     TAR_MEDIA's extensions it has; its kind from the extension) with the caption of its `.txt`, else
     the `caption_key` of its `.json`. The sample key (webdataset's: the member name up to the first
     dot of its base name) is the source's identity. A remote tar is fetched once per node into the
     media cache. A tar that cannot be fetched or read, and a sample without media or caption, is
-    skipped with the reason; a key seen before is skipped as a duplicate."""
-    import tarfile
+    skipped with the reason; a key seen before is skipped as a duplicate.
 
-    from webdataset.tariterators import base_plus_ext
-
+    `listings`: a shard dir (path, URL or ShardStore) whose tar listings (cogfun.probes) are used
+    for tars of the same size and version instead of reading them; a local one also receives the
+    listings made now."""
+    from cogfun import probes
     from cogfun.shards import ShardError
-    from cogfun.storage import MediaFetcher
+    from cogfun.storage import MediaFetcher, is_url
 
     fetch = fetch or MediaFetcher()
     sources: list[Source] = []
     skipped: list[Skipped] = []
-    seen: dict[str, str] = {}
     for tar in tars:
         try:
-            local = fetch.local(tar)
-            version = os.stat(local).st_mtime_ns if local == Path(tar) else fetch.stat(tar)[1]
-            samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-            texts: dict[tuple[str, str], bytes] = {}
-            with tarfile.open(local, mode="r:") as tf:
-                for member in tf:
-                    if not member.isfile():
-                        continue
-                    key, ext = base_plus_ext(member.name)
-                    if key is None:
-                        continue
-                    samples.setdefault(key, {})[ext.lower()] = member
-                    if ext.lower() in ("txt", "json"):
-                        texts[(key, ext.lower())] = tf.extractfile(member).read()
+            if is_url(tar):
+                size, version = fetch.stat(tar)
+            else:
+                st = os.stat(tar)
+                size, version = st.st_size, st.st_mtime_ns
+            name = probes.listing_name(tar, size, version, caption_key)
+            listing = probes.read_listing(listings, name) if listings is not None else None
+            if listing is None:
+                listing = _list_tar(tar, fetch.local(tar, size), version, caption_key)
+                if listings is not None and not is_url(str(listings)):
+                    probes.write_listing(listings, name, listing)
         except FileNotFoundError:
             skipped.append(Skipped(tar, "tar not found", "not found"))
             continue
@@ -309,25 +307,44 @@ def load_tar_sources(tars: list[str], caption_key: str = "caption",
         except (tarfile.TarError, OSError) as exc:
             skipped.append(Skipped(tar, f"cannot read the tar: {exc}", "corrupt"))
             continue
-        for key, members in samples.items():
-            media = next((ext for ext in members if ext in TAR_MEDIA), None)
-            if media is None:
-                skipped.append(Skipped(key, f"sample of {tar} has no media member (got .{', .'.join(sorted(members))})",
-                                       "bad row"))
+        sources += [Source(**row) for row in listing["sources"]]
+        skipped += [Skipped(**row) for row in listing["skipped"]]
+    sources, duplicates = unique_keys(sources)
+    return sources, skipped + duplicates
+
+
+def _list_tar(tar: str, local: Path, version: int, caption_key: str) -> dict:
+    """{"sources": [Source fields], "skipped": [Skipped fields]} of one local tar (headers and
+    the small .txt / .json members read; media members skipped over)."""
+    from webdataset.tariterators import base_plus_ext
+
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    texts: dict[tuple[str, str], bytes] = {}
+    with tarfile.open(local, mode="r:") as tf:
+        for member in tf:
+            if not member.isfile():
                 continue
-            text, error = _tar_caption(texts, key, caption_key)
-            if text is None:
-                skipped.append(Skipped(key, f"sample of {tar}: {error}", "bad row"))
+            key, ext = base_plus_ext(member.name)
+            if key is None:
                 continue
-            if key in seen:
-                skipped.append(Skipped(key, f"sample key of {tar} already seen in {seen[key]}: one sample",
-                                       "duplicate row"))
-                continue
-            seen[key] = tar
-            m = members[media]
-            sources.append(Source(file_path=key, text=text, kind=TAR_MEDIA[media], path=f"{tar}#{m.name}",
-                                  size=m.size, mtime_ns=version, member_offset=m.offset_data))
-    return sources, skipped
+            samples.setdefault(key, {})[ext.lower()] = member
+            if ext.lower() in ("txt", "json"):
+                texts[(key, ext.lower())] = tf.extractfile(member).read()
+    sources, skipped = [], []
+    for key, members in samples.items():
+        media = next((ext for ext in members if ext in TAR_MEDIA), None)
+        if media is None:
+            skipped.append(Skipped(key, f"sample of {tar} has no media member (got .{', .'.join(sorted(members))})",
+                                   "bad row").to_json())
+            continue
+        text, error = _tar_caption(texts, key, caption_key)
+        if text is None:
+            skipped.append(Skipped(key, f"sample of {tar}: {error}", "bad row").to_json())
+            continue
+        m = members[media]
+        sources.append({"file_path": key, "text": text, "kind": TAR_MEDIA[media], "path": f"{tar}#{m.name}",
+                        "size": m.size, "mtime_ns": version, "member_offset": m.offset_data})
+    return {"sources": sources, "skipped": skipped}
 
 
 def unique_keys(sources: list[Source]) -> tuple[list[Source], list[Skipped]]:

@@ -23,7 +23,7 @@ SAMPLE_OVERHEAD = 3072
 
 
 def report_from_dataset(cfg: InspectConfig) -> dict:
-    from cogfun.dataset import load_sources, load_tar_sources, media_report, media_tars, probe_and_plan, unique_keys
+    from cogfun.dataset import load_sources, load_tar_sources, media_report, media_tars, probe_and_plan
     from cogfun.storage import MediaFetcher
 
     if not cfg.train_data_meta and not cfg.train_data_shards:
@@ -40,9 +40,9 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
         multiple, noise = family.latent_multiple, family.reference_noise and bool(policies)
     fetch = MediaFetcher.from_config(cfg)
     if cfg.train_data_shards:
-        sources, row_skips = load_tar_sources(media_tars(cfg.train_data_shards), cfg.train_data_caption_key, fetch)
-        sources, duplicates = unique_keys(sources)
-        row_skips += duplicates
+        listings = (cfg.shard_dir if is_url(cfg.shard_dir) else plain_path(cfg.shard_dir)) if cfg.shard_dir else None
+        sources, row_skips = load_tar_sources(media_tars(cfg.train_data_shards), cfg.train_data_caption_key, fetch,
+                                              listings=listings)
     else:
         sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir, fetch)
     cache = None

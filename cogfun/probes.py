@@ -17,11 +17,17 @@ unreadable, fetch failed) are probed again every run.
 Many ranks and nodes: each rank writes the rows it probed to its own part file (a fresh name,
 written to a .tmp and renamed: readers see whole files or nothing); after precompute's barrier
 rank 0 merges the parts it finds into one file and deletes exactly those parts.
+
+Tar listings (`S/probes/tar-*.json`): for --train_data_shards, what listing a media tar gave
+(sample keys, captions, member offsets, skips), named after the tar's identity (URL or path,
+size, version, caption key): a rerun asks each tar for its size and version (one HEAD) instead
+of fetching and reading it again.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import uuid
 from pathlib import Path
@@ -188,3 +194,35 @@ def merge(shard_dir: str | os.PathLike, keep: Iterable[Key] | None = None) -> in
     for rel in parts:
         (Path(shard_dir) / rel).unlink(missing_ok=True)
     return len(rows)
+
+
+# ---------------------------------------------------------------- tar listings (--train_data_shards)
+
+def listing_name(tar: str, size: int, version: int, caption_key: str) -> str:
+    """The file that holds what listing one media tar gave (its samples' keys, captions, member
+    offsets, and its skips), named after the tar's identity: a tar that changes gets another name."""
+    import hashlib
+
+    from cogfun.video import MEDIA_READERS
+
+    ident = json.dumps([tar, size, version, caption_key, MEDIA_READERS])
+    return f"{PROBES}/tar-{hashlib.sha256(ident.encode()).hexdigest()[:32]}.json"
+
+
+def read_listing(where, name: str) -> dict | None:
+    """A tar listing of a shard dir (path, URL or ShardStore); None when there is none."""
+    from cogfun.storage import as_store
+
+    try:
+        return json.loads(as_store(where).read_bytes(name))
+    except FileNotFoundError:
+        return None
+
+
+def write_listing(shard_dir: str | os.PathLike, name: str, listing: dict) -> None:
+    """Store a tar listing in a local shard dir (atomically: written, then renamed)."""
+    from cogfun.shards import write_json_atomic
+
+    path = Path(shard_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, listing)

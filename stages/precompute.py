@@ -211,7 +211,8 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     if cfg.train_data_shards:   # each rank lists (fetching) whole tars of its own; all ranks learn every source
         tars = media_tars(cfg.train_data_shards)
         order = {t: i for i, t in enumerate(tars)}
-        listed, row_skips = load_tar_sources(tars[rank::world], cfg.train_data_caption_key, fetch)
+        listed, row_skips = load_tar_sources(tars[rank::world], cfg.train_data_caption_key, fetch,
+                                             listings=shard_dir)   # a tar listed before is not read again
         sources, dup_skips = unique_keys(sorted(dist.gather(listed, state), key=lambda s: (
             order[s.path.partition("#")[0]], s.member_offset)))
         row_skips = dist.gather(row_skips, state) + dup_skips

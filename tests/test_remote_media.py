@@ -155,6 +155,11 @@ def test_media_tars_local_and_http_equal_the_metadata_and_grow_incrementally(ser
     assert tensors_by_source(tmp_path / "TH") == tensors_by_source(local_run)
     assert [s["reason"].replace(server.url, str(root)) for s in remote["skipped"]] == \
         [s["reason"] for s in local["skipped"]]
+    # the rerun asks each tar for its size and version only (its listing is in the shard dir): no tar read
+    before = server.gets
+    same = run(tiny_model_t2v, tmp_path / "TH", train_data_shards=f"{server.url}/tars/part-{{0..1}}.tar",
+               media_cache_dir=str(tmp_path / "cache-empty"))
+    assert same["status"] == "up to date" and not (server.gets - before)
 
     # one more tar in the pattern: its sample alone is probed and encoded
     grown = run(tiny_model_t2v, tmp_path / "T", train_data_shards=str(root / "tars" / "part-{0..2}.tar"),
