@@ -106,12 +106,13 @@ def _entries(cols: dict[str, list]) -> dict[Key, tuple]:
     from cogfun.video import MediaError, MediaInfo
 
     out: dict[Key, tuple] = {}
-    for i, path in enumerate(cols["path"]):
-        key = (path, cols["size"][i], cols["mtime_ns"][i], cols["kind"][i])
-        if cols["error"][i] is not None:
-            out[key] = (None, MediaError(cols["error"][i], path, category=cols["category"][i]))
+    keys = zip(cols["path"], cols["size"], cols["mtime_ns"], cols["kind"])
+    infos = zip(*(cols[f] for f in _INFO_FIELDS))
+    for key, error, category, info in zip(keys, cols["error"], cols["category"], infos):
+        if error is not None:
+            out[key] = (None, MediaError(error, key[0], category=category))
         else:
-            out[key] = (MediaInfo(**{f: cols[f][i] for f in _INFO_FIELDS}), None)
+            out[key] = (MediaInfo(*info), None)
     return out
 
 
@@ -139,6 +140,10 @@ def _table(entries: dict[Key, tuple]):
 
 
 def _write(folder: Path, name: str, entries: dict[Key, tuple]) -> Path:
+    return _write_table(folder, name, _table(entries))
+
+
+def _write_table(folder: Path, name: str, table) -> Path:
     import pyarrow.parquet as pq
 
     from cogfun.shards import apply_umask
@@ -147,7 +152,7 @@ def _write(folder: Path, name: str, entries: dict[Key, tuple]) -> Path:
     final = folder / name
     tmp = folder / f".{name}.tmp"
     try:
-        pq.write_table(_table(entries), tmp)
+        pq.write_table(table, tmp)
         apply_umask(tmp)
         os.replace(tmp, final)
     finally:
@@ -166,34 +171,47 @@ def save(shard_dir: str | os.PathLike, cache: ProbeCache) -> Path | None:
 def merge(shard_dir: str | os.PathLike, keep: Iterable[Key] | None = None) -> int:
     """Merge the part files of a local shard dir into one (after the ranks have written theirs);
     `keep`: only rows with these keys (the current sources' files: rows of changed or removed
-    files go). Returns the number of rows kept."""
+    files go). Returns the number of rows kept. (Arrow tables throughout: no Python row objects.)"""
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from cogfun.storage import ShardStore
-
-    folder = Path(shard_dir) / PROBES
-    store = ShardStore(shard_dir)
-    parts = _parts(store)
-    if not parts:
-        return 0
     from cogfun.video import MEDIA_READERS
 
-    rows: dict[Key, tuple] = {}
-    stored = 0
-    for rel in parts:
-        cols = pq.read_table(Path(shard_dir) / rel, use_threads=False).to_pydict()
-        stored += len(cols["path"])
-        current = [i for i, v in enumerate(cols["media_readers"]) if v == MEDIA_READERS]
-        rows.update(_entries({c: [cols[c][i] for i in current] for c in cols}))
+    folder = Path(shard_dir) / PROBES
+    parts = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if not parts:
+        return 0
+    table = pa.concat_tables([pq.read_table(p, use_threads=False) for p in parts], promote_options="default")
+    stored = len(table)
+    table = table.filter(pc.equal(table["media_readers"], MEDIA_READERS))
     if keep is not None:
-        wanted = set(keep)
-        rows = {k: v for k, v in rows.items() if k in wanted}
-    if len(parts) == 1 and len(rows) == stored:   # one file already, nothing to drop
-        return len(rows)
-    _write(folder, f"merged-{uuid.uuid4().hex}.parquet", rows)
-    for rel in parts:
-        (Path(shard_dir) / rel).unlink(missing_ok=True)
-    return len(rows)
+        paths, sizes, mtimes, kinds = zip(*keep) if keep else ((), (), (), ())
+        wanted = pa.table({"path": pa.array(paths, pa.string()), "size": pa.array(sizes, pa.int64()),
+                           "mtime_ns": pa.array(mtimes, pa.int64()), "kind": pa.array(kinds, pa.string())})
+        table = table.join(wanted, keys=["path", "size", "mtime_ns", "kind"], join_type="left semi",
+                           use_threads=False)
+    # one row per key (two ranks or runs may have probed the same file)
+    if len(table.group_by(["path", "size", "mtime_ns", "kind"], use_threads=False).aggregate([])) != len(table):
+        table = _unique(table)
+    if len(parts) == 1 and len(table) == stored:   # one file already, nothing to drop
+        return len(table)
+    _write_table(folder, f"merged-{uuid.uuid4().hex}.parquet", table.sort_by("path"))
+    for part in parts:
+        part.unlink(missing_ok=True)
+    return len(table)
+
+
+def _unique(table):
+    """The first row of each key."""
+    import pyarrow as pa
+
+    seen, rows = set(), []
+    for i, key in enumerate(zip(*(table[c].to_pylist() for c in ("path", "size", "mtime_ns", "kind")))):
+        if key not in seen:
+            seen.add(key)
+            rows.append(i)
+    return table.take(pa.array(rows, pa.int64()))
 
 
 # ---------------------------------------------------------------- tar listings (--train_data_shards)

@@ -185,3 +185,16 @@ def test_a_remote_shard_dirs_cache_is_read(tmp_path, synthetic_data, counted):
     (tmp_path / "empty").mkdir()
     with HTTPShardServer(tmp_path / "empty") as empty:     # a dir without probes/: an empty cache
         assert len(probes.load(empty.url)) == 0
+
+
+def test_merge_keeps_one_row_per_key_and_only_the_kept_keys(tmp_path, synthetic_data):
+    sources = load_sources(synthetic_data, synthetic_data.parent)[0]
+    for _ in range(2):           # two ranks that probed the same files (a race): two parts, same keys
+        cache = probes.ProbeCache()
+        probe_and_plan(sources, SAMPLING, workers=1, progress=False, cache=cache)
+        probes.save(tmp_path, cache)
+    assert len(list((tmp_path / probes.PROBES).glob("*.parquet"))) == 2
+    assert probes.merge(tmp_path) == 8
+    keys = sorted(probes.load(tmp_path).known)
+    assert probes.merge(tmp_path, keep=keys[:3]) == 3 and sorted(probes.load(tmp_path).known) == keys[:3]
+    assert probes.merge(tmp_path, keep=[]) == 0 and len(probes.load(tmp_path)) == 0
