@@ -8,6 +8,9 @@ The shard dir is made once (encoding N clips); then, round after round, side by 
   add (cache) one more clip in the metadata: probes 1 file, encodes 1 clip (the sides add a new clip each)
   add (before) the same with the shard dir's probes/ moved away: every file probed again, 1 encoded
   full probe  `probe_and_plan` over the N clips without a cache (what the cache saves)
+  add (REF)   with --before REF: the same addition by cogfun at git ref REF (default 0cd6c2c = main
+              before issue 21: no probe cache, every tar scanned), `precompute` in a child process
+              (its own timer, imports left out)
 Goal (issue 21): add (cache) <= unchanged + 5 % of a full probe.
 """
 
@@ -24,6 +27,7 @@ import common as C
 def add_args(p):
     p.add_argument("--clips", type=int, default=None, help="default 10000 (1000 with --quick)")
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--before", default="0cd6c2c", help="git ref of the 'add (REF)' side ('' to leave it out)")
 
 
 def dataset(n: int):
@@ -117,16 +121,54 @@ def main() -> None:
     def full_probe():
         probe_and_plan(sources, sampling, workers=cfg.probe_workers, progress=False)
 
-    t = C.interleave({"unchanged": unchanged, "add (cache)": with_cache, "add (before)": before,
-                      "full probe": full_probe}, repeat=rounds, warmup=0)
+    sides = {"unchanged": unchanged, "add (cache)": with_cache, "add (before)": before, "full probe": full_probe}
+    if args.before:
+        sides[f"add ({args.before})"] = old_side(args.before, cfg, add_one, counts)
+    t = C.interleave(sides, repeat=rounds, warmup=0)
     print(f"\n{n} clips (+1 per add), {rounds} round(s), probe_workers {cfg.probe_workers}:")
-    rows_out = [[k, C.spread(v), (f"{C.median(counts[k]):.0f}" if k in counts else
+    rows_out = [[k, C.spread(v), (f"{C.median(counts[k]):.0f}" if counts.get(k) else
                                   ("0" if k == "unchanged" else str(n)))] for k, v in t.items()]
     print(C.table(rows_out, ["side", "seconds median (min-max)", "files probed"]))
     over = [(a - u) / p for a, u, p in zip(t["add (cache)"], t["unchanged"], t["full probe"])]
     print(f"  (add with cache - unchanged) / full probe: {C.spread(over)}")
     print(f"  add before / add with cache: {C.spread(C.per_round_ratio(t['add (before)'], t['add (cache)']))}")
+    if args.before:
+        ratio = C.per_round_ratio(t[f"add ({args.before})"], t["add (cache)"])
+        print(f"  add at {args.before} / add with cache: {C.spread(ratio)}")
     C.goal("add one clip: (add - unchanged) / full probe", C.median(over), "<=", 0.05)
+
+
+def old_side(ref: str, cfg, add_one, counts):
+    """A callable: add one clip, run `precompute` of cogfun at `ref` in a child process, return the
+    seconds its summary reports (the stage's own timer)."""
+    import re
+    import subprocess
+
+    tree = C.OUT / f"before-{ref}"
+    if not (tree / "stages").is_dir():
+        shutil.rmtree(tree, ignore_errors=True)
+        tree.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", ref], cwd=C.ROOT, check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    code = (f"import json, sys; sys.path.insert(0, {str(tree)!r}); import cogfun; "
+            f"assert cogfun.__file__.startswith({str(tree)!r}), cogfun.__file__; "
+            "from cogfun.config import PrecomputeConfig; from stages.precompute import precompute; "
+            "print('SUMMARY', json.dumps(precompute(PrecomputeConfig(**json.loads(sys.argv[1])), progress=False)))")
+    fields = json.dumps({k: v for k, v in cfg.__dict__.items() if not k.startswith(("media_", "train_data_shards",
+                                                                                     "train_data_caption"))})
+    counts[f"add ({ref})"] = []
+
+    def side():
+        add_one()
+        res = C.measure_process([C.PYTHON, "-c", code, fields])
+        found = re.search(r"^SUMMARY (.*)$", res["output"], re.M)
+        if res["rc"] != 0 or not found:
+            raise RuntimeError(f"precompute at {ref} failed:\n{res['output'][-3000:]}")
+        summary = json.loads(found.group(1))
+        assert summary["encoded"] == 1, summary
+        return summary["seconds"]
+
+    return side
 
 
 if __name__ == "__main__":
