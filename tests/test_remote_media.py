@@ -186,11 +186,15 @@ def test_s3_metadata_and_tars_for_inspect_buckets(served, tmp_path, monkeypatch)
         return report["buckets"], report["total"]["samples"]
 
     local = inspect("--train_data_meta", str(root / "data" / "metadata.json"))
+    import s3fs
+
     with S3Server() as s3:
         for key, value in s3.environment().items():
             monkeypatch.setenv(key, value)
+        s3fs.S3FileSystem.clear_instance_cache()   # (fsspec keeps clients: one of an earlier test's server)
         s3.upload(root / "data", "media/data")
         s3.upload(root / "tars", "media/tars")
         assert inspect("--train_data_meta", "s3://media/data/metadata.json") == local
         assert inspect("--train_data_shards", "s3://media/tars/part-{0..1}.tar") == local
         assert local[1] == len(FILES)
+    s3fs.S3FileSystem.clear_instance_cache()       # leave no client of this server to later tests
