@@ -22,6 +22,7 @@ import json
 import os
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -280,7 +281,7 @@ def load_tar_sources(tars: list[str], caption_key: str = "caption", fetch: "Medi
     listings made now."""
     from cogfun import probes
     from cogfun.shards import ShardError
-    from cogfun.storage import MediaFetcher, is_url
+    from cogfun.storage import CacheTooSmall, MediaFetcher, is_url
 
     fetch = fetch or MediaFetcher()
     sources: list[Source] = []
@@ -295,12 +296,16 @@ def load_tar_sources(tars: list[str], caption_key: str = "caption", fetch: "Medi
             name = probes.listing_name(tar, size, version, caption_key)
             listing = probes.read_listing(listings, name) if listings is not None else None
             if listing is None:
+                if is_url(tar):
+                    fetch.check_fits({tar: size})
                 listing = _list_tar(tar, fetch.local(tar, size), version, caption_key)
                 if listings is not None and not is_url(str(listings)):
                     probes.write_listing(listings, name, listing)
         except FileNotFoundError:
             skipped.append(Skipped(tar, "tar not found", "not found"))
             continue
+        except CacheTooSmall:
+            raise
         except ShardError as exc:
             skipped.append(Skipped(tar, f"cannot fetch the tar: {exc}", "fetch failed"))
             continue
@@ -379,32 +384,52 @@ def _tar_caption(texts: dict, key: str, caption_key: str) -> tuple[str | None, s
     return None, "no caption: neither a .txt nor a .json member"
 
 
-def local_media(src: Source, fetch: "MediaFetcher | None") -> str:
-    """A local path holding the source's file (itself, or the node cache's copy of a URL or tar
-    member). Raises MediaError (category "not found" or "fetch failed") when it cannot be had."""
+@contextmanager
+def local_media(src: Source, fetch: "MediaFetcher | None"):
+    """`with local_media(src, fetch) as path:` a local path holding the source's file while the
+    block runs: the file itself, or the node cache's copy of a URL or tar member, held open (the
+    path is /proc/self/fd/N) so that another rank's fill evicting it cannot take it away mid-read.
+    Raises MediaError (category "not found" or "fetch failed") when it cannot be had."""
     from cogfun.shards import ShardError
     from cogfun.storage import MediaFetcher, is_url
     from cogfun.video import MediaError
 
     if src.member_offset < 0 and not is_url(src.path):
-        return src.path
+        yield src.path
+        return
     fetch = fetch or MediaFetcher()
+    fd = None
     try:
-        if src.member_offset >= 0:
-            tar, _, member = src.path.partition("#")
-            return str(fetch.local_member(tar, member, src.member_offset, src.size))
-        return str(fetch.local(src.path, src.size))
+        for _ in range(3):   # a copy evicted by another fill before it was opened is fetched again
+            if src.member_offset >= 0:
+                tar, _, member = src.path.partition("#")
+                path = fetch.local_member(tar, member, src.member_offset, src.size)
+            else:
+                path = fetch.local(src.path, src.size)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                break
+            except FileNotFoundError:
+                continue
     except FileNotFoundError:
         raise MediaError("file not found", src.path, category="not found") from None
     except (ShardError, OSError) as exc:
         raise MediaError(f"cannot fetch: {exc}", src.path, category="fetch failed") from None
+    if fd is None:
+        raise MediaError("the media cache evicted it as soon as it was fetched: raise --media_cache_size_gb",
+                         src.path, category="fetch failed")
+    try:
+        yield f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else str(path)
+    finally:
+        os.close(fd)
 
 
 def _probe_one(src: Source, max_pixels: int, fetch: "MediaFetcher | None" = None):
     from cogfun.video import MediaError, probe
 
     try:
-        return probe(local_media(src, fetch), src.kind, max_pixels=max_pixels), None
+        with local_media(src, fetch) as path:
+            return probe(path, src.kind, max_pixels=max_pixels), None
     except MediaError as exc:
         return None, exc
 

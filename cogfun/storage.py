@@ -225,6 +225,10 @@ def open_store(cfg) -> ShardStore:
 DEFAULT_MEDIA_CACHE_DIR = "~/.cache/cogfun/media"
 
 
+class CacheTooSmall(ShardError):
+    """--media_cache_size_gb cannot hold a file that must pass through the cache."""
+
+
 class MediaFetcher:
     """Local copies of training media for the probe and the decoders, which read files.
 
@@ -242,23 +246,27 @@ class MediaFetcher:
         self.retries, self.backoff = retries, backoff
         self._stores: dict[str, ShardStore] = {}
         self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     @classmethod
     def from_config(cls, cfg) -> "MediaFetcher":
         return cls(cfg.media_cache_dir, cfg.media_cache_size_gb, cfg.media_fetch_retries, cfg.media_fetch_backoff)
 
-    def __getstate__(self):   # DataLoader workers: stores (fsspec clients, locks) are made anew there
+    def __getstate__(self):   # spawned DataLoader workers: stores (fsspec clients, locks) are made anew there
         return {**self.__dict__, "_stores": {}, "_lock": None}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._pid = os.getpid()
 
     def store(self, url: str) -> tuple[ShardStore, str]:
         """The store of a URL's host or bucket, and the URL's path under it."""
         scheme, _, rest = url.partition("://")
         host, _, rel = rest.partition("/")
         base = f"{scheme}://{host}"
+        if self._pid != os.getpid():   # a forked DataLoader worker: fsspec's async clients are not fork-safe
+            self._stores, self._lock, self._pid = {}, threading.Lock(), os.getpid()
         with self._lock:
             if base not in self._stores:
                 self._stores[base] = ShardStore(base, cache_dir=os.path.expanduser(self.cache_dir),
@@ -276,6 +284,16 @@ class MediaFetcher:
     def read_bytes(self, location: str) -> bytes:
         store, rel = self.store(location)
         return store.read_bytes(rel)
+
+    def check_fits(self, sizes: dict[str, int]) -> None:
+        """Refuse a cache bound smaller than the largest file that must pass through it (the file
+        would be evicted as soon as it was fetched)."""
+        bound = self.cache_size_gb * 1e9
+        if sizes and max(sizes.values()) > bound:
+            url = max(sizes, key=sizes.get)
+            raise CacheTooSmall(f"--media_cache_size_gb {self.cache_size_gb:g} is smaller than {url} "
+                                f"({sizes[url] / 1e9:.3g} GB); raise it (a few files per rank and decode worker "
+                                f"is the useful minimum)")
 
     def local(self, location: str, size: int | None = None) -> Path:
         """A local file holding `location` (a path, a URL or `tar#member`; `size`: its byte count)."""

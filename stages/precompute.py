@@ -59,9 +59,14 @@ class DecodeDataset:
         src = self.sources[plan.key]
         notes: list[str] = []
         try:
-            path = local_media(src, self.fetch)   # (before the decode's timer: the fetch retries on its own)
+            with local_media(src, self.fetch) as path:   # (outside the decode's timer: the fetch retries on its own)
+                return self._decode(i, plan, src, path, notes)
         except video.MediaError as exc:
             return i, None, Skipped(plan.source, str(exc), exc.category), notes
+
+    def _decode(self, i: int, plan: SamplePlan, src, path: str, notes: list[str]):
+        from cogfun import video
+
         use_alarm = self.timeout > 0 and hasattr(signal, "SIGALRM")
         previous = signal.signal(signal.SIGALRM, _on_alarm) if use_alarm else None
         try:
@@ -222,6 +227,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         # each rank stats (local) or asks for the size and version of (URLs) a share of the files
         stats = dist.gather(list(stat_paths(sorted({s.path for s in sources[rank::world]}), fetch).items()), state)
         sources = with_stats(sources, dict(stats))
+        fetch.check_fits({s.path: s.size for s in sources if is_url(s.path)})   # fail early, on every rank
         mine = sources[rank::world]
 
     inputs = {s.identity: shards.digest(s.digest_fields()) for s in sources}

@@ -198,3 +198,22 @@ def test_s3_metadata_and_tars_for_inspect_buckets(served, tmp_path, monkeypatch)
         assert inspect("--train_data_shards", "s3://media/tars/part-{0..1}.tar") == local
         assert local[1] == len(FILES)
     s3fs.S3FileSystem.clear_instance_cache()       # leave no client of this server to later tests
+
+
+def test_a_media_cache_of_one_file_refetches_and_forked_workers_fetch(served, local_run, tiny_model_t2v, tmp_path):
+    """A cache bound that holds about one file: every fill evicts the others, files are fetched again
+    when needed (probe threads, then forked decode workers), nothing is lost; a bound below the
+    largest file is refused up front."""
+    from cogfun.storage import CacheTooSmall
+
+    root, server = served
+    url = f"{server.url}/data/metadata.json"
+    largest = max((root / "data" / name).stat().st_size for name in FILES)
+    before = server.gets
+    summary = run(tiny_model_t2v, tmp_path / "S", train_data_meta=url, media_cache_dir=str(tmp_path / "cache"),
+                  media_cache_size_gb=1.2 * largest / 1e9, dataloader_num_workers=1)
+    assert not summary["skipped"]
+    assert tensors_by_source(tmp_path / "S") == tensors_by_source(local_run)
+    assert sum((server.gets - before).values()) > len(FILES) + 1      # refetched after evictions
+    with pytest.raises(CacheTooSmall, match=r"--media_cache_size_gb .* is smaller than http://"):
+        run(tiny_model_t2v, tmp_path / "S2", train_data_meta=url, media_cache_size_gb=0.5 * largest / 1e9)
