@@ -255,11 +255,20 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
         return summary
     on_disk: list = []  # rank 0: the samples of the complete tars, scanned once per run
     committed: dict[str, int] = {}   # incremental: the finished dir's tars, known from its index (not scanned)
+    done: set[str] = set()   # incremental: sources the finished dir holds as they are now (not planned again)
+    carried: dict = {}       # ... and their lines of the media report
     if main:
         shards.remove_partial(shard_dir)
         if decision == "incremental":
-            committed = shards.require_manifest(shard_dir)["shards"]
+            old = shards.require_manifest(shard_dir)
+            committed = old["shards"]
             on_disk = shards.rows_from_index(shard_dir, committed)
+            file_of = {s.identity: s.file_path for s in sources}
+            skipped_files = {s["file_path"] for s in old["skipped"]}   # (skipped: probed and planned again)
+            done = {i for i, d in old["inputs"].items() if inputs.get(i) == d and file_of[i] not in skipped_files}
+            done_files = {file_of[i] for i in done}
+            carried = {"decoders": {k: [f for f in v if f in done_files] for k, v in old.get("decoders", {}).items()},
+                       "warnings": [w for w in old.get("warnings", []) if w["file_path"] in done_files]}
         on_disk += shards.scan_shards(shard_dir, skip=set(committed))
         if decision in ("resume", "incremental"):
             # complete tars of an interrupted run whose sources changed since: not reused
@@ -273,6 +282,8 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     state.wait_for_everyone()
 
     # ------------------------------------------------------------ plan: each rank probes a slice
+    done = dist.broadcast(done if main else None, state)
+    mine = [s for s in mine if s.identity not in done]
     cache = probes.load(shard_dir, paths={s.path for s in mine})   # files probed by an earlier run: not again
     plans, probe_skips, by_key = probe_and_plan(mine, sampling, workers=cfg.probe_workers,
                                                 progress=progress and main, max_pixels=cfg.max_image_pixels,
@@ -402,7 +413,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     if main:
         if null_prompt is None:
             raise RuntimeError("internal error: rank 0 did not encode the empty caption")
-        planned = {p.key for p in all_plans}
+        planned = {p.key for p in all_plans} | {r.key for r in on_disk if r.shard in committed}
         failed = {s.file_path for s in all_decode_skips}
         rows_all = on_disk + shards.scan_shards(shard_dir, skip={r.shard for r in on_disk})  # + this run's tars
         nsamples: dict[str, int] = dict(committed)
@@ -441,6 +452,11 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             b["shards"] = sorted(b["shards"])
         skipped = sorted({(s.file_path, s.reason, s.category) for s in row_skips + all_skips + all_decode_skips})
         media = media_report(probed, all_decode_notes)  # decoders other than the default, warnings
+        for decoder, files in carried.get("decoders", {}).items():
+            media["decoders"][decoder] = sorted(set(media["decoders"].get(decoder, [])) | set(files))
+        media["decoders"] = {k: v for k, v in sorted(media["decoders"].items()) if v}
+        warnings = {(w["file_path"], w["warning"]) for w in media["warnings"] + carried.get("warnings", [])}
+        media["warnings"] = [{"file_path": f, "warning": w} for f, w in sorted(warnings)]
         config = to_dict(cfg)
         config.pop("overwrite", None)
         manifest = {
