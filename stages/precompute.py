@@ -6,8 +6,8 @@ write tars per bucket, and on rank 0 merge everything into index.parquet and, la
 
 Reruns: same fingerprint -> nothing to do (unless the dir skipped sources this run may read: a
 lower --max_image_pixels, fewer media readers; they are retried, incrementally); new sources only
--> only those are probed (the dir's probe cache, cogfun.probes) and encoded, the finished dir's
-samples known from its index; a dir with complete tars and no manifest (a crash) -> those samples
+-> only those are probed (the dir's probe cache, cogfun.probes), planned and encoded, the finished
+dir's sources and samples known from its manifest and index; a dir with complete tars and no manifest (a crash) -> those samples
 are kept and the rest encoded.
 
 Sources: a metadata file (paths or URLs; each rank stats a share) or WebDataset tars of media
