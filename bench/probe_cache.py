@@ -1,13 +1,13 @@
-"""Adding one clip to a finished N-clip shard dir: with the probe cache (cogfun.probes) vs
-without it (before issue 21: every file probed again), against the unchanged re-run and a full probe.
+"""Adding one clip to a finished N-clip shard dir (issue 21: nothing probed again), against the
+unchanged re-run, a full probe, and cogfun before issue 21 (every file probed again).
 
 Data: N tiny H.264 clips (9 frames of 32x32, hard links of one file under distinct names: each is
 opened and probed like any other file), text-to-video, one 9x32x32 bucket, the tiny model (fp32).
 The shard dir is made once (encoding N clips); then, round after round, side by side:
   unchanged   `precompute` again with the same metadata: fingerprint match, nothing probed
-  add (cache) one more clip in the metadata: probes 1 file, encodes 1 clip (the sides add a new clip each)
-  add (before) the same with the shard dir's probes/ moved away: every file probed again, 1 encoded
-  full probe  `probe_and_plan` over the N clips without a cache (what the cache saves)
+  add (cache) one more clip in the metadata: probes 1 file, encodes 1 clip (the sides add a new clip each;
+              the sources the finished dir holds are known from its manifest, index and probe cache)
+  full probe  `probe_and_plan` over the N clips without a cache (what is no longer paid)
   add (REF)   with --before REF: the same addition by cogfun at git ref REF (default 0cd6c2c = main
               before issue 21: no probe cache, every tar scanned), `precompute` in a child process
               (its own timer, imports left out)
@@ -54,7 +54,6 @@ def main() -> None:
 
     from accelerate.state import AcceleratorState
 
-    from cogfun import probes
     from cogfun.buckets import Sampling
     from cogfun.dataset import load_sources, probe_and_plan
     from stages.precompute import precompute
@@ -94,7 +93,7 @@ def main() -> None:
         live.write_text(json.dumps(current + [{"file_path": name, "text": "an added clip", "type": "video"}]))
         extra[0] += 1
 
-    counts: dict[str, list] = {"add (cache)": [], "add (before)": []}
+    counts: dict[str, list] = {"add (cache)": []}
 
     def unchanged():
         s = run()
@@ -106,20 +105,13 @@ def main() -> None:
         assert s["encoded"] == 1, s
         counts["add (cache)"].append(s["probed"])   # 1 (shown in the table)
 
-    def before():
-        add_one()
-        shutil.rmtree(shard_dir / probes.PROBES)   # (the run probes every file and writes them all again)
-        s = run()
-        assert s["encoded"] == 1 and s["probed"] == s["samples"], s
-        counts["add (before)"].append(s["probed"])
-
     sampling = Sampling.from_config(cfg)
     sources = load_sources(meta, root)[0]
 
     def full_probe():
         probe_and_plan(sources, sampling, workers=cfg.probe_workers, progress=False)
 
-    sides = {"unchanged": unchanged, "add (cache)": with_cache, "add (before)": before, "full probe": full_probe}
+    sides = {"unchanged": unchanged, "add (cache)": with_cache, "full probe": full_probe}
     if args.before:
         sides[f"add ({args.before})"] = old_side(args.before, cfg, add_one, counts)
     t = C.interleave(sides, repeat=rounds, warmup=0)
@@ -129,7 +121,6 @@ def main() -> None:
     print(C.table(rows_out, ["side", "seconds median (min-max)", "files probed"]))
     over = [(a - u) / p for a, u, p in zip(t["add (cache)"], t["unchanged"], t["full probe"])]
     print(f"  (add with cache - unchanged) / full probe: {C.spread(over)}")
-    print(f"  add before / add with cache: {C.spread(C.per_round_ratio(t['add (before)'], t['add (cache)']))}")
     if args.before:
         ratio = C.per_round_ratio(t[f"add ({args.before})"], t["add (cache)"])
         print(f"  add at {args.before} / add with cache: {C.spread(ratio)}")
