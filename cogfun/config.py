@@ -69,8 +69,14 @@ class ModelArgs:
 @dataclass
 class DataArgs:
     """CogVideoX-Fun's data flags: what a clip becomes (bucket, size, frames)."""
-    train_data_dir: Optional[str] = opt(None, "Root folder the metadata's file_path entries are relative to.")
-    train_data_meta: Optional[str] = opt(None, "metadata.json (a list of {file_path, text, type}) or .csv with those columns.")
+    train_data_dir: Optional[str] = opt(None, "Root folder the metadata's file_path entries are relative to: a path or an http(s)://, s3:// or gs:// URL (files fetched into --media_cache_dir).")
+    train_data_meta: Optional[str] = opt(None, "metadata.json (a list of {file_path, text, type}) or .csv with those columns; a path or a URL.")
+    train_data_shards: Optional[str] = opt(None, "Instead of --train_data_meta: WebDataset tars of media (video2dataset / img2dataset layout: <key>.mp4 or .jpg ... + <key>.txt or <key>.json), a brace pattern of paths or URLs, e.g. 's3://b/data/{00000..00099}.tar'. The sample key is the source's identity.")
+    train_data_caption_key: str = opt("caption", "With --train_data_shards: the key of the caption in a sample's .json, used when the sample has no .txt.")
+    media_cache_dir: Optional[str] = opt(None, "Per-node cache of media read from URLs or tars (each file fetched once per node, shared by its ranks; default ~/.cache/cogfun/media).")
+    media_cache_size_gb: float = opt(100.0, "Size bound of the media cache; least recently used files are evicted beyond it.")
+    media_fetch_retries: int = opt(5, "Retries of a media fetch after a transient network error; a file still unreachable is skipped with the reason.")
+    media_fetch_backoff: float = opt(1.0, "Seconds before the first retry of a media fetch; doubles after each.")
     image_sample_size: int = opt(512, "Image resolution; with --random_hw_adapt the largest base size.", fingerprint=True)
     video_sample_size: int = opt(512, "Video resolution; with --random_hw_adapt min(this, 512) is the smallest base size.", fingerprint=True)
     token_sample_size: int = opt(512, "With --training_with_video_token_length: the side T whose N*T*T pixel volume is the per-sample budget.", fingerprint=True)
@@ -263,7 +269,7 @@ class TrainConfig(ModelArgs, DataArgs, EncodeArgs, ShardReadArgs, TrainArgs, Val
 @dataclass
 class InspectConfig(ModelArgs, DataArgs):
     """`cogfun inspect-buckets`."""
-    shard_dir: Optional[str] = opt(None, "Report a finished shard dir from its manifest instead of probing a dataset.")
+    shard_dir: Optional[str] = opt(None, "Report a finished shard dir from its manifest instead of probing a dataset. With --train_data_meta: probe the dataset, reusing the dir's probe cache (probes/; a local dir also keeps what was probed now, for the precompute that follows).")
     json: bool = opt(False, "Print one JSON object instead of a table.")
     plot: Optional[str] = opt(None, "Write a PNG histogram of the buckets to this file.")
     text_dim: int = opt(4096, "Text-embedding width used for the size estimate when no model is given (T5-XXL: 4096).")

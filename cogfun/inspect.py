@@ -18,16 +18,19 @@ from cogfun.config import InspectConfig, ConfigError, mask_policy_list
 from cogfun.dataset import count_by_category
 from cogfun.masks import draw_weights
 from cogfun.models import TEXT_LEN
+from cogfun.storage import is_url, plain_path
 
 # tar headers (2 members + padding) + json member + safetensors header, per sample (measured ~2-3 KB)
 SAMPLE_OVERHEAD = 3072
 
 
 def report_from_dataset(cfg: InspectConfig) -> dict:
-    from cogfun.dataset import load_sources, media_report, probe_and_plan
+    from cogfun.dataset import load_sources, load_tar_sources, media_report, media_tars, probe_and_plan
+    from cogfun.storage import MediaFetcher
 
-    if not cfg.train_data_meta:
-        raise ConfigError("give --train_data_meta (a dataset to probe) or --shard_dir (a finished precompute)")
+    if not cfg.train_data_meta and not cfg.train_data_shards:
+        raise ConfigError("give --train_data_meta or --train_data_shards (a dataset to probe) or --shard_dir "
+                          "(a finished precompute)")
     text_dim = cfg.text_dim
     policies = mask_policy_list(cfg)
     try:  # what precompute and train would refuse
@@ -42,9 +45,23 @@ def report_from_dataset(cfg: InspectConfig) -> dict:
         text_dim = read_component_config(cfg.pretrained_model_name_or_path, "text_encoder")["d_model"]
         family = check_model_fits(cfg.pretrained_model_name_or_path, cfg.train_mode)  # as precompute refuses
         multiple, noise = family.latent_multiple, family.reference_noise and bool(policies)
-    sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir)
+    fetch = MediaFetcher.from_config(cfg)
+    if cfg.train_data_shards:
+        listings = (cfg.shard_dir if is_url(cfg.shard_dir) else plain_path(cfg.shard_dir)) if cfg.shard_dir else None
+        sources, row_skips = load_tar_sources(media_tars(cfg.train_data_shards), cfg.train_data_caption_key, fetch,
+                                              listings=listings)
+    else:
+        sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir, fetch)
+    cache = None
+    if cfg.shard_dir:   # its probe cache: files probed before are not probed again
+        from cogfun import probes
+
+        cache = probes.load(cfg.shard_dir, paths={s.path for s in sources})
     plans, skips, by_key = probe_and_plan(sources, Sampling.from_config(cfg, latent_multiple=multiple),
-                                          workers=cfg.probe_workers, max_pixels=cfg.max_image_pixels)
+                                          workers=cfg.probe_workers, max_pixels=cfg.max_image_pixels, cache=cache,
+                                          fetch=fetch)
+    if cache is not None and not is_url(cfg.shard_dir):   # what it probed now, for the precompute that follows
+        probes.save(plain_path(cfg.shard_dir), cache)
     # caption tables (shard format 2): one T5 embedding per distinct caption, shared out by sample count
     prompts = len({by_key[p.key].text for p in plans}) * TEXT_LEN * text_dim * 2   # bf16
     variants = cfg.masks_per_policy if policies else 1
@@ -294,7 +311,10 @@ OPTION_COLUMNS = {"bf16": "bf16", "fp8": "float8", "bf16+offload": "bf16+offload
 
 
 def run(cfg: InspectConfig) -> dict:
-    report = report_from_shards(cfg) if cfg.shard_dir else report_from_dataset(cfg)
+    # --shard_dir alone: the finished dir's manifest; with --train_data_meta: the dataset, probed
+    # through the shard dir's probe cache
+    dataset = cfg.train_data_meta or cfg.train_data_shards
+    report = report_from_shards(cfg) if cfg.shard_dir and not dataset else report_from_dataset(cfg)
     if cfg.pretrained_model_name_or_path and report["buckets"]:
         report["memory"] = memory_report(cfg, report["buckets"])
     if cfg.json:

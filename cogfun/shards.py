@@ -359,6 +359,25 @@ def scan_shards(shard_dir: Path, skip: set[str] = frozenset()) -> list[ShardRow]
     return rows
 
 
+def rows_from_index(shard_dir: Path, committed: dict[str, int]) -> list[ShardRow]:
+    """The samples of a finished shard dir's tars (`committed`: the manifest's {tar: samples}) as
+    its index.parquet lists them (its columns as `meta`), without reading the tars: an incremental
+    run knows what is on disk at the cost of one parquet read, not a scan of every tar."""
+    cols = read_index(shard_dir)
+    meta_cols = [c for c in cols if c not in ROW_FIELDS]
+    rows = [ShardRow(key=k, bucket=b, shard=t, position=p, meta={c: cols[c][i] for c in meta_cols})
+            for i, (k, b, t, p) in enumerate(zip(cols["key"], cols["bucket"], cols["shard"], cols["position"]))]
+    gone = [t for t in committed if not (Path(shard_dir) / t).is_file()]
+    if gone:
+        raise ShardError(f"{shard_dir}: the manifest lists {len(gone)} tar(s) that are gone (e.g. {gone[0]}); "
+                         f"re-run with --overwrite to rebuild the shard dir")
+    listed = {r.shard for r in rows}
+    if listed != set(committed):
+        raise ShardError(f"{shard_dir}: {INDEX} lists the tars {sorted(listed ^ set(committed))[:3]} differently "
+                         f"from {MANIFEST}; re-run with --overwrite to rebuild the shard dir")
+    return rows
+
+
 def tar_sample_counts(shard_dir: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
     for path in sorted(Path(shard_dir).glob("*/*.tar")):

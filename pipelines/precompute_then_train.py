@@ -22,7 +22,7 @@ def run(cfg: TrainConfig) -> dict:
     check_launch(cfg.base_weight_dtype, cfg.offload_blocks, kind=launch_kind(), mixed_precision=cfg.mixed_precision,
                  blocks=read_component_config(cfg.pretrained_model_name_or_path, "transformer").get("num_layers", 30)
                  if cfg.pretrained_model_name_or_path else None)
-    if cfg.train_data_meta:
+    if cfg.train_data_meta or cfg.train_data_shards:
         from cogfun.runs import claim_output_dir
         from stages.precompute import precompute
 

@@ -297,39 +297,58 @@ def test_round_trip_matches_direct_encode(base, encoders, tiny_model_inp):
 # ---------------------------------------------------------------------------------------------- 2. ranks
 
 def test_two_machines_equal_one_rank(base, tmp_path):
-    """2 "machines" on localhost (1 process each, DDP over gloo) precompute into one shared shard dir."""
+    """2 "machines" on localhost (1 process each, DDP over gloo), each with its own media cache,
+    read the dataset from an HTTP server and precompute into one shared shard dir."""
+    from cogfun.testing import HTTPShardServer
+
     cfg, _ = base
     out = tmp_path / "shards2"
-    cfg2 = dataclasses.replace(cfg, shard_dir=str(out))
+    data = Path(cfg.train_data_meta).parent
     env = child_env()
     env["ACCELERATE_USE_CPU"] = "true"
     port = free_port()
     procs = []
-    for machine in (0, 1):
-        cmd = [str(ROOT / ".venv" / "bin" / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "2", "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1",
-               "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-               "cli.py", "precompute", *cli_args(cfg2)]
-        log = open(tmp_path / f"machine{machine}.log", "w+")
-        procs.append((log, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)))
-    for log, proc in procs:
-        try:
-            proc.wait(timeout=300)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        log.seek(0)
-        assert proc.returncode == 0, f"exit {proc.returncode}\n{log.read()[-6000:]}"
+    with HTTPShardServer(data) as server:
+        for machine in (0, 1):
+            cfg2 = dataclasses.replace(cfg, shard_dir=str(out), train_data_meta=f"{server.url}/metadata.json",
+                                       train_data_dir=None, media_cache_dir=str(tmp_path / f"node{machine}"))
+            cmd = [str(ROOT / ".venv" / "bin" / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "2", "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1",
+                   "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "cli.py", "precompute", *cli_args(cfg2)]
+            log = open(tmp_path / f"machine{machine}.log", "w+")
+            procs.append((log, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)))
+        for log, proc in procs:
+            try:
+                proc.wait(timeout=300)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            log.seek(0)
+            assert proc.returncode == 0, f"exit {proc.returncode}\n{log.read()[-6000:]}"
+        gets = server.gets
+    # every media file fetched once, by the machine probing and encoding it, into its own cache
+    rows = json.loads(Path(cfg.train_data_meta).read_text())
+    assert all(gets[r["file_path"]] == 1 for r in rows), gets
+    cached = [{p.name for p in (tmp_path / f"node{m}").rglob("*") if p.is_file()} for m in (0, 1)]
+    assert cached[0] and cached[1] and not cached[0] & cached[1]
 
     one, two = shards.read_manifest(cfg.shard_dir), shards.read_manifest(out)
-    assert two["fingerprint"] == one["fingerprint"]            # the world size is not an input
+    # the world size is not an input; only the sources' versions differ (HTTP Last-Modified, not mtime)
+    assert {k: v for k, v in two["fingerprint_parts"].items() if k != "inputs"} == \
+        {k: v for k, v in one["fingerprint_parts"].items() if k != "inputs"}
+    assert two["inputs"].keys() == one["inputs"].keys()
     assert {k: v["count"] for k, v in two["buckets"].items()} == {k: v["count"] for k, v in one["buckets"].items()}
     assert two["skipped"] == one["skipped"]
     tars = [Path(s).name for s in two["shards"]]
     assert any(t.startswith("000-") for t in tars) and any(t.startswith("001-") for t in tars), tars
     a, b = read_tars(Path(cfg.shard_dir)), read_tars(out)
     assert set(a) == set(b)
-    assert payload(a) == payload(b)   # same metadata and bit-identical tensors per sample
+
+    def without_input(p):
+        return {k: ({**json.loads(j), "input": None}, t) for k, (j, t) in p.items()}
+
+    assert without_input(payload(a)) == without_input(payload(b))   # same metadata and bit-identical tensors
     ia, ib = shards.read_index(cfg.shard_dir), shards.read_index(out)
     assert sorted(zip(ia["key"], ia["bucket"], ia["prompt"])) == sorted(zip(ib["key"], ib["bucket"], ib["prompt"]))
     from safetensors.torch import load_file
