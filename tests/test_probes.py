@@ -116,7 +116,7 @@ def test_errors_of_the_bytes_are_cached_others_are_probed_again(tmp_path, counte
     assert "missing.mp4" in counted and not cached & set(counted), (first, dict(counted))
 
 
-def test_precompute_reuses_the_cache_and_inspect_reads_it(tmp_path, synthetic_data, tiny_model_inp, counted):
+def test_precompute_reuses_the_cache_and_inspect_reads_it(tmp_path, synthetic_data, tiny_model_t2v, counted):
     from accelerate.state import AcceleratorState
 
     from cogfun.config import PrecomputeConfig
@@ -126,7 +126,7 @@ def test_precompute_reuses_the_cache_and_inspect_reads_it(tmp_path, synthetic_da
     shutil.copytree(synthetic_data.parent, data)
     meta = data / "metadata.json"
     shard_dir = tmp_path / "S"
-    cfg = PrecomputeConfig(pretrained_model_name_or_path=str(tiny_model_inp), train_data_meta=str(meta),
+    cfg = PrecomputeConfig(pretrained_model_name_or_path=str(tiny_model_t2v), train_data_meta=str(meta),
                            train_data_dir=str(data), shard_dir=str(shard_dir), video_sample_size=64,
                            image_sample_size=64, token_sample_size=64, video_sample_n_frames=9, video_sample_stride=2,
                            enable_bucket=True, train_mode="normal", mixed_precision="no", dataloader_num_workers=0,
@@ -163,11 +163,12 @@ def test_precompute_reuses_the_cache_and_inspect_reads_it(tmp_path, synthetic_da
     # (videos/short.mp4, too short: planned again, from the cache)
     assert (added["probed"], added["probes_cached"]) == (1, 1)
     counted.clear()
-    # a file that changed (its mtime): with --overwrite everything is encoded again, but only it is probed
+    # a file that changed (its mtime): with --overwrite only it is probed and encoded again (the
+    # other samples' recipes are unchanged)
     st = os.stat(data / "videos/portrait.mp4")
     os.utime(data / "videos/portrait.mp4", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     changed = run(overwrite=True)
-    assert dict(counted) == {"portrait.mp4": 1} and changed["encoded"] == added["samples"]
+    assert dict(counted) == {"portrait.mp4": 1} and changed["encoded"] == 1
     assert [p.name.split("-")[0] for p in (shard_dir / probes.PROBES).iterdir()] == ["merged"]
 
 

@@ -80,7 +80,8 @@ def run(model, out, **over) -> dict:
 
 
 def tensors_by_source(shard_dir) -> dict[str, tuple[bytes, dict]]:
-    """source -> (safetensors bytes, sample json without the input digest, which holds the mtime)."""
+    """source -> (safetensors bytes, sample json without the input digest, which holds the mtime, and
+    the sample's recipe, which hashes it)."""
     import webdataset as wds
 
     out = {}
@@ -88,6 +89,7 @@ def tensors_by_source(shard_dir) -> dict[str, tuple[bytes, dict]]:
         for sample in wds.WebDataset(str(tar), shardshuffle=False):
             meta = json.loads(sample["json"])
             meta.pop("input")
+            meta.pop("recipe")
             out[meta["source"]] = (sample["safetensors"], meta)
     return out
 
