@@ -57,9 +57,21 @@ if __name__ == "__main__" and "--child" in sys.argv:
     resumed = next(iter(batches(dataset, sampler, threads=2, skip=middle)))
     t3 = time.perf_counter()
     assert first["tensors"]["latent_mean"].shape[0] == 1 and resumed["batch_id"] == 8 * middle
+
+    def array_bytes(obj, depth=0) -> int:
+        """Bytes of the numpy / Arrow arrays an object holds (its attributes, dicts, lists, tuples)."""
+        if hasattr(obj, "nbytes") and not isinstance(obj, (int, float)):
+            return int(obj.nbytes)
+        if depth > 3:
+            return 0
+        items = (obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else
+                 vars(obj).values() if hasattr(obj, "__dict__") else [])
+        return sum(array_bytes(v, depth + 1) for v in items)
+
+    held = array_bytes(dataset) + array_bytes(sampler)   # 0 on a side that holds Python lists
     print(json.dumps({"samples": len(dataset), "import_s": t0 - t_import, "setup_s": t1 - t0,
                       "first_batch_s": t2 - t1, "resume_s": t3 - t2, "startup_s": t3 - t0,
-                      "rss_after_import": base, "peak_rss": rss("VmHWM"),
+                      "rss_after_import": base, "peak_rss": rss("VmHWM"), "array_bytes": held,
                       "first": first["metas"][0]["source"],
                       "resumed": resumed["metas"][0]["source"]}))
     sys.exit(0)
@@ -155,10 +167,12 @@ def main() -> None:
         if "before" in sides:
             dirs["before", n] = old_index_copy(dirs["after", n], old_columns)
     results: dict = {}
+    loads: list[float] = []
     for r in range(rounds):
         for n in sizes:
             for side in sides:
                 got = C.run_child([__file__, "--child", code[side], str(dirs[side, n])])
+                loads.append(os.getloadavg()[0])
                 results.setdefault((side, n), []).append(got)
                 print(f"  round {r + 1} {side:6s} {n:>8,d}: start-up {got['startup_s']:.2f} s (setup "
                       f"{got['setup_s']:.2f}, first batch {got['first_batch_s']:.2f}, resume {got['resume_s']:.2f}), "
@@ -167,28 +181,28 @@ def main() -> None:
         if len(sides) == 2:
             a, b = (results[s, n][0] for s in sides)
             assert (a["first"], a["resumed"]) == (b["first"], b["resumed"]), f"{n}: sides differ: {a} {b}"
-    med = {k: {f: C.median([g[f] for g in v]) for f in ("startup_s", "peak_rss", "setup_s", "first_batch_s",
-                                                         "resume_s", "rss_after_import")} for k, v in results.items()}
+    fields = ("startup_s", "peak_rss", "setup_s", "first_batch_s", "resume_s", "rss_after_import", "array_bytes")
+    med = {k: {f: C.median([g[f] for g in v]) for f in fields} for k, v in results.items()}
     rows, summary = [], {}
+    lo, hi = sizes[0], max(sizes)
     for side in sides:
-        lo = sizes[0]
         for n in sizes:
-            m = med[side, n]
-            per = (m["peak_rss"] - med[side, lo]["peak_rss"]) / (n - lo) if n > lo else float("nan")
+            m, m0 = med[side, n], med[side, lo]
             rows.append([side, f"{n:,}", f"{m['startup_s']:.2f} s", f"{m['setup_s']:.2f} / {m['first_batch_s']:.2f} / "
                          f"{m['resume_s']:.2f}", f"{m['peak_rss'] / 1e6:.0f} MB",
-                         "-" if n == lo else f"{per:.0f} B", "-" if n == lo else
-                         f"+{m['startup_s'] - med[side, lo]['startup_s']:.2f} s"])
-        hi = max(n for n in sizes)
-        summary[side] = {"bytes_per_sample": (med[side, hi]["peak_rss"] - med[side, lo]["peak_rss"]) / (hi - lo),
-                         "startup_growth_s": med[side, hi]["startup_s"] - med[side, lo]["startup_s"]}
-    print(C.table(rows, ["side", "samples", "start-up", "setup / first batch / resume", "peak RSS",
-                         f"memory per sample (from {sizes[0]:,})", f"start-up growth (from {sizes[0]:,})"]))
+                         "-" if n == lo else f"{(m['peak_rss'] - m0['peak_rss']) / (n - lo):.0f} B",
+                         "-" if n == lo else f"{m['startup_s'] - m0['startup_s']:+.2f} s",
+                         f"{m['array_bytes'] / n:.0f} B" if m["array_bytes"] else "(lists)"])
+        if hi > lo:
+            summary[side] = {"bytes_per_sample": (med[side, hi]["peak_rss"] - med[side, lo]["peak_rss"]) / (hi - lo),
+                             "startup_growth_s": med[side, hi]["startup_s"] - med[side, lo]["startup_s"]}
+    print(C.table(rows, ["side", "samples", "start-up", "setup / first batch / resume (s)", "peak RSS",
+                         f"peak RSS per added sample (from {lo:,})", f"start-up growth (from {lo:,})",
+                         "arrays held per sample"]))
+    print(f"  load average during the runs: {' '.join(f'{x:.1f}' for x in loads)}")
     if "after" in summary:
-        C.goal(f"memory per sample per rank, {sizes[0]:,} -> {max(sizes):,}", summary["after"]["bytes_per_sample"],
-               "<=", 1000)
-        C.goal(f"start-up growth {sizes[0]:,} -> {max(sizes):,} samples (s)", summary["after"]["startup_growth_s"],
-               "<=", 3)
+        C.goal(f"memory per sample per rank, {lo:,} -> {hi:,}", summary["after"]["bytes_per_sample"], "<=", 1000)
+        C.goal(f"start-up growth {lo:,} -> {hi:,} samples (s)", summary["after"]["startup_growth_s"], "<=", 3)
     print(json.dumps({"summary": summary, "median": {f"{s}-{n}": v for (s, n), v in med.items()}}))
 
 

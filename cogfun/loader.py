@@ -179,7 +179,7 @@ class CachedSamples:
             else:   # an index written before the offsets: each tar / caption table is scanned when first used
                 where = [np.full(len(tables), -1, dtype=np.int64) for _ in shards.LOCATION_COLUMNS]
                 scanned = set()
-            self._reader = {"row_of": row_of, "where": where, "tables": tables,
+            self._reader = {"row_of": row_of, "where": where, "tables": tables, "keys": idx.keys(),
                             "table_names": table_names.to_pylist(), "scanned": scanned}
             return self._reader
 
@@ -244,11 +244,34 @@ class CachedSamples:
         table = r["table_names"][r["tables"][row]]
         json_at, json_size, tensors_at, tensors_size, prompt_at, prompt_size = self._locations(row, shard, table)
         f = self._file(shard)
-        meta = json.loads(os.pread(f.fd, json_size, json_at))
-        buf = f.read_into(tensors_at, tensors_size)
+        # each member is read with its tar header, which must be the member the index says (a tar changed
+        # since, or a member that is not ours, is refused before anything of it is used)
+        head = os.pread(f.fd, 512 + json_size, json_at - 512) if json_at >= 512 else b""
+        key = r["keys"][row].as_py()
+        _check_member(f.path, head[:512], "json", json_size, key)
+        meta = json.loads(head[512:])
+        buf = f.read_into(tensors_at - 512, 512 + tensors_size)
+        _check_member(f.path, buf[:512].numpy().tobytes(), "safetensors", tensors_size, key)
+        buf = buf[512:]
         tensors = shards.tensors_in(buf, shards.safetensors_header(buf.numpy()))
         tensors["prompt_embeds"] = self.prompt_embeds(table, prompt_at, prompt_size)
         return {"meta": meta, "tensors": tensors, "batch_id": batch_id}
+
+
+def _check_member(path: Path, header: bytes, ext: str, size: int, key: str) -> None:
+    """Refuse a tar member (its 512-byte header) other than the one index.parquet records: `key`.`ext`,
+    `size` bytes."""
+    stale = (f"the tar changed after index.parquet was written (or the index belongs to other tars); "
+             f"re-run precompute")
+    try:
+        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as exc:
+        raise shards.ShardError(f"{path}: no tar member where index.parquet says ({exc}): {stale}") from None
+    found, _, found_ext = info.name.partition(".")
+    shards.check_members(found, [found_ext])
+    if (found, found_ext, info.size) != (key, ext, size):
+        raise shards.ShardError(f"{path}: member {info.name} ({info.size} bytes) where index.parquet records "
+                                f"{key}.{ext} ({size} bytes): {stale}")
 
 
 def collate(samples: list[dict], pin_memory: bool = False) -> dict:
@@ -439,7 +462,7 @@ def index_rows(dataset: CachedSamples, exclude=()) -> Rows:
     gidx = dataset.global_indices()
     bucket, buckets = idx.codes("bucket")
     kind, kinds = idx.codes("kind")
-    clip, clips = idx.codes("key")
+    clip, clips = idx.codes("clip")
     kinds = kinds.to_pylist()
     video = kind == kinds.index("video") if "video" in kinds else np.zeros(len(kind), dtype=bool)
     rows = Rows(index=gidx, bucket=bucket, buckets=buckets.to_pylist(), video=video, clip=clip, clips=clips,

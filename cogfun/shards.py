@@ -369,9 +369,9 @@ class SampleIndex:
 
     A column is read from the file the first time it is asked for (only its bytes: ranged reads
     from a URL; `fetch` reads several in one go) and held as a numpy array: integers as int64,
-    strings as int32 codes into their distinct values in sorted order (`codes`). `key` is held as
-    the sample's clip (its key without `_v<view>`, see `buckets.sample_key`). Captions, sources
-    and the other columns stay in the file until a caller asks for them. Not for concurrent first
+    strings as int32 codes into their distinct values in sorted order (`codes`), but `key`, held
+    as an Arrow array and as `clip` codes (the key without `_v<view>`, see `buckets.sample_key`).
+    Captions, sources and the other columns stay in the file until a caller asks for them. Not for concurrent first
     reads: fetch what threads will use before starting them.
     """
 
@@ -411,11 +411,13 @@ class SampleIndex:
             if column.null_count:
                 raise ShardError(f"{self._where()}: column {name!r} has {column.null_count} empty values; "
                                  f"re-run precompute to rewrite it")
-            if name == "key":
+            if name == "key":   # the keys themselves (to check what is read), and the clips
                 import pyarrow.compute as pc
 
-                column = pc.replace_substring_regex(column, pattern=r"_v[0-9]+$", replacement="")
-            if pa.types.is_integer(column.type):
+                self._held["key"] = column.combine_chunks()
+                self._held["clip"] = _sorted_codes(pc.replace_substring_regex(column, pattern=r"_v[0-9]+$",
+                                                                              replacement=""))
+            elif pa.types.is_integer(column.type):
                 self._held[name] = column.to_numpy().astype("int64", copy=False)
             else:
                 self._held[name] = _sorted_codes(column)
@@ -431,9 +433,14 @@ class SampleIndex:
         return self._get(name)
 
     def codes(self, name: str):
-        """(int32 codes, pyarrow array of the distinct values in sorted order) of a string column;
-        `key` gives the clips (keys without their view suffix)."""
-        return self._get(name)
+        """(int32 codes, pyarrow array of the distinct values in sorted order) of a string column, or
+        of `clip`: the sample keys without their view suffix."""
+        self._get("key" if name == "clip" else name)
+        return self._held[name]
+
+    def keys(self):
+        """The sample keys (a pyarrow string array, one per row)."""
+        return self._get("key")
 
     def _get(self, name: str):
         self.fetch([name])

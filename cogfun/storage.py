@@ -132,6 +132,8 @@ class ShardStore:
 
     def _retrying(self, rel: str, fn):
         """fn() with retries on transient errors; a ShardError naming the URL when they run out."""
+        if not self.remote:   # a local file has no transient errors (and needs no network client imported)
+            return fn()
         errors = _transient_errors()
         delay = self.backoff
         for attempt in range(self.retries + 1):

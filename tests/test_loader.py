@@ -254,3 +254,21 @@ def test_an_index_without_member_offsets_is_still_read(tmp_path):
             x, y = a[item], b[item]
             assert x["meta"] == y["meta"] and x["tensors"].keys() == y["tensors"].keys()
             assert all(torch.equal(x["tensors"][k], y["tensors"][k]) for k in x["tensors"])
+
+
+def test_a_tar_changed_after_the_index_is_refused(tmp_path):
+    """Each member is read with its tar header: a tar rewritten after index.parquet (other order) is a
+    ShardError saying so, never other bytes taken for the sample."""
+    import webdataset as wds
+
+    from cogfun import shards
+
+    manifest, _ = write_tiny_shards(tmp_path)
+    tar = next(t for t, n in sorted(manifest["shards"].items()) if n > 1)
+    samples = list(wds.WebDataset(str(tmp_path / tar), shardshuffle=False))
+    with wds.TarWriter(str(tmp_path / tar)) as writer:
+        for sample in reversed(samples):
+            writer.write({k: v for k, v in sample.items() if k in ("__key__", "json", "safetensors")})
+    dataset = CachedSamples(tmp_path, manifest)
+    with pytest.raises(shards.ShardError, match="changed after index.parquet was written"):
+        dataset[(dataset.global_index(tar, 0), 0)]
