@@ -365,14 +365,14 @@ def read_index(where, columns=None) -> dict[str, list]:
 
 
 class SampleIndex:
-    """index.parquet for training: columnar and lazy (a few tens of bytes per sample held).
+    """index.parquet for training: columnar and lazy (~130 bytes per sample held for training).
 
     A column is read from the file the first time it is asked for (only its bytes: ranged reads
     from a URL; `fetch` reads several in one go) and held as a numpy array: integers as int64,
     strings as int32 codes into their distinct values in sorted order (`codes`), but `key`, held
     as an Arrow array and as `clip` codes (the key without `_v<view>`, see `buckets.sample_key`).
-    Captions, sources and the other columns stay in the file until a caller asks for them. Not for concurrent first
-    reads: fetch what threads will use before starting them.
+    Captions, sources and the other columns stay in the file until a caller asks for them. Not for
+    concurrent first reads: fetch what threads will use before starting them.
     """
 
     def __init__(self, where=None, *, table=None):
@@ -398,7 +398,7 @@ class SampleIndex:
             table = self._table.select([n for n in wanted if n in self._table.column_names])
             metadata = self._table.schema.metadata
         else:
-            table = self.store.read_parquet(INDEX, wanted)
+            table = self.store.read_parquet(INDEX, wanted, dictionary=tuple(n for n in wanted if n != "key"))
             metadata = table.schema.metadata
         if metadata and PROMPT_LAYOUT in metadata:
             layout = json.loads(metadata[PROMPT_LAYOUT])
@@ -423,6 +423,7 @@ class SampleIndex:
                 self._held[name] = _sorted_codes(column)
             del column
         del table
+        pa.default_memory_pool().release_unused()   # what the read needed only: give it back now
 
     def has(self, name: str) -> bool:
         self.fetch([name])

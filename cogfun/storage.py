@@ -155,16 +155,19 @@ class ShardStore:
         """The whole file (manifest, index, null prompt: small, never cached). FileNotFoundError if absent."""
         return self._retrying(rel, lambda: self.fs.cat_file(self._path(rel)))
 
-    def read_parquet(self, rel: str, columns: list[str] | None = None):
+    def read_parquet(self, rel: str, columns: list[str] | None = None, dictionary: tuple[str, ...] = ()):
         """Columns of a parquet file (index.parquet) as a pyarrow Table: only their bytes are read
         (ranged reads from a URL), never cached. Named columns the file lacks are left out; None:
-        all of them. FileNotFoundError if absent."""
+        all of them. `dictionary`: string columns to read as dictionary arrays (few distinct values).
+        FileNotFoundError if absent."""
         import pyarrow.parquet as pq
 
         def read():
             with self.fs.open(self._path(rel), "rb") as fh:
                 pf = pq.ParquetFile(fh)
                 names = pf.schema_arrow.names
+                if any(c in names for c in dictionary):
+                    pf = pq.ParquetFile(fh, metadata=pf.metadata, read_dictionary=[c for c in dictionary if c in names])
                 # use_threads=False: once pyarrow's CPU thread pool has run, pyarrow 26 aborts now and then at
                 # interpreter exit ("terminate called without an active exception", exit 134, ~1 run in 10
                 # here, apache/arrow#39162) after all the work is done; threads buy little on a few columns.
