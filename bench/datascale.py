@@ -2,7 +2,7 @@
 before / after the lean index (issue 21).
 
 Shards of tiny samples (latents 1x16x2x2 bf16 x (mean, logvar, 2 mask policies), one distinct
-caption each with a 4x8 T5 embedding in one caption table, 64 samples per tar as precompute's
+caption each with a 4x8 T5 embedding in caption tables of up to 400,000, 64 samples per tar as precompute's
 default --shard_max_samples) are written once per size with the product's writer
 (`common.write_real_shards`). Each measurement is a fresh process that imports torch and cogfun,
 then times the start-up of one rank of 8 as `cogfun train` does it: manifest, dataset, index rows,
@@ -14,8 +14,9 @@ Sides: `after` = this checkout's cogfun; `before` = the cogfun of git ref `--bef
 reads a copy of each shard dir (hard links) whose index.parquet holds only the columns its cogfun
 wrote (no member offsets), so both read the same tars. Sides and sizes run round-robin, medians
 over `--rounds`. Per-sample memory = the growth of the peak RSS from the smallest size, per added
-sample; start-up growth = start-up at 300k minus at 10k. Goals (after): <= 1 KB per sample,
-start-up growth <= 3 s.
+sample; start-up growth = start-up at 300k minus at 10k. Goals (after), from 10k to 300k samples:
+<= 1 KB per sample, start-up growth <= 3 s. `--sizes 10000,100000,300000,1000000` adds 1M (4.4 GB
+of shards, ~25 min to write once here).
 """
 
 from __future__ import annotations
@@ -58,8 +59,14 @@ if __name__ == "__main__" and "--child" in sys.argv:
     t3 = time.perf_counter()
     assert first["tensors"]["latent_mean"].shape[0] == 1 and resumed["batch_id"] == 8 * middle
 
+    seen: set[int] = set()
+
     def array_bytes(obj, depth=0) -> int:
-        """Bytes of the numpy / Arrow arrays an object holds (its attributes, dicts, lists, tuples)."""
+        """Bytes of the numpy / Arrow arrays an object holds (its attributes, dicts, lists, tuples),
+        each array counted once."""
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
         if hasattr(obj, "nbytes") and not isinstance(obj, (int, float)):
             return int(obj.nbytes)
         if depth > 3:
@@ -185,6 +192,7 @@ def main() -> None:
     med = {k: {f: C.median([g[f] for g in v]) for f in fields} for k, v in results.items()}
     rows, summary = [], {}
     lo, hi = sizes[0], max(sizes)
+    top = 300_000 if 300_000 in sizes else hi    # the goals are stated from 10k to 300k samples
     for side in sides:
         for n in sizes:
             m, m0 = med[side, n], med[side, lo]
@@ -193,16 +201,16 @@ def main() -> None:
                          "-" if n == lo else f"{(m['peak_rss'] - m0['peak_rss']) / (n - lo):.0f} B",
                          "-" if n == lo else f"{m['startup_s'] - m0['startup_s']:+.2f} s",
                          f"{m['array_bytes'] / n:.0f} B" if m["array_bytes"] else "(lists)"])
-        if hi > lo:
-            summary[side] = {"bytes_per_sample": (med[side, hi]["peak_rss"] - med[side, lo]["peak_rss"]) / (hi - lo),
-                             "startup_growth_s": med[side, hi]["startup_s"] - med[side, lo]["startup_s"]}
+        if top > lo:
+            summary[side] = {"bytes_per_sample": (med[side, top]["peak_rss"] - med[side, lo]["peak_rss"]) / (top - lo),
+                             "startup_growth_s": med[side, top]["startup_s"] - med[side, lo]["startup_s"]}
     print(C.table(rows, ["side", "samples", "start-up", "setup / first batch / resume (s)", "peak RSS",
                          f"peak RSS per added sample (from {lo:,})", f"start-up growth (from {lo:,})",
                          "arrays held per sample"]))
     print(f"  load average during the runs: {' '.join(f'{x:.1f}' for x in loads)}")
     if "after" in summary:
-        C.goal(f"memory per sample per rank, {lo:,} -> {hi:,}", summary["after"]["bytes_per_sample"], "<=", 1000)
-        C.goal(f"start-up growth {lo:,} -> {hi:,} samples (s)", summary["after"]["startup_growth_s"], "<=", 3)
+        C.goal(f"memory per sample per rank, {lo:,} -> {top:,}", summary["after"]["bytes_per_sample"], "<=", 1000)
+        C.goal(f"start-up growth {lo:,} -> {top:,} samples (s)", summary["after"]["startup_growth_s"], "<=", 3)
     print(json.dumps({"summary": summary, "median": {f"{s}-{n}": v for (s, n), v in med.items()}}))
 
 

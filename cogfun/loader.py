@@ -7,7 +7,7 @@ epoch, index), the data position is just "how many batches of this epoch were co
 resumed run skips that many batches of the epoch's plan and reads nothing of them.
 
 At scale (millions of samples, 8 ranks a node) every rank holds the index: it is held as arrays
-(`shards.SampleIndex`, `Rows`, the sampler's arrays and the current epoch's plan, ~150 bytes per
+(`shards.SampleIndex`, `Rows`, the sampler's arrays and the current epoch's plan, ~190 bytes per
 sample in all), captions and paths stay in the file, and reading ahead is bounded (2 x threads
 batches).
 
@@ -337,7 +337,7 @@ class BucketBatchSampler:
     CogVideoX-Fun shows one fresh window of each clip per epoch. When views land in different
     buckets an epoch's batch count can vary; `steps_in_epoch` and `locate_step` account for it.
 
-    Everything is held in arrays (~30 bytes per sample, and the current epoch's plan, 8); the draws
+    Everything is held in arrays (~40 bytes per sample, and the current epoch's plan, 8); the draws
     are Python `random`'s with the same seeds as ever, so the batches do not depend on how the rows
     are held.
     """
