@@ -16,8 +16,8 @@ if __package__ in (None, ""):  # run as a script (accelerate launch cli.py ...):
 
 import click
 
-from cogfun.config import (ConfigError, InspectConfig, PrecomputeConfig, SampleConfig, TrainConfig, build_config,
-                           click_options)
+from cogfun.config import (ConfigError, ExportLoraConfig, InspectConfig, PrecomputeConfig, SampleConfig, TrainConfig,
+                           build_config, click_options)
 
 
 def _user_errors():
@@ -35,8 +35,16 @@ def _user_errors():
 def _run(fn, *args, **kwargs):
     import errno
 
+    from cogfun.runs import Interrupted
+
     try:
         return fn(*args, **kwargs)
+    except Interrupted as exc:
+        # a checkpoint was saved: say how to go on, and exit as a process ended by that signal (130 SIGINT,
+        # 143 SIGTERM) so that a script or scheduler never takes the run for finished
+        if int(os.environ.get("RANK", "0")) == 0:
+            click.echo(_interrupted_message(exc), err=True)
+        sys.exit(exc.exit_code)
     except _user_errors() as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
@@ -46,7 +54,25 @@ def _run(fn, *args, **kwargs):
         raise
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def _interrupted_message(exc) -> str:
+    from cogfun.runs import resume_command
+
+    prog = "cogfun" if Path(sys.argv[0]).name == "cogfun" else sys.argv[0]
+    command = resume_command([prog, *sys.argv[1:]], exc.checkpoint)
+    if "LOCAL_RANK" in os.environ:  # started by accelerate launch / torchrun: its flags are not ours to see
+        command = f"accelerate launch <the same launch flags> {command}"
+    return f"{exc}\nResume with:\n  {command}"
+
+
+class _Group(click.Group):
+    def parse_args(self, ctx, args):
+        # CogVideoX-Fun's several-value flags (--validation_prompts "a" "b"), as declared in cogfun/config.py
+        from cogfun.config import join_several
+
+        return super().parse_args(ctx, join_several(TrainConfig, args))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="cogfun")
 def main():
     """cogfun: precompute VAE latents + T5 embeddings once, then train CogVideoX-Fun LoRAs on them."""
@@ -57,7 +83,7 @@ def main():
 @click.pass_context
 def precompute(ctx, **params):
     """Encode a CogVideoX-Fun dataset into fingerprinted WebDataset shards."""
-    cfg = build_config(PrecomputeConfig, params, ctx)
+    cfg = _run(build_config, PrecomputeConfig, params, ctx)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from stages.precompute import precompute as run
 
@@ -68,8 +94,11 @@ def precompute(ctx, **params):
 @click_options(TrainConfig)
 @click.pass_context
 def train(ctx, **params):
-    """Train a LoRA from cached shards (precomputing them first when given --train_data_meta)."""
-    cfg = build_config(TrainConfig, params, ctx)
+    """Train a LoRA from cached shards (precomputing them first when given --train_data_meta).
+
+    One run per --output_dir. Ctrl-C (SIGINT) or SIGTERM saves a checkpoint at the next step boundary,
+    prints the command that resumes it and exits with 130 / 143."""
+    cfg = _run(build_config, TrainConfig, params, ctx)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from pipelines.precompute_then_train import run
 
@@ -81,7 +110,7 @@ def train(ctx, **params):
 @click.pass_context
 def sample(ctx, **params):
     """Generate videos (text-to-video, or image-to-video with an InP model), optionally with a trained LoRA."""
-    cfg = build_config(SampleConfig, params, ctx)
+    cfg = _run(build_config, SampleConfig, params, ctx)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from stages.sample import sample as run
 
@@ -93,10 +122,24 @@ def sample(ctx, **params):
 @click.pass_context
 def inspect_buckets(ctx, **params):
     """Show what a dataset becomes (buckets, frames, tokens, bytes, skipped clips) before any GPU time."""
-    cfg = build_config(InspectConfig, params, ctx)
+    cfg = _run(build_config, InspectConfig, params, ctx)
     from cogfun.inspect import run
 
     _run(run, cfg)
+
+
+@main.command(name="export-lora")
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click_options(ExportLoraConfig)
+@click.pass_context
+def export_lora(ctx, checkpoint, **params):
+    """Convert a LoRA to another format: CHECKPOINT is a training output dir, a checkpoint-<N>/ dir (a
+    killed run's too) or a diffusers-format LoRA file."""
+    cfg = build_config(ExportLoraConfig, params, ctx)
+    from cogfun.lora import export_lora as run
+
+    file = _run(run, checkpoint, cfg.format, cfg.output)
+    click.echo(f"{cfg.format} LoRA written to {file}")
 
 
 @main.command(name="demo")

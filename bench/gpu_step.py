@@ -17,6 +17,7 @@ checkpoint recompute) / step time / a measured bf16 matmul peak.
   python bench/gpu_step.py --online --threads 8      # on a GPU machine
   python bench/gpu_step.py --tiny --online           # CPU smoke check with the tiny configs
   python bench/gpu_step.py --meta                    # FLOPs per step only (no device needed)
+  python bench/gpu_step.py --base_weight_dtype float8_e4m3fn --offload_blocks 30   # cogfun train's memory options
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def add_args(p):
     p.add_argument("--checkpointing", choices=("on", "off", "both"), default="both",
                    help="gradient checkpointing (the seed's launch lines use it)")
     p.add_argument("--vae-tiling", action="store_true")
+    p.add_argument("--base_weight_dtype", default=None, choices=("bf16", "float8_e4m3fn", "float8_e5m2"),
+                   help="as cogfun train's flag: storage dtype of the frozen transformer weights")
+    p.add_argument("--offload_blocks", type=int, default=0,
+                   help="as cogfun train's flag: transformer blocks whose frozen weights stay in CPU memory")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the results here")
@@ -80,7 +85,7 @@ def build(cls, kwargs: dict, device, dtype):
 def cached_batch(args, text_dim: int, i: int) -> dict:
     """A batch as `cogfun.loader` yields it: bf16 tensors [1, ...] on the host."""
     t = C.real_sample(args.frames, args.height, args.width, policies=POLICIES, seed=i % 2, text=(226, text_dim))
-    return {"tensors": {k: v[None] for k, v in t.items()}, "metas": [{"frames": args.frames}], "batch_id": i}
+    return {"tensors": {k: v[None] for k, v in t.items()}, "metas": [{"frames": args.frames, "bucket": "gpu", "masks": {}}], "batch_id": i}
 
 
 # ------------------------------------------------------------------ measuring
@@ -181,6 +186,13 @@ def run_sides(args, cfgs, device, checkpointing: bool, encoders=None) -> dict:
     reset_peak(device)
     model = build(CogVideoXTransformer3DModel, cfgs["transformer"], device, torch.bfloat16)
     step = C.LoraStep(cfg, model=model, device=device, autocast=torch.bfloat16)
+    if args.base_weight_dtype or args.offload_blocks:   # cogfun train's --base_weight_dtype / --offload_blocks
+        from cogfun import lowmem
+
+        lowmem.apply_base_weight_dtype(model, lowmem.storage_dtype(args.base_weight_dtype, torch.bfloat16),
+                                       torch.bfloat16)
+        lowmem.offload_blocks(model, args.offload_blocks, device)
+        reset_peak(device)   # the model was built in bf16 on the device: measure the step from here
     text_dim = model.config.text_embed_dim
     scheduler = DDPMScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if k != "snr_shift_scale"})
     null = torch.zeros(226, text_dim)
@@ -217,7 +229,7 @@ def run_sides(args, cfgs, device, checkpointing: bool, encoders=None) -> dict:
         encoded = {"latent_mean": mean, "latent_logvar": logvar, "prompt_embeds": prompt,
                    **{f"masked_latents.{p}": masked for p in POLICIES}}  # stays on the device
         batch = {"tensors": {k: v.to(torch.bfloat16) for k, v in encoded.items()},
-                 "metas": [{"frames": args.frames}], "batch_id": i}
+                 "metas": [{"frames": args.frames, "bucket": "gpu", "masks": {}}], "batch_id": i}
         loss, norm = step.run(*inputs(batch, i))
         loss.item(), float(norm)
         t3 = time.perf_counter()
@@ -281,6 +293,7 @@ def main() -> None:
     flops = step_flops(args, cfgs)
     tokens = ((args.frames - 1) // 4 + 1) * (args.height // 16) * (args.width // 16) + 226
     result = {"machine": C.machine(args.threads), "shape": [args.frames, args.height, args.width], "tokens": tokens,
+              "base_weight_dtype": args.base_weight_dtype, "offload_blocks": args.offload_blocks,
               "tiny": args.tiny, "rank": args.rank, "step_tflop": flops / 1e12}
     print(f"{'tiny' if args.tiny else 'CogVideoX-2b-InP-shaped'} transformer, {args.frames}x{args.height}x"
           f"{args.width} ({tokens} tokens), LoRA rank {args.rank}: {flops / 1e12:.4g} TFLOP per step (fwd+bwd)")

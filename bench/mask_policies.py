@@ -12,6 +12,11 @@ latent; `default`: first_n,first_last_n,block,block_range,ellipse; `all`: every 
   time      the real precompute stage (`stages.precompute.precompute`, tiny InP model, fp32, one
             17x128x128 bucket of clips), the sets interleaved round after round; seconds, ratio to
             `before`, and the bytes per sample of those tiny shards on disk
+and, for --masks_per_policy K = 1, 2, 4 with the default set (issue 17):
+  encodes / bytes  per video / image sample at the real shapes above, as `inspect-buckets` estimates
+            them (without reference noise)
+  time      the real precompute stage on the same tiny bucket, K interleaved round after round;
+            seconds, ratio to K = 1, bytes per sample on disk
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ SETS = {"before": "i2v,first_last", "default": DEFAULT_MASK_POLICIES, "all": "al
 def add_args(p):
     p.add_argument("--clips", type=int, default=None, help="clips precomputed per set (8; quick 4)")
     p.add_argument("--rounds", type=int, default=None, help="rounds (3; quick 1)")
+    p.add_argument("--part", choices=("sets", "k", "all"), default="all",
+                   help="sets: the policy sets; k: --masks_per_policy 1, 2, 4 with the default set")
 
 
 def main() -> None:
@@ -41,6 +48,10 @@ def main() -> None:
     from cogfun.inspect import SAMPLE_OVERHEAD, conditioning_latents
     from stages.precompute import precompute
 
+    if args.part in ("k", "all"):
+        masks_per_policy(n, rounds)
+    if args.part == "k":
+        return
     policies = {name: mask_policy_list(PrecomputeConfig(train_mode="inpaint", mask_policies=spec))
                 for name, spec in SETS.items()}
     rows = []
@@ -84,6 +95,50 @@ def main() -> None:
     print(C.table(rows, ["set", "seconds median (min-max)", "s per clip", "time / before", "bytes per sample (disk)"]))
     C.goal("default set: video coverage", masks.coverage(policies["default"], 49), ">=", 0.8)
     C.goal("default set: image coverage", masks.coverage(policies["default"], 1), ">=", 0.8)
+
+
+KS = (1, 2, 4)
+
+
+def masks_per_policy(n: int, rounds: int) -> None:
+    """--masks_per_policy K: encodes and bytes at real shapes, precompute time on the tiny bucket."""
+    from cogfun.buckets import sample_bytes
+    from cogfun.config import PrecomputeConfig, mask_policy_list
+    from cogfun.inspect import SAMPLE_OVERHEAD, conditioning_latents
+    from stages.precompute import precompute
+
+    pols = mask_policy_list(PrecomputeConfig(train_mode="inpaint"))
+    rows = []
+    for k in KS:
+        v, i = (conditioning_latents(pols, f, False) * k for f in (49, 1))
+        vb = sample_bytes(49, 480, 720, text_dim=4096, n_mask_policies=v) + SAMPLE_OVERHEAD
+        ib = sample_bytes(1, 512, 512, text_dim=4096, n_mask_policies=i) + SAMPLE_OVERHEAD
+        rows.append([k, f"{1 + v} / {1 + i}", f"{C.mb(vb)} / {C.mb(ib)}"])
+    print(f"\n--masks_per_policy K with the default set ({','.join(pols)}): per video 49x480x720 / image 512x512")
+    print(C.table(rows, ["K", "encodes", "bytes"]))
+
+    model = C.tiny_model()
+    meta = C.clip_dataset(n)
+    out = C.scratch("masks_per_policy")
+    cfgs = {k: C.precompute_config(model, meta, out / f"k{k}", size=128, frames=17, masks_per_policy=k,
+                                   mask_policies=DEFAULT_MASK_POLICIES, overwrite=True, dataloader_num_workers=0)
+            for k in KS}
+    per_sample: dict[int, float] = {}
+
+    def side(k):
+        def run():
+            shutil.rmtree(cfgs[k].shard_dir, ignore_errors=True)
+            summary = C.quiet(precompute, cfgs[k], progress=False)
+            per_sample[k] = summary["bytes_written"] / summary["samples"]
+        return run
+
+    t0 = time.time()
+    t = C.interleave({k: side(k) for k in KS}, repeat=rounds, warmup=0)
+    print(f"\nprecompute of {n} clips 17x128x128 (tiny InP model, fp32, default set), {rounds} round(s), "
+          f"{time.time() - t0:.0f} s in all:")
+    rows = [[k, C.spread(t[k]), f"{C.median(t[k]) / n:.2f}", C.spread(C.per_round_ratio(t[k], t[1])),
+             f"{per_sample[k] / 1e3:.1f} KB"] for k in KS]
+    print(C.table(rows, ["K", "seconds median (min-max)", "s per clip", "time / K=1", "bytes per sample (disk)"]))
 
 
 if __name__ == "__main__":

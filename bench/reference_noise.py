@@ -44,7 +44,6 @@ def main() -> None:
     from cogfun import masks, models
     from cogfun.lora import inject_lora
     from cogfun.tiny import synthetic_frames
-    from stages.train import rotary_embedding
 
     n_draws = args.draws or (16 if args.quick else 64)
     n_clips, frames, size = (2, 9, 64) if args.quick else (4, 17, 64)
@@ -92,9 +91,8 @@ def main() -> None:
                 cond = masks.conditioning(policy, tensors, 0, frames=frames, keep=f_lat, scaling=scaling,
                                           noise_scale=noise_scale)
                 model_in = torch.cat([noisy, cond], dim=2)
-                rope = rotary_embedding(transformer.config, model_in.shape, "cpu")
                 pred = transformer(hidden_states=model_in, encoder_hidden_states=text, timestep=t,
-                                   image_rotary_emb=rope, return_dict=False)[0]
+                                   return_dict=False)[0]
                 g = torch.autograd.grad(torch.nn.functional.mse_loss(pred, target), params)
                 return torch.cat([x.flatten() for x in g])
 

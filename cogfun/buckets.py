@@ -1,12 +1,19 @@
 """The bucket planner: what each clip becomes (size, crop, frames), from CogVideoX-Fun's flags.
 
-Pure and torch-free. Every rule here is DESIGN.md §3:
+Pure and torch-free. The rules are CogVideoX-Fun's code (its `train_lora.py` collate_fn and
+`ImageVideoDataset`), except where its training doc (DESIGN.md §3) says otherwise; `--bucket_rules
+upstream` follows the code there too (`BUCKET_RULES`):
 
-* base size: fixed (video_sample_size / image_sample_size), or drawn from a grid when
-  `random_hw_adapt` / `training_with_video_token_length` is on;
-* ratio bucket: nearest key of the 512 ratio table, scaled by base/512, sides floored to 16;
+* base size: fixed (video_sample_size / image_sample_size), or drawn when `random_hw_adapt` /
+  `training_with_video_token_length` is on: an image (and a video without the token budget) takes
+  size / r, r from CogVideoX-Fun's downsample list (r = 1 three times in four); a video under the
+  token budget takes a size of the 128-step grid video_sample_size .. image_sample_size, among those
+  below 1.25 x its mean side (no upscaling; the side after CogVideoX-Fun's load-time downscale);
+* ratio bucket: nearest key of the 512 ratio table, scaled by base/512, sides floored to 16; with
+  `random_ratio_crop` a key drawn from CogVideoX-Fun's crop table with its probabilities instead;
   without `enable_bucket` a base x base center square;
-* token-length budget: a video at base s gets F(s) = largest 4k+1 <= min(N, N*T^2/s^2);
+* token-length budget: a video at base s gets F(s) = largest 4k+1 <= min(N, N*T^2/s^2) (the doc's
+  numbers; upstream: min(N*T^2/s^2, N)//4*4+1), at least 1 frame: such a 1-frame video is reported;
 * frames: N (or fewer for short clips, 4k+1) source frames `stride` apart from a seeded start;
 * CogVideoX 1.5 (`patch_size_t` 2, read from the model): a video whose latent frame count is odd
   keeps the first 4 frames fewer (49 -> 45, 33 -> 29; 85 stays), as CogVideoX-Fun's trainer does,
@@ -43,6 +50,20 @@ VAE_TEMPORAL = 4      # CogVideoX VAE: 4x temporal compression (latent frames = 
 VAE_SPATIAL = 8       # 8x spatial compression
 PATCH = 2             # transformer patch size on latents -> 16 px per token side
 BASE_STEP = 128       # grid of base sizes between the min and max base (CogVideoX-Fun's step)
+UPSCALE_GUARD = 1.25  # a token-budget base is drawn among sizes < this x the clip's mean side (CogVideoX-Fun)
+#: --bucket_rules: "cogfun" = CogVideoX-Fun's code where its training doc agrees, the doc where it
+#: does not (token-length frame numbers; the token budget also without --random_hw_adapt, and without
+#: --enable_bucket); "upstream" = its code throughout (also: available frames = clip frames // stride,
+#: 1 to 4 of them make a 1-frame video rather than a skip).
+BUCKET_RULES = ("cogfun", "upstream")
+
+# CogVideoX-Fun's ASPECT_RATIO_RANDOM_CROP_512 and ASPECT_RATIO_RANDOM_CROP_PROB (--random_ratio_crop).
+RANDOM_CROP_512: dict[float, tuple[int, int]] = {
+    0.42: (320, 768), 0.5: (352, 704), 0.57: (384, 672), 0.68: (416, 608), 0.78: (448, 576), 0.88: (480, 544),
+    0.94: (480, 512), 1.0: (512, 512), 1.07: (512, 480), 1.13: (544, 480), 1.29: (576, 448), 1.46: (608, 416),
+    1.75: (672, 384), 2.0: (704, 352), 2.4: (768, 320),
+}
+RANDOM_CROP_WEIGHTS = (1, 2, 4, 4, 4, 4, 8, 8, 8, 4, 4, 4, 4, 2, 1)
 LATENT_CHANNELS = 16
 MIN_SOURCE_SIDE = VAE_SPATIAL * PATCH  # a source smaller than one transformer token is not trained on
 
@@ -67,6 +88,8 @@ class Sampling:
     random_hw_adapt: bool = False
     training_with_video_token_length: bool = False
     enable_bucket: bool = False
+    random_ratio_crop: bool = False
+    bucket_rules: str = "cogfun"
     seed: int = 42
     num_views: int | str = 1   # a count, or "auto" (about clip frames / window frames, at most max_views)
     max_views: int = 8
@@ -95,6 +118,30 @@ class Sampling:
             raise ValueError(f"--max_views must be >= 1, got {self.max_views}")
         if self.latent_multiple < 1:
             raise ValueError(f"patch_size_t must be >= 1, got {self.latent_multiple}")
+        from cogfun.config import ConfigError   # a user's to fix: one message, no traceback
+
+        if self.bucket_rules not in BUCKET_RULES:
+            raise ConfigError(f"--bucket_rules must be one of {', '.join(BUCKET_RULES)}, got {self.bucket_rules!r}")
+        if self.random_ratio_crop and not self.enable_bucket:
+            raise ConfigError("--random_ratio_crop needs --enable_bucket (CogVideoX-Fun ignores it without, "
+                              "as it crops a square then)")
+
+    @property
+    def upstream(self) -> bool:
+        return self.bucket_rules == "upstream"
+
+    @property
+    def adapt(self) -> bool:
+        """Bases are drawn: --random_hw_adapt; by the doc also --training_with_video_token_length
+        alone; upstream only with --enable_bucket."""
+        if self.upstream:
+            return self.random_hw_adapt and self.enable_bucket
+        return self.random_hw_adapt or self.training_with_video_token_length
+
+    @property
+    def token_budget(self) -> bool:
+        """Videos trade frames for resolution (upstream: only together with --random_hw_adapt)."""
+        return self.training_with_video_token_length and self.adapt
 
 
 @dataclass(frozen=True)
@@ -104,7 +151,7 @@ class SamplePlan:
     source: str            # file_path as written in the metadata
     kind: str              # "video" | "image"
     view: int
-    base: int
+    base: float            # an int, or a fraction where CogVideoX-Fun's downsample ratio gives one (1024 / 1.25)
     height: int
     width: int
     frames: int            # pixel frames F (4k+1; 1 for images)
@@ -176,39 +223,97 @@ def sample_bytes(frames: int, height: int, width: int, *, text_dim: int, n_mask_
 
 
 def _grid(lo: int, hi: int) -> list[int]:
-    lo, hi = min(lo, hi), max(lo, hi)
+    """CogVideoX-Fun's base-size grid: lo, lo + 128, ..., and hi; just [hi] when hi <= lo."""
+    if hi <= lo:
+        return [hi]
     sizes = list(range(lo, hi + 1, BASE_STEP))
     if sizes[-1] != hi:
         sizes.append(hi)
     return sizes
 
 
-def base_sizes(s: Sampling, kind: str) -> list[int]:
-    """The base sizes a sample of `kind` may take (one element: no random choice)."""
-    if s.training_with_video_token_length:
-        return _grid(s.video_sample_size, s.image_sample_size)
-    if s.random_hw_adapt:
-        return _grid(min(s.video_sample_size, 512), s.image_sample_size)
-    return [s.video_sample_size if kind == "video" else s.image_sample_size]
+def downsample_ratios(size: int, extra: tuple[float, ...] = ()) -> tuple[list[float], list[float]]:
+    """CogVideoX-Fun's random downsample ratios of a sample size and their probabilities (the first,
+    1, three times in four; the others share the rest): `size / ratio` is the base."""
+    if size >= 1536:
+        ratios = [1, 1.25, 1.5, 2, 2.5, 3]
+    elif size >= 1024:
+        ratios = [1, 1.25, 1.5, 2]
+    elif size >= 768:
+        ratios = [1, 1.25, 1.5]
+    elif size >= 512:
+        ratios = [1]
+    else:
+        ratios = [1]
+        extra = ()   # below 512 CogVideoX-Fun adds no image ratio either
+    ratios = ratios + list(extra)
+    if len(ratios) == 1:
+        return ratios, [1.0]
+    return ratios, [0.75] + [0.25 / (len(ratios) - 1)] * (len(ratios) - 1)
 
 
-def frame_budget(s: Sampling, base: int) -> int:
-    """Most frames a video sample at this base may have (4k+1)."""
+def _base(size: int, ratio: float) -> float:
+    b = size / ratio
+    return int(b) if b == int(b) else b
+
+
+def base_choices(s: Sampling, kind: str, mean_side: float | None = None) -> tuple[list[float], list[float]]:
+    """The bases a sample of `kind` may take and their draw weights. `mean_side`: a video's mean
+    side (after `load_size`); under the token budget only sizes below 1.25 x it are drawn (all when
+    none is)."""
+    if not s.adapt:
+        return [s.video_sample_size if kind == "video" else s.image_sample_size], [1.0]
+    if kind == "image":
+        ratios, weights = downsample_ratios(s.image_sample_size, (s.image_sample_size / s.video_sample_size,))
+        return [_base(s.image_sample_size, r) for r in ratios], weights
+    if s.token_budget:
+        sizes = _grid(s.video_sample_size, s.image_sample_size)
+        if mean_side is not None:
+            sizes = [x for x in sizes if x < mean_side * UPSCALE_GUARD] or sizes
+        return sizes, [1.0] * len(sizes)
+    ratios, weights = downsample_ratios(s.video_sample_size)
+    return [_base(s.video_sample_size, r) for r in ratios], weights
+
+
+def base_sizes(s: Sampling, kind: str) -> list[float]:
+    """The base sizes a sample of `kind` may take (one element: no random choice), before the
+    upscaling guard."""
+    return sorted(set(base_choices(s, kind)[0]))
+
+
+def frame_budget(s: Sampling, base: float) -> int:
+    """Most frames a video sample at this base may have (4k+1, at least 1)."""
     n = s.video_sample_n_frames
-    if s.training_with_video_token_length:
-        n = min(n, n * s.token_sample_size ** 2 / base ** 2)
-    return floor_4k1(n)
+    if s.token_budget:
+        volume = n * s.token_sample_size ** 2 / base ** 2
+        if s.upstream:   # CogVideoX-Fun's code: min(N*T^2/s^2, N) // 4 * 4 + 1 (13 at 1024 for N 49, T 512)
+            return int(min(volume, n) // VAE_TEMPORAL * VAE_TEMPORAL + 1)
+        n = min(n, volume)
+    return max(1, floor_4k1(n))
 
 
-def bucket_hw(src_h: int, src_w: int, base: int, enable_bucket: bool) -> tuple[int, int]:
-    """Target (H, W) for a clip: nearest ratio bucket scaled to `base`, sides floored to 16."""
+def load_size(s: Sampling, height: int, width: int) -> tuple[int, int]:
+    """A video's (h, w) after CogVideoX-Fun's load-time downscale (`resize_frame`): its short side
+    to max(image_sample_size, video_sample_size) when longer. Its mean side bounds the token-budget
+    base (upscaling guard) and its ratio picks the bucket, as in CogVideoX-Fun."""
+    target = max(s.image_sample_size, s.video_sample_size)
+    if height < width:
+        return (height, width) if target > height else (target, int(target * width / height))
+    return (height, width) if target > width else (int(target * height / width), target)
+
+
+def bucket_hw(src_h: int, src_w: int, base: float, enable_bucket: bool,
+              table: dict[float, tuple[int, int]] = ASPECT_RATIO_512, key: float | None = None) -> tuple[int, int]:
+    """Target (H, W) for a clip: nearest ratio bucket (or `key` of `table`) scaled to `base`, sides
+    floored to 16."""
     if not enable_bucket:
-        side = base // 16 * 16
+        side = int(base) // 16 * 16
         return side, side
-    ratio = src_h / src_w
-    key = min(ASPECT_RATIO_512, key=lambda r: abs(r - ratio))
-    h, w = ASPECT_RATIO_512[key]
-    return int(h * base / 512) // 16 * 16, int(w * base / 512) // 16 * 16
+    if key is None:
+        ratio = src_h / src_w
+        key = min(table, key=lambda r: abs(r - ratio))
+    h, w = table[key]
+    return int(h / 512 * base / 16) * 16, int(w / 512 * base / 16) * 16
 
 
 def cover_crop(src_h: int, src_w: int, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
@@ -232,6 +337,16 @@ def clip_rng(seed: int, identity: str, view: int) -> random.Random:
     return random.Random(f"{seed}:{identity}:{view}")
 
 
+def available_frames(s: Sampling, frames: int) -> int:
+    """Frames `stride` apart a clip of `frames` frames holds: (frames - 1) // stride + 1 (upstream:
+    frames // stride, CogVideoX-Fun's count, one fewer when stride divides frames - 1)."""
+    if frames <= 0:
+        return 0
+    if s.upstream:
+        return frames // s.video_sample_stride
+    return (frames - 1) // s.video_sample_stride + 1
+
+
 def auto_views(s: Sampling, kind: str, frames: int) -> int:
     """--num_views auto: about clip frames / window frames views of a video (rounded, 1 to
     max_views); an image has one. The window is the shortest a view of the clip may get: N frames
@@ -240,7 +355,7 @@ def auto_views(s: Sampling, kind: str, frames: int) -> int:
     view draws."""
     if kind == "image":
         return 1
-    available = (frames - 1) // s.video_sample_stride + 1 if frames > 0 else 0
+    available = available_frames(s, frames)
     n = min(max(1, floor_4k1(min(frame_budget(s, base), available))) for base in base_sizes(s, kind))
     window = (n - 1) * s.video_sample_stride + 1
     return max(1, min(s.max_views, math.floor(frames / window + 0.5)))
@@ -253,34 +368,42 @@ def plan_clip(s: Sampling, source: str, kind: str, *, frames: int, height: int, 
     if kind not in ("video", "image"):
         raise PlanSkip(f"type must be 'video' or 'image', got {kind!r}")
     if height < 1 or width < 1:
-        raise PlanSkip(f"invalid size {width}x{height}", "corrupt")
+        raise PlanSkip(f"invalid size {height}x{width} (HxW)", "corrupt")
     if min(height, width) < MIN_SOURCE_SIDE:
-        raise PlanSkip(f"too small to train on: {width}x{height} px (each side must be at least "
+        raise PlanSkip(f"too small to train on: {height}x{width} px (HxW; each side must be at least "
                        f"{MIN_SOURCE_SIDE} px, one transformer token)", "too small")
     identity = identity or source
     plans = []
     auto = s.num_views == "auto"
     views = auto_views(s, kind, frames) if auto else s.num_views
+    # a video's size as CogVideoX-Fun sees it after loading: its ratio picks the bucket, its mean
+    # side bounds the token-budget base (images are read whole)
+    seen_h, seen_w = load_size(s, height, width) if kind == "video" else (height, width)
+    bases, weights = base_choices(s, kind, (seen_h + seen_w) / 2)
     for view in range(views):
         rng = clip_rng(s.seed, identity, view)
-        base = rng.choice(base_sizes(s, kind))
-        h, w = bucket_hw(height, width, base, s.enable_bucket)
+        # one base: still one draw, so that the frame window below is the one cogfun always drew
+        base = rng.choice(bases) if len(bases) == 1 else rng.choices(bases, weights=weights)[0]
+        key = None
+        if s.random_ratio_crop:
+            key = rng.choices(list(RANDOM_CROP_512), weights=RANDOM_CROP_WEIGHTS)[0]
+        h, w = bucket_hw(seen_h, seen_w, base, s.enable_bucket, RANDOM_CROP_512 if key else ASPECT_RATIO_512, key)
         if h < 16 or w < 16:
-            raise PlanSkip(f"bucket {h}x{w} at base {base} is smaller than 16 px", "too small")
+            raise PlanSkip(f"bucket {h}x{w} at base {base:g} is smaller than 16 px", "too small")
         dropped = 0
         if kind == "image":
             indices: tuple[int, ...] = (0,)
         else:
             stride = s.video_sample_stride
             budget = frame_budget(s, base)
-            available = (frames - 1) // stride + 1 if frames > 0 else 0
+            available = available_frames(s, frames)
             n = floor_4k1(min(budget, available))
-            need = min(budget, VAE_TEMPORAL + 1)
+            need = 1 if s.upstream else min(budget, VAE_TEMPORAL + 1)   # upstream: 1 to 4 frames -> 1 frame
             if n < need:
                 raise PlanSkip(
                     f"video too short: {frames} source frames give {available} frame(s) at stride "
-                    f"{stride}; need at least {need} (one 4-frame latent group after the first frame)",
-                    "too short")
+                    f"{stride}; need at least {need}"
+                    + (" (one 4-frame latent group after the first frame)" if need > 1 else ""), "too short")
             window = (n - 1) * stride + 1
             if auto:  # stratified: view v starts in the v-th of `views` equal parts of the start range
                 lo, hi = view * (frames - window + 1) // views, (view + 1) * (frames - window + 1) // views - 1
@@ -296,3 +419,9 @@ def plan_clip(s: Sampling, source: str, kind: str, *, frames: int, height: int, 
                                 resize_hw=resize_hw, crop_box=crop_box, identity=identity,
                                 latent_multiple=s.latent_multiple, frames_dropped=dropped))
     return plans
+
+
+def one_frame_videos(plans) -> list[str]:
+    """Sources of video samples that became 1 frame (the token budget at a large base, or, under
+    --bucket_rules upstream, a clip of 1 to 4 frames at the stride): the reports name them."""
+    return sorted({p.source for p in plans if p.kind == "video" and p.frames == 1})

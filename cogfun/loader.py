@@ -293,6 +293,22 @@ def collate(samples: list[dict], pin_memory: bool = False) -> dict:
     return {"tensors": out, "metas": [s["meta"] for s in samples], "batch_id": ids.pop()}
 
 
+def view_offset(seed: int, clip: str, views: int) -> int:
+    """The seeded offset o of a clip's view cycle: epoch e shows view (e + o) mod V."""
+    return random.Random(f"{seed}:views:{clip}").randrange(views)
+
+
+def mask_variant(seed: int, epoch: int, key: str, views: int, variants: int) -> int:
+    """The --masks_per_policy geometry set a sample (view) shows in `epoch`: the sets cycle once per
+    round of the clip's view cycle, from a seeded offset per sample, so over V x K epochs each view
+    is shown with each of its K sets once (`key`: the sample key, `<clip>_v<view>`)."""
+    if variants <= 1:
+        return 0
+    clip = key.rpartition("_v")[0]
+    lap = (epoch + view_offset(seed, clip, views)) // views
+    return (lap + random.Random(f"{seed}:mask-variant:{key}").randrange(variants)) % variants
+
+
 @dataclass
 class Rows:
     """What the sampler knows of each sample, as arrays (one entry per sample)."""
@@ -367,7 +383,7 @@ class BucketBatchSampler:
         for c in np.flatnonzero(self._views > 1):                        # (randrange(1) is 0)
             name = rows.clips[int(clip[first[c]])]
             name = name if isinstance(name, str) else name.as_py()
-            self._offset[c] = random.Random(f"{seed}:views:{name}").randrange(int(self._views[c]))
+            self._offset[c] = view_offset(seed, name, int(self._views[c]))
         self.period = math.lcm(*{int(v) for v in np.unique(self._views)}) if len(first) else 1
         self._counts: dict[int, int] = {}
         self._plan: tuple | None = None    # (epoch, its global batches)

@@ -29,6 +29,17 @@ empty), with `.lora_down.weight` (= lora_A), `.lora_up.weight` (= lora_B) and a 
 its `merge_lora` (used by its ComfyUI nodes) applies `W += alpha / rank * up @ down`. diffusers
 0.42 has no CogVideoX converter for that format (`CogVideoXLoraLoaderMixin` loads only the
 diffusers format); `from_kohya` maps it back.
+
+Core ComfyUI variant (`save_comfyui_lora`): core ComfyUI runs CogVideoX with its own transformer
+(`comfy/ldm/cogvideo/`), whose modules are named `blocks.N.{q,k,v,attn_out,ff_proj,ff_out}` (+
+`norm1.linear`, ... see `COMFY_BLOCK_NAMES`); its LoRA loader matches a file's keys against those
+names only (`diffusion_model.<module>` or `lora_unet_<module with underscores>`), so neither file above
+loads there. This one uses `diffusion_model.<module>.lora_A.weight` / `.lora_B.weight` and a scalar
+`.alpha` per module; ComfyUI applies `strength * alpha / rank * B @ A` (1.0 instead of alpha / rank
+when `.alpha` is missing).
+
+Every file is written with a sorted header (identical runs give identical bytes) and the user's
+umask; `export_lora` converts a checkpoint's diffusers file to any of the three formats.
 """
 
 from __future__ import annotations
@@ -43,7 +54,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from cogfun.shards import apply_umask
+from cogfun.config import LORA_FORMATS, ConfigError
+from cogfun.shards import save_tensors
 
 #: CogVideoX-Fun users write the feed-forward layers as `ff.0` / `ff.2` (an `nn.Sequential`
 #: view of the MLP); in diffusers' `FeedForward` they are `ff.net.0.proj` (the Linear inside the
@@ -306,7 +318,6 @@ def save_lora(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], *, r
     """
     from diffusers import CogVideoXPipeline
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, _pack_dict_with_prefix
-    from safetensors.torch import save_file
 
     layers = _check_lora_sd(state_dict, rank)
     config = lora_adapter_config(rank=rank, alpha=alpha, target_modules=target_modules)
@@ -319,10 +330,8 @@ def save_lora(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], *, r
         header = {"format": "pt",
                   LORA_ADAPTER_METADATA_KEY: json.dumps(_pack_dict_with_prefix(config, PREFIX), indent=2, sort_keys=True),
                   **extra}
-        tmp = f"{filename}.tmp"
-        save_file(weights, tmp, metadata=header)
-        apply_umask(Path(tmp))  # safetensors writes 0600: others (ComfyUI, a server) could not read it
-        os.replace(tmp, filename)
+        # atomic, with the user's umask (safetensors writes 0600) and a sorted header (the same bytes every run)
+        save_tensors(weights, Path(filename), metadata=header)
 
     CogVideoXPipeline.save_lora_weights(
         save_directory=str(file.parent), transformer_lora_layers=layers, weight_name=file.name,
@@ -368,8 +377,6 @@ def save_kohya_lora(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
                     extra_metadata: dict[str, str] | None = None) -> Path:
     """Write `to_kohya(state_dict)` to the `*.safetensors` file `path` (atomic), with kohya's
     `ss_network_dim` / `ss_network_alpha` header entries plus `extra_metadata`."""
-    from safetensors.torch import save_file
-
     file = Path(path)
     if file.suffix != ".safetensors":
         raise ValueError(f"{file}: the kohya LoRA file must end in .safetensors")
@@ -377,10 +384,7 @@ def save_kohya_lora(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
               "ss_network_alpha": str(float(alpha)),
               **_check_extra(extra_metadata, reserved=("format", "ss_network_module", "ss_network_dim", "ss_network_alpha"))}
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(file.name + ".tmp")
-    save_file(to_kohya(state_dict, rank=rank, alpha=alpha), str(tmp), metadata=header)
-    apply_umask(tmp)
-    os.replace(tmp, file)
+    save_tensors(to_kohya(state_dict, rank=rank, alpha=alpha), file, metadata=header)
     return file
 
 
@@ -425,3 +429,138 @@ def from_kohya(state_dict: dict[str, torch.Tensor], module_names: Iterable[str])
     rank = ranks.pop()
     alpha = alphas.pop() if alphas else float(rank)  # kohya: no alpha means alpha = rank (scale 1)
     return dict(sorted(out.items())), rank, alpha
+
+
+# --------------------------------------------------------------------------- core ComfyUI variant
+
+COMFY_WEIGHT_NAME = "pytorch_lora_weights_comfyui.safetensors"  # the same LoRA for core ComfyUI's CogVideoX
+COMFY_PREFIX = "diffusion_model."
+#: diffusers' Linear names inside `transformer_blocks.<N>.` -> core ComfyUI's inside `blocks.<N>.`
+#: (its own CogVideoX transformer, `comfy/ldm/cogvideo/model.py`, read 2026-12).
+COMFY_BLOCK_NAMES: dict[str, str] = {
+    "attn1.to_q": "q", "attn1.to_k": "k", "attn1.to_v": "v", "attn1.to_out.0": "attn_out",
+    "ff.net.0.proj": "ff_proj", "ff.net.2": "ff_out", "norm1.linear": "norm1.linear", "norm2.linear": "norm2.linear",
+}
+#: ... and outside the blocks.
+COMFY_TOP_NAMES: dict[str, str] = {
+    "patch_embed.proj": "patch_embed.proj", "patch_embed.text_proj": "patch_embed.text_proj",
+    "time_embedding.linear_1": "time_embedding_linear_1", "time_embedding.linear_2": "time_embedding_linear_2",
+    "ofs_embedding.linear_1": "ofs_embedding_linear_1", "ofs_embedding.linear_2": "ofs_embedding_linear_2",
+    "norm_out.linear": "norm_out.linear", "proj_out": "proj_out",
+}
+_BLOCK = re.compile(r"transformer_blocks\.(\d+)\.(.+)")
+
+
+def comfy_module_name(module: str) -> str:
+    """diffusers' CogVideoX module name -> core ComfyUI's (`transformer_blocks.3.attn1.to_q` ->
+    `blocks.3.q`). Raises ValueError for a module core ComfyUI's model does not have."""
+    found = _BLOCK.fullmatch(module)
+    name = (f"blocks.{found.group(1)}.{COMFY_BLOCK_NAMES[found.group(2)]}"
+            if found and found.group(2) in COMFY_BLOCK_NAMES else COMFY_TOP_NAMES.get(module))
+    if name is None:
+        raise ValueError(f"{module}: core ComfyUI's CogVideoX model has no module for it (known: "
+                         f"transformer_blocks.N.{{{', '.join(COMFY_BLOCK_NAMES)}}}, {', '.join(COMFY_TOP_NAMES)})")
+    return name
+
+
+def to_comfyui(state_dict: dict[str, torch.Tensor], *, rank: int, alpha: float) -> dict[str, torch.Tensor]:
+    """diffusers-format LoRA -> core ComfyUI's native CogVideoX keys:
+    `diffusion_model.blocks.<N>.<q|k|v|attn_out|ff_proj|ff_out|...>.lora_A.weight` / `.lora_B.weight`
+    and a 0-dim float32 `.alpha` per module (ComfyUI applies alpha / rank; without it, 1.0)."""
+    layers = _check_lora_sd(state_dict, rank)
+    out: dict[str, torch.Tensor] = {}
+    for k, v in layers.items():
+        module, kind = k[: -len(".lora_A.weight")], k[-len("lora_A.weight"):]
+        stem = COMFY_PREFIX + comfy_module_name(module)
+        out[f"{stem}.{kind}"] = v
+        out[f"{stem}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return dict(sorted(out.items()))
+
+
+def save_comfyui_lora(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], *, rank: int, alpha: float,
+                      extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write `to_comfyui(state_dict)` to the `*.safetensors` file `path` (atomic, sorted header)."""
+    file = Path(path)
+    if file.suffix != ".safetensors":
+        raise ValueError(f"{file}: the ComfyUI LoRA file must end in .safetensors")
+    header = {"format": "pt", "ss_network_dim": str(int(rank)), "ss_network_alpha": str(float(alpha)),
+              **_check_extra(extra_metadata, reserved=("format", "ss_network_dim", "ss_network_alpha"))}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_tensors(to_comfyui(state_dict, rank=rank, alpha=alpha), file, metadata=header)
+    return file
+
+
+def from_comfyui(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, float]:
+    """`to_comfyui`'s keys -> (diffusers-format state dict, rank, alpha). Raises for a key that is not
+    one of core ComfyUI's CogVideoX modules, or when ranks / alphas differ between modules."""
+    block_names = {v: k for k, v in COMFY_BLOCK_NAMES.items()}
+    top_names = {v: k for k, v in COMFY_TOP_NAMES.items()}
+    out: dict[str, torch.Tensor] = {}
+    ranks, alphas = set(), set()
+    for k, v in state_dict.items():
+        body = k.removeprefix(COMFY_PREFIX)
+        kind = next((x for x in (".lora_A.weight", ".lora_B.weight", ".alpha") if body.endswith(x)), "")
+        stem = body[: len(body) - len(kind)]
+        found = re.fullmatch(r"blocks\.(\d+)\.(.+)", stem)
+        module = (f"transformer_blocks.{found.group(1)}.{block_names[found.group(2)]}"
+                  if found and found.group(2) in block_names else top_names.get(stem))
+        if body == k or not kind or module is None:
+            raise ValueError(f"{k}: not a key of core ComfyUI's CogVideoX LoRA layout "
+                             f"({COMFY_PREFIX}blocks.N.q.lora_A.weight, ...)")
+        if kind == ".alpha":
+            alphas.add(float(v.item()))
+        else:
+            out[f"{PREFIX}.{module}{kind}"] = v
+            ranks.add(v.shape[0] if kind == ".lora_A.weight" else v.shape[1])
+    if len(ranks) != 1 or len(alphas) > 1:
+        raise ValueError(f"expected one rank and one alpha, got ranks {sorted(ranks)} alphas {sorted(alphas)}")
+    rank = ranks.pop()
+    return dict(sorted(out.items())), rank, alphas.pop() if alphas else float(rank)
+
+
+# --------------------------------------------------------------------------- all files of a LoRA, and export
+
+#: format (`cogfun.config.LORA_FORMATS`) -> its file name in an output or checkpoint dir
+EXPORT_FORMATS = dict(zip(LORA_FORMATS, (LORA_WEIGHT_NAME, KOHYA_WEIGHT_NAME, COMFY_WEIGHT_NAME)))
+
+
+def save_lora_as(fmt: str, file: str | os.PathLike, state_dict: dict[str, torch.Tensor], *, rank: int,
+                 alpha: float, target_modules: list[str], extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write the LoRA to `file` in format `fmt` (a key of `EXPORT_FORMATS`); `extra_metadata` goes
+    into the file's header. Returns the file."""
+    if fmt == "diffusers":
+        return save_lora(file, state_dict, rank=rank, alpha=alpha, target_modules=target_modules,
+                         extra_metadata=extra_metadata)
+    if fmt == "kohya":
+        return save_kohya_lora(file, state_dict, rank=rank, alpha=alpha, extra_metadata=extra_metadata)
+    if fmt == "comfyui":
+        return save_comfyui_lora(file, state_dict, rank=rank, alpha=alpha, extra_metadata=extra_metadata)
+    raise ValueError(f"LoRA format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+
+
+def export_lora(source: str | os.PathLike, fmt: str, output: str | os.PathLike | None = None) -> Path:
+    """Convert a LoRA cogfun wrote to another format: `source` is a training output dir, a
+    `checkpoint-<N>/` dir (also of a killed run) or a diffusers-format file; it is read from its
+    diffusers file (rank, alpha and target modules from its header). `output`: the file to write
+    (default: `EXPORT_FORMATS[fmt]` beside the source file). The header's cogfun entries (step, run
+    config, shards' fingerprint) are carried over."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"LoRA format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    file = _lora_file(source)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no diffusers-format LoRA file there (give a training output dir, a "
+                                f"checkpoint-<N>/ dir or a {LORA_WEIGHT_NAME} file)")
+    tensors, metadata = load_lora_file(file)
+    if LORA_ADAPTER_METADATA_KEY not in metadata:
+        raise ConfigError(f"{file}: its header has no {LORA_ADAPTER_METADATA_KEY!r} (rank, alpha, target modules): "
+                          f"not a diffusers-format LoRA file cogfun wrote. Give the training output dir or "
+                          f"checkpoint-<N>/ dir (or its {LORA_WEIGHT_NAME})")
+    config = {k.removeprefix(PREFIX + "."): v for k, v in json.loads(metadata[LORA_ADAPTER_METADATA_KEY]).items()}
+    extra = {k: v for k, v in metadata.items() if k.startswith("cogfun")}
+    target = Path(output) if output else file.parent / EXPORT_FORMATS[fmt]
+    if target.resolve() == file.resolve():
+        raise ConfigError(f"{target}: that is the source file; give another --output")
+    return save_lora_as(fmt, target, tensors, rank=config["r"], alpha=config["lora_alpha"],
+                        target_modules=config["target_modules"], extra_metadata=extra)

@@ -88,6 +88,12 @@ NOISE_RESPONSE = "masked_noise_response"
 BLACK_LATENTS = "black_latents"    # the all -1 clip's latents of a bucket (train puts them in a batch's tensors)
 
 
+def cached_name(kind: str, policy: str, variant: int = 0) -> str:
+    """The tensor name of a cached conditioning: f"{kind}.{policy}", and for the k-th extra mask
+    geometry of --masks_per_policy (k >= 1) f"{kind}.{policy}@{k}"."""
+    return f"{kind}.{policy}" + (f"@{variant}" if variant else "")
+
+
 def reference_noise_design() -> dict:
     """The cached reference-noise design, as recorded in the manifest and the precompute fingerprint."""
     return {"design": "linear-response", "sigma0": REFERENCE_NOISE_SIGMA0,
@@ -171,14 +177,38 @@ def weights_for(policies, frames: int, overrides: dict[str, float]) -> dict[str,
     return {p: overrides.get(p, w) for p, w in default_weights(policies, frames).items()}
 
 
+def draw_weights(policies, spec: str, *, frame_crop: bool, cached_by: str = "the shards") -> dict[str, dict[str, float]]:
+    """The train-time draw weights {"video": .., "image": ..}: CogVideoX-Fun's over the cached `policies`,
+    with `--mask_policy_weights` `spec` applied. ValueError for a weight of a policy not cached (by
+    `cached_by`, for the message) and for weights that leave nothing to draw (with `frame_crop`,
+    --random_frame_crop: also for a frame-cropped video)."""
+    if not policies:
+        return {}
+    overrides = parse_weights(spec)
+    missing = [p for p in overrides if p != "t2v" and p not in policies]
+    if missing:
+        raise ValueError(f"--mask_policy_weights names {', '.join(missing)}, which {cached_by} do not cache "
+                         f"(cached: {', '.join(policies)}); precompute with --mask_policies including it")
+    out = {"video": weights_for(policies, 49, overrides), "image": weights_for(policies, 1, overrides)}
+    for kind, weights in out.items():
+        crop = [w for p, w in weights.items() if p in PREFIX_SAFE] if kind == "video" and frame_crop else []
+        if sum(weights.values()) <= 0 or (crop and sum(crop) <= 0):
+            raise ValueError(f"--mask_policy_weights leaves no {kind} conditioning to draw"
+                             + (" for a frame-cropped sample (--random_frame_crop keeps only "
+                                f"{', '.join(p for p in weights if p in PREFIX_SAFE)})" if sum(weights.values()) else ""))
+    return out
+
+
 # ---------------------------------------------------------------- geometry: drawn once, stored, rebuilt
 
-def draw_geometries(policies, frames: int, height: int, width: int, *, seed: int, key: str) -> dict[str, dict]:
+def draw_geometries(policies, frames: int, height: int, width: int, *, seed: int, key: str,
+                    variant: int = 0) -> dict[str, dict]:
     """{policy: geometry} of one sample (JSON): the reference's draw for each cached policy, seeded by
-    (seed, sample key, policy), in pixels of the H x W sample."""
+    (seed, sample key, policy, and the variant k >= 1 of --masks_per_policy), in pixels of the H x W
+    sample."""
     out = {}
     for policy in sample_policies(policies, frames):
-        rng = random.Random(f"{seed}:{key}:mask:{policy}")
+        rng = random.Random(f"{seed}:{key}:mask:{policy}" + (f":{variant}" if variant else ""))
         out[policy] = {} if policy == "first_k" else _draw(draws_of(policy, policies, frames), frames, height,
                                                            width, rng)
     return out
@@ -354,7 +384,7 @@ def noise_pattern(shape, seed: int, key: str, policy: str):
 
 
 def encode_conditioning(encode, pixels, geometries: list[dict], *, keys: list[str], seed: int,
-                        reference_noise: bool) -> dict:
+                        reference_noise: bool, variant: int = 0) -> dict:
     """The cached conditioning of one bucket batch: {tensor name: [B, F', C, h, w]}.
 
     `encode`: pixels [B, 3, F, H, W] -> posterior mean [B, F', C, h, w] (the VAE); `pixels` on the
@@ -362,7 +392,8 @@ def encode_conditioning(encode, pixels, geometries: list[dict], *, keys: list[st
     for every sample of a bucket). Per policy, `masked_latents.<policy>` = the masked clip's mean;
     with `reference_noise`, also `masked_noise_response.<policy>` = encode(masked + sigma0 * n) -
     encode(masked), n the seeded `noise_pattern` of each sample, noise on known pixels only (float32
-    difference).
+    difference). `variant` k >= 1: the k-th extra geometry set of --masks_per_policy, its tensors
+    named `cached_name(..., k)` and its noise pattern seeded apart.
     """
     import torch
 
@@ -370,11 +401,12 @@ def encode_conditioning(encode, pixels, geometries: list[dict], *, keys: list[st
     for policy in geometries[0] if geometries else ():
         masked = torch.cat([masked_clip(pixels[b:b + 1], policy, g[policy]) for b, g in enumerate(geometries)])
         mean = encode(masked)
-        out[f"{MASKED}.{policy}"] = mean
+        out[cached_name(MASKED, policy, variant)] = mean
         if reference_noise:
-            noise = torch.stack([noise_pattern(masked.shape[1:], seed, k, policy) for k in keys])
+            pattern = f"{policy}@{variant}" if variant else policy   # variant 0: the pattern cogfun always drew
+            noise = torch.stack([noise_pattern(masked.shape[1:], seed, k, pattern) for k in keys])
             noisy = add_reference_noise(masked, REFERENCE_NOISE_SIGMA0, noise=noise)
-            out[f"{NOISE_RESPONSE}.{policy}"] = encode(noisy).float() - mean.float()
+            out[cached_name(NOISE_RESPONSE, policy, variant)] = encode(noisy).float() - mean.float()
     return out
 
 
@@ -388,13 +420,14 @@ def black_clip(frames: int, height: int, width: int):
 # ---------------------------------------------------------------- train: what the transformer sees
 
 def conditioning(policy: str, tensors: dict, b: int, *, frames: int, keep: int, scaling: float,
-                 noise_scale=None, geometry: dict | None = None, device=None):
+                 noise_scale=None, geometry: dict | None = None, device=None, variant: int = 0):
     """Sample b's conditioning [1, keep, 1 + C, h, w] (mask channel + masked latents, both x scaling).
 
     `tensors`: the batch's cached tensors [B, F', ...]; `frames`: the pixel frames the policy was
     applied to; `keep`: latent frames kept (random_frame_crop prefix); `noise_scale`: s * sigma /
     sigma0 of this sample's reference noise (None: the model has none), applied to the cached
-    noise response; `geometry`: the sample's stored geometry of the policy. `t2v` is all zeros;
+    noise response; `geometry`: the sample's stored geometry of the policy (of its `variant`, the
+    --masks_per_policy geometry set the epoch shows). `t2v` is all zeros;
     `t2v_black` (BLACK) is mask 0 + the bucket's all -1 clip latents (`black_latents`, [1, F', C, h, w]).
     """
     import torch
@@ -406,8 +439,8 @@ def conditioning(policy: str, tensors: dict, b: int, *, frames: int, keep: int, 
     if policy == BLACK:
         black = tensors[BLACK_LATENTS][:1, :keep].float().to(device)
         return torch.cat([torch.zeros(1, keep, 1, h, w, device=device), black * scaling], dim=2)
-    masked = tensors[f"{MASKED}.{policy}"][b:b + 1, :keep].float()
+    masked = tensors[cached_name(MASKED, policy, variant)][b:b + 1, :keep].float()
     if noise_scale is not None:
-        masked = masked + noise_scale * tensors[f"{NOISE_RESPONSE}.{policy}"][b:b + 1, :keep].float()
+        masked = masked + noise_scale * tensors[cached_name(NOISE_RESPONSE, policy, variant)][b:b + 1, :keep].float()
     mask = mask_channel(policy, frames, keep, h, w, scaling, geometry=geometry, device=device)
     return torch.cat([mask, masked * scaling], dim=2)

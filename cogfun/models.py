@@ -53,12 +53,15 @@ class TransformerFamily:
 
     `patch_size_t` (CogVideoX 1.5: 2): latent frames are patched in pairs, so every video sample
     needs a multiple of it (`latent_multiple`); `reference_noise`: CogVideoX-Fun's
-    `add_noise_in_inpaint_model` (noise on the reference pixels before the masked-clip encode).
+    `add_noise_in_inpaint_model` (noise on the reference pixels before the masked-clip encode);
+    `position_frames`: the most latent frames the model's positions cover (sincos models: the
+    stored table's, `position_frames_of`; None with RoPE).
     """
     in_channels: int
     latent_channels: int
     patch_size_t: int | None
     reference_noise: bool
+    position_frames: int | None = None
 
     @property
     def latent_multiple(self) -> int:
@@ -103,7 +106,57 @@ def transformer_family(model: str | Path) -> TransformerFamily:
     p_t = raw.get("patch_size_t")
     return TransformerFamily(in_channels=in_channels, latent_channels=latent,
                              patch_size_t=int(p_t) if p_t and int(p_t) > 1 else None,
-                             reference_noise=bool(raw.get("add_noise_in_inpaint_model", False)))
+                             reference_noise=bool(raw.get("add_noise_in_inpaint_model", False)),
+                             position_frames=position_frames_of(raw))
+
+
+def position_frames_of(transformer_config: dict) -> int | None:
+    """The most latent frames a model without RoPE can take: CogVideoX-Fun's class stretches its
+    stored sincos table over height and width only, so the table's (sample_frames - 1) / 4 + 1
+    frames (49 -> 13) bound every input (`cogfun.positions`). None for RoPE models (any length)."""
+    if transformer_config.get("use_rotary_positional_embeddings", False):
+        return None
+    ratio = transformer_config.get("temporal_compression_ratio", 4)
+    return (transformer_config.get("sample_frames", 49) - 1) // ratio + 1
+
+
+def check_position_frames(position_frames: int | None, frames: int, flag: str) -> None:
+    """Refuse `frames` pixel frames (from `flag`) beyond what the model's positions cover
+    (`position_frames_of`), before any work, naming the largest count that fits."""
+    if position_frames is None or (frames - 1) // 4 + 1 <= position_frames:
+        return
+    raise ModelError(f"{flag} {frames}: this model has sincos positions (no RoPE) stored for "
+                     f"{position_frames} latent frames ({(position_frames - 1) * 4 + 1} frames: its transformer "
+                     f"config's sample_frames); CogVideoX-Fun's transformer class cannot run longer inputs and "
+                     f"neither does cogfun's: use at most {(position_frames - 1) * 4 + 1}")
+
+
+def check_model_fits(model: str | Path, train_mode: str) -> TransformerFamily:
+    """Refuse, before any encoding, a model whose parts do not fit each other or `train_mode`
+    (config.json reads only): the transformer's in_channels against the mode (16 for normal,
+    2 x latent + 1 = 33 for inpaint / i2v), the VAE's latent channels against the transformer's
+    out_channels, T5's width against its text_embed_dim. These are the checks `cogfun train` makes
+    of the shards; precompute and inspect-buckets make them first. Returns the family."""
+    family = transformer_family(model)
+    tcfg = read_component_config(model, "transformer")
+    problems = []
+    want = 2 * family.latent_channels + 1 if train_mode in ("inpaint", "i2v") else family.latent_channels
+    if family.in_channels != want:
+        hint = ("an InP model needs --train_mode inpaint (or i2v)" if family.inpaint else
+                "a text-to-video model needs --train_mode normal")
+        problems.append(f"in_channels: --train_mode {train_mode} needs {want}, the transformer has "
+                        f"{family.in_channels} ({hint})")
+    vae_latent = read_component_config(model, "vae").get("latent_channels", 16)
+    if vae_latent != family.latent_channels:
+        problems.append(f"latent channels: the VAE makes {vae_latent}, the transformer's out_channels is "
+                        f"{family.latent_channels}")
+    text_dim = read_component_config(model, "text_encoder").get("d_model")
+    if text_dim is not None and text_dim != tcfg.get("text_embed_dim", 4096):
+        problems.append(f"text dim: T5 gives {text_dim}, the transformer's text_embed_dim is "
+                        f"{tcfg.get('text_embed_dim', 4096)}")
+    if problems:
+        raise ModelError(f"{model} does not fit this run (nothing was encoded):\n  " + "\n  ".join(problems))
+    return family
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -216,25 +269,32 @@ def encode_clips(vae, pixels):
 # ---------------------------------------------------------------- transformer / scheduler
 
 def load_transformer(model: str | Path, dtype):
-    from diffusers import CogVideoXTransformer3DModel
+    """The transformer as CogVideoX-Fun's own class runs it (`cogfun.positions.FunTransformer`:
+    diffusers' class and weights, CogVideoX-Fun's positions at every size, the CogVideoX 1.5 padding
+    of a 1-latent-frame input built in). Callers pass no `image_rotary_emb` and pad nothing."""
+    from cogfun.positions import FunTransformer
 
-    return CogVideoXTransformer3DModel.from_pretrained(component_dir(model, "transformer"), torch_dtype=dtype)
+    return FunTransformer.from_pretrained(component_dir(model, "transformer"), torch_dtype=dtype)
 
 
-def pad_for_patch_t(hidden_states, patch_size_t: int | None):
-    """CogVideoX-Fun's transformer for CogVideoX 1.5: a 1-latent-frame input [B, 1, C, h, w] gets
-    zero frames appended up to patch_size_t (diffusers' class has no such padding). Returns (input,
-    real frame count): crop the output back with `[:, :n]` so the loss covers the real frame only."""
-    import torch
+def load_transformer_weights(transformer, path: str | Path) -> tuple[list[str], list[str]]:
+    """--transformer_path: a .safetensors state dict loaded over the transformer (non-strict, as
+    CogVideoX-Fun does); returns (missing, unexpected) keys. Pickled checkpoints are refused."""
+    from safetensors.torch import load_file
 
-    n = hidden_states.shape[1]
-    if not patch_size_t or n % patch_size_t == 0:
-        return hidden_states, n
-    if n != 1:
-        raise ValueError(f"{n} latent frames do not fill patches of {patch_size_t} frames (the shards' "
-                         f"frame rule should have made them a multiple)")
-    pad = hidden_states.new_zeros(hidden_states.shape[0], patch_size_t - 1, *hidden_states.shape[2:])
-    return torch.cat([hidden_states, pad], dim=1), n
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ModelError(f"--transformer_path {path}: only .safetensors files are read (a .bin/.pt/.pth checkpoint "
+                         f"is a pickle, which cogfun never loads); convert it, e.g. "
+                         f"safetensors.torch.save_file(torch.load(p, weights_only=True), 'transformer.safetensors')")
+    if not path.is_file():
+        raise ModelError(f"--transformer_path {path}: no such file")
+    state = load_file(str(path))
+    result = transformer.load_state_dict(state, strict=False)
+    if not set(state) - set(result.unexpected_keys):
+        raise ModelError(f"--transformer_path {path}: none of its {len(state)} tensors is a parameter of the "
+                         f"transformer (e.g. {next(iter(state), '-')!r}); is it a transformer checkpoint?")
+    return list(result.missing_keys), list(result.unexpected_keys)
 
 
 def load_scheduler(model: str | Path):

@@ -14,9 +14,12 @@ own (LoRA-carrying, possibly sharded) transformer:
    No image = the t2v policy: mask and masked latents all zero (CogVideoX-Fun's all-masked case).
 2. (the caller) a transformer; `load_lora` applies a trained LoRA file to a loaded one.
 3. `denoise`: diffusers' `CogVideoXPipeline` runs the loop (scheduler, classifier-free guidance,
-   5b RoPE, progress bar) on a `Denoiser`: the transformer as the pipeline sees a text-to-video
+   progress bar) on a `Denoiser`: the transformer as the pipeline sees a text-to-video
    one, 16 input channels, with the (CFG-doubled) conditioning appended to every call. So the InP
-   models need no second copy of the loop; only the conditioning is ours.
+   models need no second copy of the loop; only the conditioning is ours. The positions are the
+   transformer's own (`cogfun.positions`: the pipeline's RoPE is replaced), so the final latents are
+   those of CogVideoX-Fun's `CogVideoXFunInpaintPipeline` for the same seed, prompts and image
+   (tests/test_sampling_parity.py).
 4. `decode`: the VAE (loaded only now) -> uint8 frames; `cogfun.video.write_mp4` writes them.
 
 Frame counts: `num_frames` must be 4k+1. CogVideoX 1.5 transformers (`patch_size_t: 2`) need a
@@ -108,6 +111,7 @@ def geometry(transformer_config: dict, frames: int | None, height: int | None, w
         lo = (max(frames, 1) - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1
         raise ConfigError(f"{flags[0]} {frames}: must be 4k+1 (the VAE packs 4 frames per latent frame "
                           f"after the first): use {lo} or {lo + VAE_TEMPORAL}")
+    models.check_position_frames(models.position_frames_of(transformer_config), frames, flags[0])
     unit = VAE_SPATIAL * transformer_config.get("patch_size", 2)
     for flag, value in zip(flags[1:], (height, width)):
         if value < unit or value % unit:
@@ -293,21 +297,24 @@ def find_lora_file(path: str | Path) -> Path:
 
 
 def load_lora(transformer, path: str | Path, scale: float = 1.0) -> dict:
-    """Apply a cogfun LoRA file (diffusers or kohya/ComfyUI format) to a loaded transformer through
+    """Apply a cogfun LoRA file (diffusers, kohya or core-ComfyUI format) to a loaded transformer through
     diffusers/peft, with the file's alpha/rank; `scale` multiplies it (diffusers' set_adapters weight).
     Returns what was loaded (file, format, rank, alpha, scale)."""
     from diffusers import CogVideoXPipeline
     from diffusers.loaders.lora_base import _pack_dict_with_prefix
 
-    from cogfun.lora import KOHYA_PREFIX, PREFIX, from_kohya, load_lora_file, lora_adapter_config
+    from cogfun.lora import (COMFY_PREFIX, KOHYA_PREFIX, PREFIX, from_comfyui, from_kohya, load_lora_file,
+                             lora_adapter_config)
 
     file = find_lora_file(path)
     tensors, header = load_lora_file(file)
-    if any(k.startswith(KOHYA_PREFIX[:-1]) for k in tensors):
-        sd, rank, alpha = from_kohya(tensors, [n for n, _ in transformer.named_modules() if n])
+    kohya = any(k.startswith(KOHYA_PREFIX[:-1]) for k in tensors)
+    if kohya or any(k.startswith(COMFY_PREFIX) for k in tensors):
+        sd, rank, alpha = (from_kohya(tensors, [n for n, _ in transformer.named_modules() if n]) if kohya
+                           else from_comfyui(tensors))
         targets = sorted({k[len(PREFIX) + 1:].rsplit(".lora_", 1)[0] for k in sd})
         metadata = _pack_dict_with_prefix(lora_adapter_config(rank=rank, alpha=alpha, target_modules=targets), PREFIX)
-        kind = "kohya"
+        kind = "kohya" if kohya else "comfyui"
     else:
         # what diffusers' load_lora_weights reads: tensors + the lora_adapter_metadata header (alpha)
         sd, metadata = CogVideoXPipeline.lora_state_dict(str(file.parent), weight_name=file.name,

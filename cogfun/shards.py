@@ -113,11 +113,12 @@ def tensors_in(buf, header: tuple[int, dict]) -> dict:
     return out
 
 
-def save_tensors(tensors: dict, path: Path) -> None:
+def save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
     """safetensors' save_file, atomically: written to `<path>.tmp` (removed on failure) and renamed
     into place, so `path` is either absent, the old file or the whole new one. I/O failures (disk
     full, permissions) are raised as OSError: safetensors raises its own SafetensorError, which the
-    CLI would show as a traceback."""
+    CLI would show as a traceback. `metadata` (the header's `__metadata__`) is written in sorted
+    key order, so identical inputs give identical bytes (see `sort_header_metadata`)."""
     import re
 
     from safetensors.torch import save_file
@@ -125,7 +126,9 @@ def save_tensors(tensors: dict, path: Path) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata=metadata)
+        if metadata:
+            sort_header_metadata(tmp)
         apply_umask(tmp)  # safetensors writes 0600 files
         os.replace(tmp, path)
     except BaseException as exc:
@@ -135,6 +138,27 @@ def save_tensors(tensors: dict, path: Path) -> None:
             raise
         code = int(found.group(1))
         raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+def sort_header_metadata(file: Path) -> None:
+    """Rewrite, in place, a safetensors file's `__metadata__` in sorted key order.
+
+    safetensors keeps the metadata in a hash map whose order changes from process to process, so two
+    identical runs would write different bytes. The header keeps its length (the same JSON, other
+    order, padded with spaces as safetensors pads it), so the tensor data does not move."""
+    with open(file, "r+b") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            return
+        text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+        if len(text) > size:
+            raise RuntimeError(f"{file}: the sorted safetensors header is longer ({len(text)} bytes) than "
+                               f"the written one ({size}); cannot sort it in place")
+        fh.seek(8)
+        fh.write(text + b" " * (size - len(text)))
 
 
 def user_umask() -> int:
@@ -260,6 +284,43 @@ def remove_stale(shard_dir: Path, rows: list["ShardRow"], inputs: dict[str, str]
     return stale
 
 
+def keep_only(shard_dir: Path, rows: list["ShardRow"], keep: set[tuple[str, int]], run_id: str) -> int:
+    """Delete every sample of `rows` but those in `keep` ((tar, position) pairs): a tar holding only
+    kept samples stays as it is, one holding none is deleted, one holding both has its kept samples'
+    members copied, bytes unchanged, into new tars (`<bucket>/000-<run_id>-<n>.tar`) before it is
+    deleted. Bucket folders left empty are removed. Returns the number of samples deleted."""
+    shard_dir = Path(shard_dir)
+    by_tar: dict[str, list[ShardRow]] = {}
+    for r in rows:
+        by_tar.setdefault(r.shard, []).append(r)
+    writers = BucketWriters(shard_dir, 0, run_id, max_samples=1 << 30)
+    dropped = 0
+    try:
+        for rel, tar_rows in sorted(by_tar.items()):
+            kept = {r.key: r.bucket for r in tar_rows if (r.shard, r.position) in keep}
+            if len(kept) == len(tar_rows):
+                continue
+            dropped += len(tar_rows) - len(kept)
+            if kept:
+                members: dict[str, dict] = {}
+                with tarfile.open(shard_dir / rel, mode="r:") as tf:
+                    for member in tf:
+                        key, _, ext = member.name.partition(".")
+                        if key in kept:
+                            members.setdefault(key, {"__key__": key})[ext] = tf.extractfile(member).read()
+                for key, sample in members.items():
+                    writers.write(kept[key], sample)
+            writers.close()   # the copies are complete before the original goes
+            (shard_dir / rel).unlink()
+    except BaseException:
+        writers.abort()
+        raise
+    for folder in shard_dir.iterdir():
+        if folder.is_dir() and folder.name != PROMPTS and not any(folder.iterdir()):
+            folder.rmdir()
+    return dropped
+
+
 # ---------------------------------------------------------------- reading what is on disk
 
 @dataclass
@@ -300,6 +361,25 @@ def scan_shards(shard_dir: Path, skip: set[str] = frozenset()) -> list[ShardRow]
         rel = str(path.relative_to(shard_dir))
         if rel not in skip:
             rows.extend(scan_tar(path, rel))
+    return rows
+
+
+def rows_from_index(shard_dir: Path, committed: dict[str, int]) -> list[ShardRow]:
+    """The samples of a finished shard dir's tars (`committed`: the manifest's {tar: samples}) as
+    its index.parquet lists them (its columns as `meta`), without reading the tars: an incremental
+    run knows what is on disk at the cost of one parquet read, not a scan of every tar."""
+    cols = read_index(shard_dir)
+    meta_cols = [c for c in cols if c not in ROW_FIELDS]
+    rows = [ShardRow(key=k, bucket=b, shard=t, position=p, meta={c: cols[c][i] for c in meta_cols})
+            for i, (k, b, t, p) in enumerate(zip(cols["key"], cols["bucket"], cols["shard"], cols["position"]))]
+    gone = [t for t in committed if not (Path(shard_dir) / t).is_file()]
+    if gone:
+        raise ShardError(f"{shard_dir}: the manifest lists {len(gone)} tar(s) that are gone (e.g. {gone[0]}); "
+                         f"re-run with --overwrite to rebuild the shard dir")
+    listed = {r.shard for r in rows}
+    if listed != set(committed):
+        raise ShardError(f"{shard_dir}: {INDEX} lists the tars {sorted(listed ^ set(committed))[:3]} differently "
+                         f"from {MANIFEST}; re-run with --overwrite to rebuild the shard dir")
     return rows
 
 

@@ -245,3 +245,140 @@ def open_store(cfg) -> ShardStore:
     """The training run's shard dir with its cache and retry settings."""
     return ShardStore(cfg.shard_dir, cache_dir=cfg.shard_cache_dir, cache_size_gb=cfg.shard_cache_size_gb,
                       retries=cfg.shard_fetch_retries, backoff=cfg.shard_fetch_backoff)
+
+
+# ---------------------------------------------------------------- training media from URLs and tars
+
+DEFAULT_MEDIA_CACHE_DIR = "~/.cache/cogfun/media"
+
+
+class CacheTooSmall(ShardError):
+    """--media_cache_size_gb cannot hold a file that must pass through the cache."""
+
+
+class MediaFetcher:
+    """Local copies of training media for the probe and the decoders, which read files.
+
+    A media location is a local path, a URL (http(s)://, s3://, gs://: fetched through fsspec
+    into the per-node cache `cache_dir`, with the retries, lock files, partial files and LRU bound
+    of `ShardStore`), or a member of a WebDataset tar, `<tar path or URL>#<member>`, whose bytes
+    (at a known offset of the tar, itself fetched once per node when remote) are copied into the
+    cache as a file of their own. A file that stays unreachable raises ShardError naming its URL
+    (the caller skips the source with that reason); a missing one FileNotFoundError.
+    """
+
+    def __init__(self, cache_dir: str | None = None, cache_size_gb: float = 100.0, retries: int = 5,
+                 backoff: float = 1.0):
+        self.cache_dir, self.cache_size_gb = cache_dir or DEFAULT_MEDIA_CACHE_DIR, cache_size_gb
+        self.retries, self.backoff = retries, backoff
+        self._stores: dict[str, ShardStore] = {}
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    @classmethod
+    def from_config(cls, cfg) -> "MediaFetcher":
+        return cls(cfg.media_cache_dir, cfg.media_cache_size_gb, cfg.media_fetch_retries, cfg.media_fetch_backoff)
+
+    def __getstate__(self):   # spawned DataLoader workers: stores (fsspec clients, locks) are made anew there
+        return {**self.__dict__, "_stores": {}, "_lock": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def store(self, url: str) -> tuple[ShardStore, str]:
+        """The store of a URL's host or bucket, and the URL's path under it."""
+        scheme, _, rest = url.partition("://")
+        host, _, rel = rest.partition("/")
+        base = f"{scheme}://{host}"
+        if self._pid != os.getpid():   # a forked DataLoader worker: fsspec's async clients are not fork-safe
+            self._stores, self._lock, self._pid = {}, threading.Lock(), os.getpid()
+        with self._lock:
+            if base not in self._stores:
+                self._stores[base] = ShardStore(base, cache_dir=os.path.expanduser(self.cache_dir),
+                                                cache_size_gb=self.cache_size_gb, retries=self.retries,
+                                                backoff=self.backoff)
+            return self._stores[base], rel
+
+    def stat(self, location: str) -> tuple[int, int]:
+        """(size, version) of a URL: the size and a number that changes when the object does
+        (its modification time in ns, else a hash of its ETag). FileNotFoundError when absent."""
+        store, rel = self.store(location)
+        info = store._retrying(rel, lambda: store.fs.info(store._path(rel)))
+        return int(info.get("size") or 0), _version(info)
+
+    def read_bytes(self, location: str) -> bytes:
+        store, rel = self.store(location)
+        return store.read_bytes(rel)
+
+    def check_fits(self, sizes: dict[str, int]) -> None:
+        """Refuse a cache bound smaller than the largest file that must pass through it (the file
+        would be evicted as soon as it was fetched)."""
+        bound = self.cache_size_gb * 1e9
+        if sizes and max(sizes.values()) > bound:
+            url = max(sizes, key=sizes.get)
+            raise CacheTooSmall(f"--media_cache_size_gb {self.cache_size_gb:g} is smaller than {url} "
+                                f"({sizes[url] / 1e9:.3g} GB); raise it (a few files per rank and decode worker "
+                                f"is the useful minimum)")
+
+    def local(self, location: str, size: int | None = None) -> Path:
+        """A local file holding `location` (a path, a URL or `tar#member`; `size`: its byte count)."""
+        tar, sep, member = location.partition("#")
+        if not sep:
+            if not is_url(location):
+                return Path(location)
+            store, rel = self.store(location)
+            return store.local_path(rel, size if size is not None and size >= 0 else None)
+        raise ValueError(f"{location}: a tar member needs its offset: use local_member")
+
+    def local_member(self, tar: str, member: str, offset: int, size: int) -> Path:
+        """The bytes [offset, offset + size) of `tar` (the member's data) as a cached file."""
+        cache = Path(os.path.expanduser(self.cache_dir))
+        folder = cache / ("members-" + hashlib.sha256(tar.encode()).hexdigest()[:16])
+        dest = folder / quote(member, safe="")
+        if _fresh(dest, size):
+            return dest
+        source = self.local(tar)
+        folder.mkdir(parents=True, exist_ok=True)
+        part = folder.parent / ".partial" / f"{folder.name}-{dest.name}.{os.getpid()}.{threading.get_ident()}"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(source, "rb") as src, open(part, "wb") as out:
+                data = os.pread(src.fileno(), size, offset)
+                if len(data) != size:
+                    raise IncompleteFetch(f"{tar}: member {member} ends past the end of the tar")
+                out.write(data)
+            os.replace(part, dest)
+        finally:
+            part.unlink(missing_ok=True)
+        from wids.wids_cleanup import keep_most_recent_files
+
+        keep_most_recent_files(str(cache / "*" / "*"), maxsize=int(self.cache_size_gb * 1e9), maxfiles=1 << 60)
+        return dest
+
+
+def _version(info: dict) -> int:
+    """A number that changes when a remote object does: its modification time (ns) or its ETag's hash."""
+    import datetime
+    from email.utils import parsedate_to_datetime
+
+    for key in ("mtime", "LastModified", "last_modified", "updated", "Last-Modified"):
+        value = info.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            try:
+                value = parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                try:
+                    value = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+                except ValueError:
+                    continue
+        if isinstance(value, datetime.datetime):
+            return int(value.timestamp() * 1e9)
+        return int(float(value) * 1e9)
+    for key in ("ETag", "etag", "md5Hash", "Content-MD5"):
+        if info.get(key):
+            return int(hashlib.sha256(str(info[key]).encode()).hexdigest()[:15], 16)
+    return 0

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cogfun.models import TEXT_LEN
+from cogfun.shards import apply_umask
 from cogfun.video import write_mp4, write_video
 
 if TYPE_CHECKING:
@@ -353,6 +354,7 @@ def write_tiny_model(path: PathLike, variant: str = "inp", *, seed: int = 0, rot
     parts["tokenizer"].save_pretrained(root / "tokenizer")
     parts["scheduler"].save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps(_model_index(), indent=2, sort_keys=True) + "\n")
+    apply_umask(root)  # save_pretrained's safetensors weights are 0600 whatever the umask
     return root
 
 

@@ -16,6 +16,8 @@ Decoders (``MediaInfo.decoder``; the probe picks one per file and the decode use
 * ``pillow`` (images, and animated GIF / APNG / animated WebP listed as videos: Pillow composites
   their frames) and ``pillow-heif`` (HEIC/HEIF photos through the pillow-heif plugin; Pillow reads
   AVIF itself).
+* ``pyav`` for images, too: a still Pillow cannot identify that FFmpeg reads as one frame (a
+  float32 TIFF, EXR, DPX, ...) is an image read by FFmpeg, converted to 8-bit RGB by swscale.
 
 The real picture stream of a file with several video streams is the largest colour stream that
 is not an attached picture (cover art), a thumbnail or a still; an audio-only file, or one with only
@@ -102,8 +104,9 @@ DEFAULT_DECODER = {"video": "decord", "image": "pillow"}
 # records a lower value retries the sources it skipped (cogfun.dataset.retry_skipped). Raise it when
 # cogfun learns to read files it skipped before. Every dir made before the value was recorded (shard
 # format 1) fails the fingerprint anyway, so the retry matters from the next raise on.
-# 1: decord + Pillow; 2: + PyAV, animations, HEIF, damaged JPEGs, display-matrix orientation.
-MEDIA_READERS = 2
+# 1: decord + Pillow; 2: + PyAV, animations, HEIF, damaged JPEGs, display-matrix orientation;
+# 3: + stills only FFmpeg reads (float TIFF, ...), read as images.
+MEDIA_READERS = 3
 
 # Errors decord raises from its C++ side (DECORDError), from its Python wrapper when FFmpeg
 # cannot open the input (RuntimeError "Error reading <path>...") and when the frame count is 0
@@ -345,7 +348,7 @@ def _refuse_still(p: Path) -> None:
     """A one-frame "video" that an image library opens: say it is a still image."""
     try:
         with Image.open(p) as img:
-            what = f"a still {img.format} image ({img.width}x{img.height})"
+            what = f"a still {img.format} image ({img.height}x{img.width} HxW)"
     except _PIL_ERRORS:
         return
     raise MediaError(f"{what}, not a video: list it with type 'image'", p, category="not a video")
@@ -356,7 +359,7 @@ def _probe_animation(p: Path, max_pixels: int) -> MediaInfo:
     with _open_image(p, max_pixels) as img:
         n = getattr(img, "n_frames", 1)
         if n <= 1 or img.format not in _ANIMATED_FORMATS:
-            raise MediaError(f"a still {img.format} image ({img.width}x{img.height}), not a video: "
+            raise MediaError(f"a still {img.format} image ({img.height}x{img.width} HxW), not a video: "
                              f"list it with type 'image'", p, category="not a video")
         total_ms = 0.0
         try:
@@ -389,7 +392,7 @@ def _open_image(p: Path, max_pixels: int) -> Image.Image:
     if img.width * img.height > max_pixels:
         img.close()
         raise MediaError(
-            f"image too large: {img.width}x{img.height} = {img.width * img.height:,} pixels, above the "
+            f"image too large: {img.height}x{img.width} (HxW) = {img.width * img.height:,} pixels, above the "
             f"decompression-bomb limit of {max_pixels:,} (raise it with --max_image_pixels)", p,
             category="too large")
     return img
@@ -403,7 +406,7 @@ def _not_an_image(p: Path) -> str | None:
                 return None
             for s in container.streams.video:
                 if _is_picture(s):
-                    return (f"a video ({s.codec_context.name}, {s.width}x{s.height}), not an image: "
+                    return (f"a video ({s.codec_context.name}, {s.height}x{s.width} HxW), not an image: "
                             f"list it with type 'video'")
             audio = [s.codec_context.name for s in container.streams.audio]
             if audio:
@@ -422,7 +425,13 @@ def probe_image(path: PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS) -> MediaI
 
 def _probe_image(p: Path, max_pixels: int) -> MediaInfo:
     problem = None
-    with _open_image(p, max_pixels) as img:
+    try:
+        img = _open_image(p, max_pixels)
+    except MediaError as e:
+        if not isinstance(e.__cause__, Image.UnidentifiedImageError):
+            raise
+        return _ffmpeg_still(p, max_pixels, e)[0]   # a still only FFmpeg reads (e.g. a float TIFF)
+    with img:
         fmt = img.format
         if fmt not in ("JPEG", "MPO"):  # (a JPEG has no structural check: its end marker is looked at)
             try:
@@ -441,10 +450,44 @@ def _probe_image(p: Path, max_pixels: int) -> MediaInfo:
         if problem is not None and not note:
             note = f"damaged file ({_short(str(problem), p)}) but every pixel decodes"
     if width <= 0 or height <= 0:
-        raise MediaError(f"cannot read image: invalid size {width}x{height}", p)
+        raise MediaError(f"cannot read image: invalid size {height}x{width} (HxW)", p)
     height, width = _displayed(height, width, orientation if orientation in _UPRIGHT else 1)
     decoder = "pillow-heif" if fmt == "HEIF" else "pillow"
     return MediaInfo(frames=1, fps=0.0, height=height, width=width, decoder=decoder, note=note)
+
+
+def _ffmpeg_still(p: Path, max_pixels: int, pillow_error: MediaError) -> tuple[MediaInfo, np.ndarray]:
+    """An image Pillow cannot identify that FFmpeg reads as one frame (a float32 or 16-bit-float
+    TIFF, an EXR, a DPX, ...): its probe (decoder "pyav") and its RGB frame, upright. A file that
+    is no still (a video, audio, nothing FFmpeg knows) raises ``pillow_error``, whose reason says
+    what the file is."""
+    try:
+        with av.open(str(p)) as container:
+            pictures = [s for s in container.streams.video if _is_picture(s)]
+            if not pictures:
+                raise pillow_error
+            stream = _pick_stream(container, p)
+            index = stream.index
+            first = _first_frame(container, stream, p)
+        frames, _ = _count_frames(p, index)
+    except (MediaError, *_AV_ERRORS):   # FFmpeg cannot read it either: Pillow's reason stands
+        raise pillow_error from None
+    if frames != 1:
+        raise pillow_error   # "a video (...), not an image: list it with type 'video'"
+    if first.width * first.height > max_pixels:
+        raise MediaError(
+            f"image too large: {first.width}x{first.height} = {first.width * first.height:,} pixels, above the "
+            f"decompression-bomb limit of {max_pixels:,} (raise it with --max_image_pixels)", p,
+            category="too large")
+    try:
+        rgb = first.to_ndarray(format="rgb24")
+    except _AV_ERRORS as e:
+        raise MediaError(f"cannot read image: {_av_message(e)}", p) from e
+    orientation = _orientation(first)
+    height, width = _displayed(first.height, first.width, orientation)
+    info = MediaInfo(frames=1, fps=0.0, height=height, width=width, decoder="pyav", stream=index,
+                     orientation=orientation)
+    return info, rgb
 
 
 def _ends_with_eoi(p: Path) -> bool:
@@ -677,19 +720,30 @@ def _pillow_frames(p: Path, idx: list[int], max_pixels: int) -> list[Image.Image
 
 def decode_image(
     path: PathLike, resize_hw: tuple[int, int], crop_box: tuple[int, int, int, int], *,
-    max_pixels: int = MAX_IMAGE_PIXELS, notes: list[str] | None = None,
+    max_pixels: int = MAX_IMAGE_PIXELS, notes: list[str] | None = None, media: MediaInfo | None = None,
 ) -> np.ndarray:
     """Decode an image as RGB (EXIF orientation applied; an animation's first frame), resize to
     ``resize_hw`` and crop ``crop_box``. Returns uint8 [1, height, width, 3]. A damaged file that
-    still yields every row loads, with a warning appended to ``notes``."""
+    still yields every row loads, with a warning appended to ``notes``. An image Pillow cannot
+    identify is read by FFmpeg when it holds one frame (its probe says decoder "pyav")."""
     _check_geometry(resize_hw, crop_box)
     p = _check_file(path)
-    return _interruptible(lambda: _decode_image(p, resize_hw, crop_box, max_pixels, notes))
+    return _interruptible(lambda: _decode_image(p, resize_hw, crop_box, max_pixels, notes, media))
 
 
 def _decode_image(p: Path, resize_hw: tuple[int, int], crop_box: tuple[int, int, int, int], max_pixels: int,
-                  notes: list[str] | None) -> np.ndarray:
-    rgb, note = _load_rgb(p, max_pixels)
+                  notes: list[str] | None, media: MediaInfo | None = None) -> np.ndarray:
+    if media is not None and media.decoder == "pyav":
+        info, frame = _ffmpeg_still(p, max_pixels, MediaError("cannot read image: no longer one frame FFmpeg "
+                                                              "reads", p))
+        return _resize_crop(frame, resize_hw, crop_box, info.orientation)[None].copy()
+    try:
+        rgb, note = _load_rgb(p, max_pixels)
+    except MediaError as e:
+        if media is not None or not isinstance(e.__cause__, Image.UnidentifiedImageError):
+            raise
+        info, frame = _ffmpeg_still(p, max_pixels, e)
+        return _resize_crop(frame, resize_hw, crop_box, info.orientation)[None].copy()
     if note and notes is not None:
         notes.append(note)
     return _resize_crop(rgb, resize_hw, crop_box)[None].copy()
@@ -702,7 +756,7 @@ def decode(path: PathLike, kind: str, indices: Sequence[int], resize_hw: tuple[i
     if kind == "video":
         return decode_video(path, indices, resize_hw, crop_box, media=media, max_pixels=max_pixels, notes=notes)
     if kind == "image":
-        return decode_image(path, resize_hw, crop_box, max_pixels=max_pixels, notes=notes)
+        return decode_image(path, resize_hw, crop_box, max_pixels=max_pixels, notes=notes, media=media)
     raise ValueError(f"unknown media kind {kind!r}: expected 'video' or 'image'")
 
 

@@ -37,7 +37,7 @@ def run(workdir: Path, *, steps: int = 20) -> dict:
     summary = precompute(PrecomputeConfig(**data, **common))
     print(f"== train -> {workdir / 'output'}")
     # validation videos of the first frame of one of the clips at the middle and the end; a held-out eval loss
-    result = train(TrainConfig(**data, **common, output_dir=str(workdir / "output"), max_train_steps=steps,
+    result = train(TrainConfig(**data, **common, output_dir=str(workdir / "output"), overwrite=True, max_train_steps=steps,
                                checkpointing_steps=max(1, steps // 2), learning_rate=1e-3, rank=8,
                                network_alpha=4.0, use_peft_lora=True, report_to="tensorboard",
                                random_frame_crop=True, validation_prompts="A white square slides to the right. | "
@@ -46,8 +46,9 @@ def run(workdir: Path, *, steps: int = 20) -> dict:
                                validation_steps=max(1, steps // 2), validation_num_frames=9, validation_height=64,
                                validation_width=64, validation_num_inference_steps=10, eval_samples=2.0,
                                eval_steps=max(1, steps // 4)))
-    losses = result["losses"]
-    print(f"== demo done: loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps; "
+    (first_step, before), (last_step, after) = result["eval_losses"][0], result["eval_losses"][-1]
+    print(f"== demo done: held-out eval loss {before:.4f} (step {first_step}) -> {after:.4f} (step {last_step}) "
+          f"over {result['global_step']} steps; "
           f"LoRA at {workdir / 'output' / 'pytorch_lora_weights.safetensors'}; "
           f"validation videos in {workdir / 'output' / 'samples'}")
     return {"precompute": summary, "train": result}

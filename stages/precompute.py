@@ -6,8 +6,15 @@ write tars per bucket, and on rank 0 merge everything into index.parquet and, la
 
 Reruns: same fingerprint -> nothing to do (unless the dir skipped sources this run may read: a
 lower --max_image_pixels, fewer media readers; they are retried, incrementally); new sources only
--> only those are encoded; a dir with complete tars and no manifest (a crash) -> those samples are
-kept and the rest encoded.
+-> only those are probed (the dir's probe cache, cogfun.probes), planned and encoded, the finished
+dir's sources and samples known from its manifest and index; a dir with complete tars and no manifest (a crash) -> those samples
+are kept and the rest encoded. --overwrite of a dir made differently keeps every sample whose own
+recipe (`sample_recipe`: its source, frames, resize and crop, mask geometry, and the encoder
+settings) is unchanged, and encodes the rest.
+
+Sources: a metadata file (paths or URLs; each rank stats a share) or WebDataset tars of media
+(--train_data_shards; each rank lists whole tars of its own); URLs and tar members are read
+through the node's media cache (cogfun.storage.MediaFetcher).
 """
 
 from __future__ import annotations
@@ -20,12 +27,13 @@ from collections import Counter
 from pathlib import Path
 
 import cogfun
-from cogfun import shards
-from cogfun.buckets import SamplePlan, Sampling
-from cogfun.config import PrecomputeConfig, fingerprint_keys, mask_policy_list, to_dict
-from cogfun.dataset import Skipped, count_by_category, load_sources, media_report, probe_and_plan, retry_skipped
+from cogfun import probes, shards
+from cogfun.buckets import SamplePlan, Sampling, one_frame_videos
+from cogfun.config import ConfigError, PrecomputeConfig, fingerprint_keys, mask_policy_list, to_dict
+from cogfun.dataset import (Skipped, count_by_category, load_sources, load_tar_sources, local_media, media_report,
+                            media_tars, probe_and_plan, retry_skipped, stat_paths, unique_keys, with_stats)
 from cogfun.shards import ShardError
-from cogfun.storage import is_url, plain_path
+from cogfun.storage import MediaFetcher, is_url, plain_path
 
 T5_BATCH = 16
 T5_TABLE = 256  # captions per caption table file
@@ -39,8 +47,9 @@ class DecodeDataset:
     """Map-style dataset: plan i -> (i, decoded pixels [3, F, H, W] in [-1, 1] or None, Skipped or
     None, warnings) (runs in workers). Each source carries its probe, which names the decoder."""
 
-    def __init__(self, plans: list[SamplePlan], sources: dict, timeout: float, max_pixels: int):
+    def __init__(self, plans: list[SamplePlan], sources: dict, timeout: float, max_pixels: int, fetch=None):
         self.plans, self.sources, self.timeout, self.max_pixels = plans, sources, timeout, max_pixels
+        self.fetch = fetch   # MediaFetcher: URLs and tar members are read from the node's media cache
 
     def __len__(self) -> int:
         return len(self.plans)
@@ -51,6 +60,15 @@ class DecodeDataset:
         plan = self.plans[i]
         src = self.sources[plan.key]
         notes: list[str] = []
+        try:
+            with local_media(src, self.fetch) as path:   # (outside the decode's timer: the fetch retries on its own)
+                return self._decode(i, plan, src, path, notes)
+        except video.MediaError as exc:
+            return i, None, Skipped(plan.source, str(exc), exc.category), notes
+
+    def _decode(self, i: int, plan: SamplePlan, src, path: str, notes: list[str]):
+        from cogfun import video
+
         use_alarm = self.timeout > 0 and hasattr(signal, "SIGALRM")
         previous = signal.signal(signal.SIGALRM, _on_alarm) if use_alarm else None
         try:
@@ -59,7 +77,7 @@ class DecodeDataset:
             try:
                 if use_alarm:
                     signal.setitimer(signal.ITIMER_REAL, self.timeout)
-                frames = video.decode(src.path, plan.kind, list(plan.frame_indices), plan.resize_hw, plan.crop_box,
+                frames = video.decode(path, plan.kind, list(plan.frame_indices), plan.resize_hw, plan.crop_box,
                                       media=src.media, max_pixels=self.max_pixels, notes=notes)
                 return i, video.frames_to_tensor(frames), None, notes
             finally:
@@ -94,9 +112,18 @@ def settings_of(cfg: PrecomputeConfig, family=None) -> dict:
     settings["num_views"] = num_views_setting(cfg.num_views)   # "1" and 1 are the same shards
     if settings["num_views"] != "auto":
         settings.pop("max_views")                               # only --num_views auto reads it
+    if settings["bucket_rules"] == "cogfun" and not (cfg.random_hw_adapt or cfg.training_with_video_token_length
+                                                     or cfg.random_ratio_crop):
+        # fixed bases plan as they always did: such shards keep their fingerprint
+        settings.pop("bucket_rules")
+        settings.pop("random_ratio_crop")
+    else:   # drawn bases follow CogVideoX-Fun's lists and upscaling guard since bucket rules 2
+        settings["bucket_rules_version"] = 2
     settings["mask_policies"] = mask_policy_list(cfg)
     if settings["mask_policies"]:  # the rules that draw geometries and build masks
         settings["mask_design"] = MASK_DESIGN
+    if not settings["mask_policies"] or cfg.masks_per_policy == 1:
+        settings.pop("masks_per_policy")   # one geometry set: the shards as before, their fingerprint kept
     # inpaint and i2v are two names of one mode (CogVideoX-Fun's): the same tensors, the same training
     settings["train_mode"] = "normal" if cfg.train_mode == "normal" else "inpaint"
     # A batched VAE encode differs from one-at-a-time in the last bits (bf16 values move), and a
@@ -110,13 +137,57 @@ def settings_of(cfg: PrecomputeConfig, family=None) -> dict:
     return settings
 
 
+#: model identity entries that only the caption embeddings depend on
+TEXT_PARTS = ("text_encoder_sha256", "tokenizer_sha256", "text_dim")
+
+
+def encode_recipe(parts: dict) -> str:
+    """Digest of what every sample's tensors depend on besides its own plan: the fingerprint's
+    settings without those that only decide plans (`Sampling`'s flags but the seed, which also draws
+    mask geometry and reference noise), the VAE's identity, the format."""
+    plan_only = set(Sampling.__dataclass_fields__) - {"seed"}
+    return shards.digest({"format_version": parts["format_version"],
+                          "settings": {k: v for k, v in parts["settings"].items() if k not in plan_only},
+                          "model": {k: v for k, v in parts["model"].items() if k not in TEXT_PARTS}})
+
+
+def text_recipe(parts: dict) -> str:
+    """Digest of what the caption tables depend on: T5 and tokenizer, precision, format."""
+    return shards.digest({"format_version": parts["format_version"],
+                          "precision": parts["settings"].get("mixed_precision"),
+                          "model": {k: parts["model"].get(k) for k in TEXT_PARTS}})
+
+
+def sample_recipe(plan: SamplePlan, geometry: dict, source_digest: str, encode: str) -> str:
+    """Digest of everything one sample's tensors are made from (stored in its json as `recipe`):
+    --overwrite keeps a sample on disk whose recipe is the one the new plan gives."""
+    return shards.digest({"encode": encode, "input": source_digest, "kind": plan.kind, "view": plan.view,
+                          "base": plan.base, "frame_indices": list(plan.frame_indices),
+                          "resize_hw": list(plan.resize_hw), "crop_box": list(plan.crop_box),
+                          "size": [plan.frames, plan.height, plan.width], "masks": geometry})
+
+
+def check_draw_weights(cfg, policies: list[str]) -> None:
+    """--mask_policy_weights that training would refuse with these policies cached, refused now."""
+    from cogfun.masks import draw_weights
+
+    try:
+        draw_weights(policies, cfg.mask_policy_weights, frame_crop=cfg.random_frame_crop,
+                     cached_by="these --mask_policies")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def check_existing(shard_dir: Path, parts: dict, fp: str, inputs: dict, overwrite: bool,
                    max_image_pixels: int) -> str:
-    """Decide what to do with what is in `shard_dir`: 'up_to_date', 'fresh', 'resume' or 'incremental'
-    (also when the dir is up to date but skipped sources this cogfun may now read: retry_skipped).
+    """Decide what to do with what is in `shard_dir`: 'up_to_date', 'fresh', 'resume', 'incremental'
+    (also when the dir is up to date but skipped sources this cogfun may now read: retry_skipped) or
+    'overwrite'.
 
     Raises ShardError (listing what differs) when the dir was made differently and --overwrite
-    is not given; with --overwrite such a dir is emptied.
+    is not given. With --overwrite: 'overwrite' (the samples whose recipe is unchanged are kept,
+    see `sample_recipe`), or, for entries without a manifest or a record of their settings, the dir
+    is emptied ('fresh').
     """
     # an older format's manifest is compared too: its format_version differs, so it needs --overwrite
     manifest = shards.read_manifest(shard_dir, check_version=False)
@@ -124,6 +195,8 @@ def check_existing(shard_dir: Path, parts: dict, fp: str, inputs: dict, overwrit
     if manifest is not None:
         if manifest["fingerprint"] == fp:
             missing = [s for s in manifest["shards"] if not (shard_dir / s).is_file()]
+            if missing and overwrite:
+                return "overwrite"   # the samples of the tars still there are kept
             if missing:
                 raise ShardError(f"{shard_dir}: the manifest lists {len(missing)} tar(s) that are gone "
                                  f"(e.g. {missing[0]}); re-run with --overwrite to rebuild the shard dir")
@@ -141,7 +214,8 @@ def check_existing(shard_dir: Path, parts: dict, fp: str, inputs: dict, overwrit
         if not problems:
             return "resume"
     else:
-        leftovers = [p for p in shard_dir.iterdir() if not p.name.startswith(".")] if shard_dir.exists() else []
+        leftovers = [p for p in shard_dir.iterdir() if not p.name.startswith(".") and p.name != probes.PROBES
+                     ] if shard_dir.exists() else []
         if leftovers:
             problems = [f"{shard_dir} holds {len(leftovers)} entries but no manifest and no record of the "
                         f"settings that made them (e.g. {leftovers[0].name})"]
@@ -150,16 +224,19 @@ def check_existing(shard_dir: Path, parts: dict, fp: str, inputs: dict, overwrit
     if not overwrite:
         raise ShardError(f"{shard_dir} was made with different settings, model or sources:\n  "
                          + "\n  ".join(problems)
-                         + "\nUse another --shard_dir, or --overwrite to replace it.")
-    wipe(shard_dir)
-    return "fresh"
+                         + "\nUse another --shard_dir, or --overwrite to replace it (samples whose own inputs "
+                           "did not change are kept).")
+    if manifest is None and not intent_path.exists():
+        wipe(shard_dir)
+        return "fresh"
+    return "overwrite"
 
 
 def wipe(shard_dir: Path) -> None:
     import shutil
 
     for p in shard_dir.iterdir():
-        if p.name == shards.HASH_CACHE:
+        if p.name in (shards.HASH_CACHE, probes.PROBES):   # keyed by the model's / the media files' identity
             continue
         if p.is_dir():
             shutil.rmtree(p)
@@ -177,9 +254,12 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
 
     t_start = time.time()
     # ------------------------------------------------------------ setup and checks
-    for flag in ("pretrained_model_name_or_path", "train_data_meta", "shard_dir"):
+    for flag in ("pretrained_model_name_or_path", "shard_dir"):
         if not getattr(cfg, flag):
             raise ShardError(f"--{flag} is required")
+    if bool(cfg.train_data_meta) == bool(cfg.train_data_shards):
+        raise ShardError("give --train_data_meta (a metadata file) or --train_data_shards (WebDataset tars of "
+                         "media), one of the two")
     if is_url(cfg.shard_dir):
         raise ShardError(f"--shard_dir {cfg.shard_dir}: precompute writes to a local or shared filesystem, not a "
                          f"URL. Precompute into a directory, upload it (e.g. `aws s3 sync DIR s3://bucket/DIR`, or "
@@ -187,12 +267,31 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     state = dist.partial_state()
     rank, world, main = state.process_index, state.num_processes, state.is_main_process
     shard_dir = Path(plain_path(cfg.shard_dir))   # file:///x is /x, as the readers (fsspec) see it
-    family = models.transformer_family(cfg.pretrained_model_name_or_path)  # frame rule, reference noise
+    # frame rule, reference noise; refuses a --train_mode (or a VAE / T5) the transformer does not fit
+    family = models.check_model_fits(cfg.pretrained_model_name_or_path, cfg.train_mode)
+    models.check_position_frames(family.position_frames, cfg.video_sample_n_frames, "--video_sample_n_frames")
     sampling = Sampling.from_config(cfg, latent_multiple=family.latent_multiple)
     sampling.validate()
     policies = mask_policy_list(cfg)
+    check_draw_weights(cfg, policies)
     reference_noise = family.reference_noise and bool(policies)
-    sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir)
+    fetch = MediaFetcher.from_config(cfg)   # URLs and tar members: through the node's media cache
+    if cfg.train_data_shards:   # each rank lists (fetching) whole tars of its own; all ranks learn every source
+        tars = media_tars(cfg.train_data_shards)
+        order = {t: i for i, t in enumerate(tars)}
+        listed, row_skips = load_tar_sources(tars[rank::world], cfg.train_data_caption_key, fetch,
+                                             listings=shard_dir)   # a tar listed before is not read again
+        sources, dup_skips = unique_keys(sorted(dist.gather(listed, state), key=lambda s: (
+            order[s.path.partition("#")[0]], s.member_offset)))
+        row_skips = dist.gather(row_skips, state) + dup_skips
+        mine = [s for s in sources if order[s.path.partition("#")[0]] % world == rank]
+    else:
+        sources, row_skips = load_sources(cfg.train_data_meta, cfg.train_data_dir, fetch, stat=False)
+        # each rank stats (local) or asks for the size and version of (URLs) a share of the files
+        stats = dist.gather(list(stat_paths(sorted({s.path for s in sources[rank::world]}), fetch).items()), state)
+        sources = with_stats(sources, dict(stats))
+        fetch.check_fits({s.path: s.size for s in sources if is_url(s.path)})   # fail early, on every rank
+        mine = sources[rank::world]
 
     inputs = {s.identity: shards.digest(s.digest_fields()) for s in sources}
     if main:
@@ -218,28 +317,65 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             print(f"{shard_dir}: up to date (fingerprint {fp[:12]}), {manifest['num_samples']} samples; nothing to encode")
         return summary
     on_disk: list = []  # rank 0: the samples of the complete tars, scanned once per run
+    committed: dict[str, int] = {}   # incremental: the finished dir's tars, known from its index (not scanned)
+    done: set[str] = set()   # incremental: sources the finished dir holds as they are now (not planned again)
+    carried: dict = {}       # ... and their lines of the media report
     if main:
         shards.remove_partial(shard_dir)
-        on_disk = shards.scan_shards(shard_dir)
+        if decision == "incremental":
+            old = shards.require_manifest(shard_dir)
+            committed = old["shards"]
+            on_disk = shards.rows_from_index(shard_dir, committed)
+            file_of = {s.identity: s.file_path for s in sources}
+            skipped_files = {s["file_path"] for s in old["skipped"]}   # (skipped: probed and planned again)
+            done = {i for i, d in old["inputs"].items() if inputs.get(i) == d and file_of[i] not in skipped_files}
+            done_files = {file_of[i] for i in done}
+            carried = {"decoders": {k: [f for f in v if f in done_files] for k, v in old.get("decoders", {}).items()},
+                       "warnings": [w for w in old.get("warnings", []) if w["file_path"] in done_files]}
+        on_disk += shards.scan_shards(shard_dir, skip=set(committed))
         if decision in ("resume", "incremental"):
             # complete tars of an interrupted run whose sources changed since: not reused
-            committed = set(shards.require_manifest(shard_dir)["shards"]) if decision == "incremental" else set()
-            stale = shards.remove_stale(shard_dir, on_disk, inputs, keep=committed)
+            stale = shards.remove_stale(shard_dir, on_disk, inputs, keep=set(committed))
             on_disk = [r for r in on_disk if r.shard not in stale]
             if stale:
                 print(f"{shard_dir}: removed {len(stale)} unfinished tar(s) holding samples of sources that "
                       f"changed or were removed since they were written; their samples are encoded again")
+        if decision == "overwrite":  # what the dir was made with (read before the new intent replaces it)
+            old = shards.read_manifest(shard_dir, check_version=False)
+            old_parts = (old or json.loads((shard_dir / shards.INTENT).read_text()))["fingerprint_parts"]
         if decision != "incremental":
             shards.write_json_atomic(shard_dir / shards.INTENT, {"fingerprint_parts": parts})
     state.wait_for_everyone()
 
     # ------------------------------------------------------------ plan: each rank probes a slice
-    mine = sources[rank::world]
+    done = dist.broadcast(done if main else None, state)
+    mine = [s for s in mine if s.identity not in done]
+    cache = probes.load(shard_dir, paths={s.path for s in mine})   # files probed by an earlier run: not again
     plans, probe_skips, by_key = probe_and_plan(mine, sampling, workers=cfg.probe_workers,
-                                                progress=progress and main, max_pixels=cfg.max_image_pixels)
+                                                progress=progress and main, max_pixels=cfg.max_image_pixels,
+                                                cache=cache, fetch=fetch)
+    probes.save(shard_dir, cache)
+    n_probed = dist.gather([(len(cache.new), cache.hits)], state)
     all_plans = sorted(dist.gather(plans, state), key=lambda p: p.key)
     all_skips = dist.gather(probe_skips, state)
     probed = dist.gather(list({s.identity: s for s in by_key.values()}.values()), state)  # for the report
+    encode = encode_recipe(parts)
+    if decision == "overwrite" and main:  # keep the samples whose own recipe is unchanged; encode the rest
+        recipes = {p.key: sample_recipe(p, draw_geometries(policies, p.frames, p.height, p.width, seed=cfg.seed,
+                                                           key=p.key), inputs[p.identity], encode) for p in all_plans}
+        keep: dict[str, tuple[str, int]] = {}
+        for r in on_disk:
+            if r.key in recipes and r.meta.get("recipe") == recipes[r.key]:
+                keep.setdefault(r.key, (r.shard, r.position))
+        dropped = shards.keep_only(shard_dir, on_disk, set(keep.values()), run_id=uuid.uuid4().hex[:8])
+        on_disk = shards.scan_shards(shard_dir)
+        print(f"{shard_dir}: --overwrite keeps {len(keep)} sample(s) whose source, frames, crop, masks and encoder "
+              f"settings are unchanged; {dropped} sample(s) removed, {len(all_plans) - len(keep)} to encode")
+        if text_recipe(old_parts) != text_recipe(parts):
+            for table in (shard_dir / shards.PROMPTS).glob("*.safetensors"):
+                table.unlink()
+            print(f"{shard_dir}: the text encoder, tokenizer or precision changed: every caption is encoded again")
+    state.wait_for_everyone()
     present = dist.broadcast({r.key for r in on_disk} if main else None, state)
     # my work: the planned samples of my own slice that are not on disk yet
     work = sorted((p for p in plans if p.key not in present), key=lambda p: (p.bucket, p.key))
@@ -288,17 +424,23 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
 
         vae = models.load_vae(cfg.pretrained_model_name_or_path, dtype, device, slicing=cfg.low_vram)
         loader = torch.utils.data.DataLoader(
-            DecodeDataset(work, by_key, cfg.decode_timeout, cfg.max_image_pixels), batch_size=1, shuffle=False,
+            DecodeDataset(work, by_key, cfg.decode_timeout, cfg.max_image_pixels, fetch), batch_size=1, shuffle=False,
             num_workers=cfg.dataloader_num_workers, collate_fn=_collate_one,
             prefetch_factor=4 if cfg.dataloader_num_workers > 0 else None)
+        variants = cfg.masks_per_policy if policies else 1
+        views_of = Counter(p.identity for p in plans)   # a clip's views are planned on one rank
+
         def flush(batch: list[tuple[SamplePlan, torch.Tensor]]):
             pixels = torch.stack([px for _, px in batch])
             mean, logvar = models.encode_clips(vae, pixels)
-            geometries = [draw_geometries(policies, plan.frames, plan.height, plan.width, seed=cfg.seed, key=plan.key)
-                          for plan, _ in batch]
-            conditioning = encode_conditioning(lambda px: models.encode_clips(vae, px)[0], pixels, geometries,
-                                               keys=[plan.key for plan, _ in batch], seed=cfg.seed,
-                                               reference_noise=reference_noise)
+            # --masks_per_policy K: K seeded geometry sets per sample (set 0 is the one cogfun always drew)
+            geometry_sets = [[draw_geometries(policies, plan.frames, plan.height, plan.width, seed=cfg.seed,
+                                              key=plan.key, variant=k) for plan, _ in batch] for k in range(variants)]
+            conditioning = {}
+            for k, geometries in enumerate(geometry_sets):
+                conditioning.update(encode_conditioning(lambda px: models.encode_clips(vae, px)[0], pixels,
+                                                        geometries, keys=[plan.key for plan, _ in batch],
+                                                        seed=cfg.seed, reference_noise=reference_noise, variant=k))
             for b, (plan, _) in enumerate(batch):
                 text = caption_of[plan.key]
                 tensors = {"latent_mean": mean[b], "latent_logvar": logvar[b]}
@@ -313,9 +455,13 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
                         "crop_box": list(plan.crop_box),
                         "frames": plan.frames, "height": plan.height, "width": plan.width,
                         "latent_frames": plan.latent_frames, "tokens": plan.tokens,
-                        "input": inputs[plan.identity]}  # the source's digest: stale leftovers are spotted
+                        "input": inputs[plan.identity],  # the source's digest: stale leftovers are spotted
+                        "recipe": sample_recipe(plan, geometries[b], inputs[plan.identity], encode)}
                 if policies:
-                    meta["masks"] = geometries[b]  # {policy: geometry}: train rebuilds each mask from it
+                    meta["masks"] = geometry_sets[0][b]  # {policy: geometry}: train rebuilds each mask from it
+                    if variants > 1:   # the other sets, and the clip's view count that cycles them (cogfun.loader)
+                        meta["mask_variants"] = [geometry_sets[k][b] for k in range(1, variants)]
+                        meta["views"] = views_of[plan.identity]
                 writers.write(plan.bucket, shards.encode_sample(plan.key, meta, tensors))
 
         bar = tqdm(total=n_work_total, desc="precompute", unit="clip", disable=not (progress and main),
@@ -360,10 +506,10 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     if main:
         if null_prompt is None:
             raise RuntimeError("internal error: rank 0 did not encode the empty caption")
-        planned = {p.key for p in all_plans}
+        planned = {p.key for p in all_plans} | {r.key for r in on_disk if r.shard in committed}
         failed = {s.file_path for s in all_decode_skips}
         rows_all = on_disk + shards.scan_shards(shard_dir, skip={r.shard for r in on_disk})  # + this run's tars
-        nsamples: dict[str, int] = {}
+        nsamples: dict[str, int] = dict(committed)
         for r in rows_all:
             nsamples[r.shard] = max(nsamples.get(r.shard, 0), r.position + 1)
         rows = [r for r in rows_all if r.key in planned]
@@ -399,6 +545,11 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             b["shards"] = sorted(b["shards"])
         skipped = sorted({(s.file_path, s.reason, s.category) for s in row_skips + all_skips + all_decode_skips})
         media = media_report(probed, all_decode_notes)  # decoders other than the default, warnings
+        for decoder, files in carried.get("decoders", {}).items():
+            media["decoders"][decoder] = sorted(set(media["decoders"].get(decoder, [])) | set(files))
+        media["decoders"] = {k: v for k, v in sorted(media["decoders"].items()) if v}
+        warnings = {(w["file_path"], w["warning"]) for w in media["warnings"] + carried.get("warnings", [])}
+        media["warnings"] = [{"file_path": f, "warning": w} for f, w in sorted(warnings)]
         config = to_dict(cfg)
         config.pop("overwrite", None)
         manifest = {
@@ -416,17 +567,20 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             "num_samples": len(rows), "num_sources": len(sources) + len(row_skips),
             "skipped": [{"file_path": f, "reason": r, "category": c} for f, r, c in skipped],
             "skipped_by_reason": count_by_category([{"category": c} for _, _, c in skipped]),
+            "one_frame_videos": one_frame_videos(p for p in all_plans if p.source not in failed),
             "decoders": media["decoders"], "warnings": media["warnings"], "media_readers": MEDIA_READERS,
             "cogfun_version": cogfun.__version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         shards.write_json_atomic(shard_dir / shards.MANIFEST, manifest)
         (shard_dir / shards.INTENT).unlink(missing_ok=True)
+        probes.merge(shard_dir, keep={(s.path, s.size, s.mtime_ns, s.kind) for s in sources})
         seconds = time.time() - t_start
         summary = {"status": decision, "fingerprint": fp, "samples": len(rows), "encoded": n_encoded_total,
                    "buckets": {k: v["count"] for k, v in sorted(buckets.items())},
                    "skipped": manifest["skipped"], "skipped_by_reason": manifest["skipped_by_reason"],
-                   "decoders": media["decoders"], "warnings": media["warnings"],
-                   "bytes_written": bytes_total, "seconds": round(seconds, 2)}
+                   "one_frame_videos": manifest["one_frame_videos"], "decoders": media["decoders"], "warnings": media["warnings"],
+                   "bytes_written": bytes_total, "seconds": round(seconds, 2),
+                   "probed": sum(n for n, _ in n_probed), "probes_cached": sum(h for _, h in n_probed)}
         print_summary(shard_dir, summary)
     state.wait_for_everyone()
     return summary
@@ -459,6 +613,8 @@ def print_summary(shard_dir: Path, s: dict) -> None:
           f"in {s['seconds']:.1f} s; fingerprint {s['fingerprint'][:12]}")
     from cogfun.inspect import media_lines
 
+    if "probed" in s:
+        print(f"  probed {s['probed']} file(s); {s['probes_cached']} known from {probes.PROBES}/ (not probed again)")
     for name, count in s["buckets"].items():
         print(f"  {name:>16}  {count} samples")
     for line in media_lines(s):

@@ -19,7 +19,7 @@ from cogfun.config import ConfigError, SampleConfig
 def sample(cfg: SampleConfig) -> list[Path]:
     import torch
 
-    from cogfun import dist, models, sampling, video
+    from cogfun import dist, lowmem, models, sampling, video
 
     # ------------------------------------------------------------ what to generate
     if not cfg.pretrained_model_name_or_path:
@@ -45,6 +45,15 @@ def sample(cfg: SampleConfig) -> list[Path]:
     outputs = [Path(cfg.output)] if cfg.output else \
         [Path(cfg.output_dir) / f"{sampling.slug(i, r.prompt)}.mp4" for i, r in enumerate(requests)]
     fps = cfg.fps or sampling.default_fps(tcfg)
+    lowmem.check_launch(cfg.base_weight_dtype, cfg.offload_blocks, kind="sample", mixed_precision=cfg.mixed_precision,
+                        blocks=tcfg.get("num_layers", 30))
+    if cfg.offload_blocks and cfg.low_vram:
+        raise ConfigError("--offload_blocks and --low_vram: --low_vram already streams every transformer layer "
+                          "from the CPU; give one of them")
+    storage = lowmem.storage_dtype(cfg.base_weight_dtype, models.dtype_of(cfg.mixed_precision))
+    if lowmem.load_dtype(storage, models.dtype_of(cfg.mixed_precision)) != models.dtype_of(cfg.mixed_precision):
+        raise ConfigError(f"--base_weight_dtype {cfg.base_weight_dtype} with --mixed_precision {cfg.mixed_precision}: "
+                          f"sampling computes in the weights' dtype; for fp32 weights use --mixed_precision no")
     state = dist.partial_state()
     if state.is_main_process:
         for note in notes:
@@ -65,10 +74,13 @@ def sample(cfg: SampleConfig) -> list[Path]:
     # ------------------------------------------------------------ 2. transformer + LoRA
     transformer = models.load_transformer(model, dtype).requires_grad_(False).eval()
     lora = sampling.load_lora(transformer, cfg.lora, cfg.lora_scale) if cfg.lora else None
+    lowmem.apply_base_weight_dtype(transformer, storage, dtype)   # --base_weight_dtype (after the LoRA: it stays as loaded)
     if cfg.low_vram and device.type != "cpu":
         from accelerate import cpu_offload
 
         cpu_offload(transformer, execution_device=device)
+    elif cfg.offload_blocks:
+        lowmem.offload_blocks(transformer, cfg.offload_blocks, device)   # the other layers go to the device
     else:
         transformer.to(device)
     scheduler = models.load_sampling_scheduler(model)
@@ -93,10 +105,11 @@ def sample(cfg: SampleConfig) -> list[Path]:
                     "end_image": request.end_image, "model": str(model), "lora": lora, "seed": cfg.seed,
                     "num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale,
                     "num_frames": geo.frames, "height": geo.height, "width": geo.width, "fps": fps,
+                    "base_weight_dtype": lowmem.dtype_name(storage), "offload_blocks": cfg.offload_blocks,
                     "cogfun_version": cogfun.__version__}
         path = video.write_mp4(outputs[mine[j]], sampling.decode(vae, latents[j]), fps,
                                comment=json.dumps(settings, sort_keys=True))
         written.append(path)
-        print(f"wrote {path} ({geo.frames} frames, {geo.width}x{geo.height}, {fps} fps"
+        print(f"wrote {path} ({geo.height}x{geo.width}x{geo.frames} HxWxF, {fps} fps"
               + (f", LoRA {lora['file']} x{lora['scale']:g}" if lora else "") + ")")
     return written

@@ -6,8 +6,9 @@ manifest checks -> transformer + LoRA -> data -> resume -> loop -> LoRA export.
 Training maths follow CogVideoX-Fun's train_lora.py: DDPM from the model's scheduler config
 (v-prediction, zero terminal SNR), t ~ U{0..999}, x0 = posterior sample from the cached
 mean/logvar times the VAE scaling factor, MSE on the velocity in fp32, 10 % caption dropout on
-the cached empty-caption embedding; for CogVideoX 1.5 (patch_size_t) a 1-frame sample gets a zero
-latent frame appended for the patch and its output cropped back (the loss covers the real frame);
+the cached empty-caption embedding; the transformer (`cogfun.positions.FunTransformer`) computes
+CogVideoX-Fun's positions and, for CogVideoX 1.5 (patch_size_t), appends a zero latent frame to a
+1-frame sample for the patch and crops its output back (the loss covers the real frame);
 with `add_noise_in_inpaint_model` the conditioning carries reference noise (cogfun.masks). Every
 random draw of a batch comes from generators seeded by (seed, epoch, global batch id), so a resumed
 run (and a run on another world size) sees the same noise for the same batch.
@@ -25,7 +26,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from cogfun import shards
+from cogfun import runs, shards
 from cogfun.config import ConfigError, TrainConfig, to_dict
 from cogfun.masks import MASK_DESIGN
 from cogfun.shards import ShardError
@@ -59,7 +60,7 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path):
                   mixed_precision=cfg.mixed_precision,
                   log_with=None if cfg.report_to == "none" else cfg.report_to,
                   project_config=ProjectConfiguration(project_dir=str(output_dir),
-                                                      logging_dir=str(output_dir / "logs")))
+                                                      logging_dir=str(output_dir / cfg.logging_dir)))
     handlers = [] if cuda or int(os.environ.get("WORLD_SIZE", "1")) == 1 else [InitProcessGroupKwargs(backend="gloo")]
     if kind == "deepspeed":
         # Never cpu=True with DeepSpeed: accelerate would silently drop DeepSpeed and run DDP.
@@ -111,9 +112,25 @@ def make_accelerator(cfg: TrainConfig, output_dir: Path):
 
 # ------------------------------------------------------------------ checks
 
+def weight_dtypes(cfg: TrainConfig):
+    """(compute, storage) dtype of the frozen transformer: --mixed_precision's (fp32 under FSDP, which
+    shards one flat dtype per unit and computes in bf16 through its policy) and --base_weight_dtype's
+    (default: the compute dtype)."""
+    import torch
+
+    from cogfun.lowmem import storage_dtype
+    from cogfun.models import dtype_of
+
+    compute = torch.float32 if launch_kind() == "fsdp" else dtype_of(cfg.mixed_precision)
+    return compute, storage_dtype(cfg.base_weight_dtype, compute)
+
+
 def check_shards_fit(manifest: dict, tcfg, train_mode: str, family=None) -> None:
     """Refuse shards that do not fit the transformer (latent channels, text dim, in_channels) or
-    were made for another model family (`family`: the frame rule of patch_size_t, reference noise)."""
+    were made for another model family (`family`: the frame rule of patch_size_t, reference noise,
+    the frames its positions cover)."""
+    from cogfun.buckets import VAE_TEMPORAL, latent_frames, parse_bucket
+
     model = manifest["model"]
     problems = []
     if family is not None:
@@ -123,6 +140,13 @@ def check_shards_fit(manifest: dict, tcfg, train_mode: str, family=None) -> None
                             f"(patch_size_t {made if made > 1 else 'none'}), this transformer patches "
                             f"{family.latent_multiple} latent frame(s) at a time (patch_size_t "
                             f"{family.patch_size_t or 'none'}); precompute the shards with this model")
+        longest = max((parse_bucket(b)[2] for b in manifest.get("buckets", {})), default=1)
+        if family.position_frames is not None and latent_frames(longest) > family.position_frames:
+            problems.append(f"frames: the shards hold {longest}-frame samples ({latent_frames(longest)} latent frames); "
+                            f"this model's sincos positions cover {family.position_frames} latent frames "
+                            f"(transformer config sample_frames), as in CogVideoX-Fun's transformer class; "
+                            f"precompute with --video_sample_n_frames <= "
+                            f"{(family.position_frames - 1) * VAE_TEMPORAL + 1}")
         noise = bool(manifest.get("reference_noise"))
         if train_mode in ("inpaint", "i2v") and manifest["mask_policies"] and noise != family.reference_noise:
             problems.append("reference noise: " + (
@@ -153,27 +177,13 @@ def check_shards_fit(manifest: dict, tcfg, train_mode: str, family=None) -> None
 def mask_weights(cfg: TrainConfig, policies: list[str]) -> dict[str, dict[str, float]]:
     """The train-time draw weights {"video": .., "image": ..}: CogVideoX-Fun's over the cached policies,
     with --mask_policy_weights applied. Refuses a weight for a policy the shards do not cache, and
-    weights that leave nothing to draw."""
-    from cogfun.masks import PREFIX_SAFE, parse_weights, weights_for
+    weights that leave nothing to draw (`cogfun.masks.draw_weights`)."""
+    from cogfun.masks import draw_weights
 
-    if not policies:
-        return {}
     try:
-        overrides = parse_weights(cfg.mask_policy_weights)
+        return draw_weights(policies, cfg.mask_policy_weights, frame_crop=cfg.random_frame_crop)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    missing = [p for p in overrides if p != "t2v" and p not in policies]
-    if missing:
-        raise ConfigError(f"--mask_policy_weights names {', '.join(missing)}, which the shards do not cache "
-                          f"(cached: {', '.join(policies)}); precompute with --mask_policies including it")
-    out = {"video": weights_for(policies, 49, overrides), "image": weights_for(policies, 1, overrides)}
-    for kind, weights in out.items():
-        crop = [w for p, w in weights.items() if p in PREFIX_SAFE] if kind == "video" and cfg.random_frame_crop else []
-        if sum(weights.values()) <= 0 or (crop and sum(crop) <= 0):
-            raise ConfigError(f"--mask_policy_weights leaves no {kind} conditioning to draw"
-                              + (" for a frame-cropped sample (--random_frame_crop keeps only "
-                                 f"{', '.join(p for p in weights if p in PREFIX_SAFE)})" if sum(weights.values()) else ""))
-    return out
 
 
 def find_checkpoint(output_dir: Path, spec: str | None) -> Path | None:
@@ -234,10 +244,96 @@ def agree_on_checkpoint(accelerator, output_dir: Path, spec: str | None) -> Path
     return choice
 
 
+def resume_or_claim(accelerator, cfg: TrainConfig, output_dir: Path, manifest: dict):
+    """One run per output dir, checked on rank 0 before anything loads: a dir holding another run
+    is refused unless this launch resumes or --overwrite (the deletion waits until training
+    starts); a resume must be from a checkpoint of this run (`runs.check_resume`). Returns
+    (checkpoint or None, settings changed since it {name: [old, new]}, the run's change history,
+    this run's identity)."""
+    from cogfun.dist import broadcast
+
+    mine, settings = runs.identity(cfg, manifest), runs.settings_record(cfg)
+    found = None
+    if accelerator.is_main_process:
+        try:
+            runs.claim_output_dir(output_dir, resuming=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite,
+                                  delete=False)
+            found = ({}, [])
+            checkpoint = find_checkpoint(output_dir, cfg.resume_from_checkpoint)
+            if checkpoint is not None:
+                record = json.loads((checkpoint / CHECKPOINT_STATE).read_text())
+                found = (runs.check_resume(checkpoint, record, mine, settings, accelerator.num_processes),
+                         record.get("changes", []))
+            elif cfg.resume_from_checkpoint and (output_dir / runs.RUN_CONFIG).is_file():
+                # no checkpoint yet: starting over is fine, but only for this run
+                record = json.loads((output_dir / runs.RUN_CONFIG).read_text())
+                runs.check_resume(output_dir / runs.RUN_CONFIG, record, mine, settings, accelerator.num_processes)
+        except ConfigError as exc:
+            found = exc
+    found = broadcast(found, accelerator)
+    if isinstance(found, Exception):
+        raise found
+    changes, history = found
+    return agree_on_checkpoint(accelerator, output_dir, cfg.resume_from_checkpoint), changes, history, mine
+
+
+def apply_optimizer_settings(optimizer, lr_scheduler, cfg: TrainConfig) -> None:
+    """After a resume: AdamW's learning rate, betas, weight decay and epsilon are the flags' (the
+    loaded state holds the checkpoint's); the LR schedule (diffusers': a LambdaLR) keeps its position."""
+    sched = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    sched.base_lrs = [cfg.learning_rate] * len(sched.base_lrs)
+    lrs = [base * factor(sched.last_epoch) for base, factor in zip(sched.base_lrs, sched.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group.update(lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                     eps=cfg.adam_epsilon)
+    sched._last_lr = lrs
+
+
+def stop_requested(accelerator, stop: runs.StopRequest, device) -> int:
+    """The signal (0: none) any rank received: all ranks stop at the same step boundary."""
+    signum = stop.signum or 0
+    if accelerator.num_processes == 1:
+        return signum
+    import torch
+    import torch.distributed as tdist
+
+    flag = torch.tensor([signum], device=device, dtype=torch.int64)
+    tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def held_out_files(dataset, indices: list[int]) -> list[str]:
+    """The source files of the held-out samples (`--eval_samples`), sorted."""
+    if not indices:
+        return []
+    idx, wanted = dataset.index, set(indices)
+    return sorted({src for shard, pos, src in zip(idx["shard"], idx["position"], idx["source"])
+                   if dataset.global_index(shard, pos) in wanted})
+
+
+def print_summary(cfg: TrainConfig, train_rows, steps_per_epoch: int, max_steps: int, start: int,
+                  world: int, held_files: list[str], n_held: int, output_dir: Path) -> None:
+    """The start-up summary: what trains, how long, what is held out, what the progress bar shows."""
+    buckets = {r[1] for r in train_rows}
+    batch = cfg.train_batch_size * cfg.gradient_accumulation_steps * world
+    held = (f"; {len(held_files)} source file(s) ({n_held} samples) held out for the eval loss, listed in "
+            f"{output_dir / runs.EVAL_FILES}" if held_files else "; no eval loss (--eval_samples 0)")
+    print(f"train: {len(train_rows)} samples in {len(buckets)} bucket(s){held}")
+    print(f"train: {steps_per_epoch} steps per epoch at an effective batch of {batch} samples "
+          f"(--train_batch_size {cfg.train_batch_size} x --gradient_accumulation_steps "
+          f"{cfg.gradient_accumulation_steps} x {world} rank(s)); {max_steps} steps "
+          f"({max_steps / max(1, steps_per_epoch):.1f} epochs)" + (f", from step {start}" if start else "")
+          + f"; a checkpoint every {cfg.checkpointing_steps} steps and at the end")
+    print("progress bar: loss = the step's training loss (mean over micro-batches and ranks; noisy: the timestep "
+          "is random), lr = learning rate, step_s = seconds the step took; the eval loss (held-out files, fixed "
+          "noise) is printed on its own line")
+
+
 # ------------------------------------------------------------------ one batch -> loss inputs
 
 def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scaling: float, policies: list[str],
-                 null_prompt, device, dtype, family=None, black=None, sample_n_frames: int | None = None):
+                 null_prompt, device, dtype, family=None, black=None, sample_n_frames: int | None = None,
+                 t_range: tuple[int, int] | None = None, keep_at_most: int | None = None):
     """(model input, prompt embeds, timesteps, velocity target) for one bucket batch.
 
     All randomness comes from (seed, epoch, batch id): independent of rank, world size, resume.
@@ -252,10 +348,13 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
     Inpaint: a mask policy per sample, drawn with `mask_weights` among t2v and the sample's cached
     policies (its json's `masks`: {policy: geometry}); `black` ({bucket: latents} of an all -1 clip):
     10 % of t2v draws get mask 0 + those latents, as CogVideoX-Fun's t2v_flag does.
+    `t_range`: [lo, hi) of the timesteps (`timestep_range`); `keep_at_most`: a cap on the latent
+    frames kept (`same_token_length_frames`).
     """
     import torch
 
-    from cogfun.buckets import floor_4k1, latent_frames
+    from cogfun.buckets import floor_4k1, latent_frames, sample_key
+    from cogfun.loader import mask_variant
     from cogfun.masks import (BLACK, BLACK_LATENTS, BLACK_SHARE, PREFIX_SAFE, REFERENCE_NOISE_SIGMA0,
                               conditioning, draw_reference_sigma, parse_weights, weights_for)
 
@@ -278,10 +377,13 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
         drawn = rng.choices(lengths, weights=[shorter] * (len(lengths) - 1) + [CROP_FULL_PROB])[0]
         keep = min(f_lat, drawn)
         keep -= keep % (family.latent_multiple if family is not None else 1)   # CogVideoX 1.5: whole patches
+    if keep_at_most is not None and keep_at_most < keep:   # --keep_all_node_same_token_length
+        keep = keep_at_most
     eps = torch.randn(mean.shape, generator=gen, device=device)
     latents = (mean + torch.exp(0.5 * logvar) * eps)[:, :keep] * scaling
     noise = torch.randn(latents.shape, generator=gen, device=device)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), generator=gen, device=device)
+    lo, hi = t_range or (0, scheduler.config.num_train_timesteps)
+    timesteps = torch.randint(lo, hi, (bsz,), generator=gen, device=device)
     prompts = t["prompt_embeds"].clone()
     for b in range(bsz):
         if rng.random() < cfg.caption_dropout:
@@ -309,29 +411,138 @@ def batch_inputs(batch: dict, *, epoch: int, cfg: TrainConfig, scheduler, scalin
             policy = rng.choices(allowed, weights=[weights[p] for p in allowed])[0]
             if policy == "t2v" and black is not None and rng.random() < BLACK_SHARE:
                 policy = BLACK
-            geometry = batch["metas"][b]["masks"].get(policy)
+            meta = batch["metas"][b]
+            # --masks_per_policy: the geometry set this epoch shows (cycled as views are; 0 without)
+            variant = 0
+            if meta.get("mask_variants"):
+                variant = mask_variant(cfg.seed, epoch, sample_key(meta["identity"], meta["view"]), meta["views"],
+                                       1 + len(meta["mask_variants"]))
+            geometry = (meta["masks"] if variant == 0 else meta["mask_variants"][variant - 1]).get(policy)
             conds.append(conditioning(policy, t, b, frames=frames, keep=keep, scaling=scaling,
-                                      noise_scale=noise_scale[b], geometry=geometry, device=device))
+                                      noise_scale=noise_scale[b], geometry=geometry, device=device, variant=variant))
         model_in = torch.cat([noisy, torch.cat(conds)], dim=2)
     return model_in.to(dtype), prompts.to(dtype), timesteps, target.float()
+
+
+def timestep_range(cfg: TrainConfig, scheduler, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi) of this rank's training timesteps: [0, --train_sampling_steps or the scheduler's
+    num_train_timesteps); with --uniform_sampling CogVideoX-Fun's DiscreteSampling slice: G groups
+    of ranks, G the largest divisor of the world size that divides the step count, group g draws
+    from [g * n / G, (g + 1) * n / G)."""
+    n = cfg.train_sampling_steps or scheduler.config.num_train_timesteps
+    if not 1 <= n <= scheduler.config.num_train_timesteps:
+        raise ConfigError(f"--train_sampling_steps must be 1..{scheduler.config.num_train_timesteps} (the "
+                          f"scheduler's num_train_timesteps), got {n}")
+    if not cfg.uniform_sampling or world == 1:
+        return 0, n
+    groups = max(g for g in range(1, world + 1) if world % g == 0 and n % g == 0)
+    width, interval = world // groups, n // groups
+    g = rank // width
+    return g * interval, (g + 1) * interval
+
+
+def same_token_length_frames(cfg: TrainConfig, batch: dict, epoch: int, world: int, family,
+                             data: dict | None = None) -> int | None:
+    """--keep_all_node_same_token_length, as CogVideoX-Fun: each micro-step draws a token length
+    s * s * N, s from 256, 384, ..., token_sample_size (the same draw on every rank: seeded by the
+    step, not the rank), and keeps the first (min(s*s*N / (H*W), N) - 1) // 4 * 4 + 1 pixel frames
+    (CogVideoX 1.5: an even latent count, or 1 frame). Returns that cap in latent frames (None
+    without the flag). N and T: the shards' (`data`, their manifest's config), else cfg's."""
+    from cogfun.buckets import VAE_TEMPORAL, latent_frames
+
+    if not cfg.keep_all_node_same_token_length:
+        return None
+    data = data or {}
+    n = data.get("video_sample_n_frames", cfg.video_sample_n_frames)
+    t = data.get("token_sample_size", cfg.token_sample_size)
+    sides = list(range(256, t + 1, 128)) if t > 256 else [256]
+    if sides[-1] != t and t > 256:
+        sides.append(t)
+    rng = random.Random(f"{cfg.seed}:token-length:{epoch}:{batch['batch_id'] // world}")
+    tokens = rng.choice(sides) ** 2 * n
+    meta = batch["metas"][0]
+    frames = int(max((min(tokens / meta["height"] / meta["width"], n) - 1) // VAE_TEMPORAL * VAE_TEMPORAL + 1, 1))
+    multiple = family.latent_multiple if family is not None else 1
+    frames -= latent_frames(frames) % multiple * VAE_TEMPORAL
+    return latent_frames(max(frames, 1))
+
+
+def auto_tile(cfg: TrainConfig, batch: dict, data: dict | None = None) -> dict:
+    """--auto_tile_batch_size with --training_with_video_token_length, as CogVideoX-Fun: a batch
+    whose pixel volume F x H x W is at most 1/16 of the token budget N x T^2 is repeated 4x, at most
+    1/4 of it 2x (each copy draws its own noise, timestep, posterior sample, caption dropout and
+    mask policy). The token budget N x T^2 is the shards' (`data`, their manifest's config, else
+    cfg's); the shards were made with --training_with_video_token_length."""
+    data = {**{k: getattr(cfg, k) for k in ("video_sample_n_frames", "token_sample_size")}, **(data or {})}
+    if not (cfg.auto_tile_batch_size and (cfg.training_with_video_token_length
+                                          or data.get("training_with_video_token_length"))):
+        return batch
+    meta = batch["metas"][0]
+    volume = meta["frames"] * meta["height"] * meta["width"]
+    budget = data["video_sample_n_frames"] * data["token_sample_size"] ** 2
+    factor = 4 if budget // 16 >= volume else 2 if budget // 4 >= volume else 1
+    if factor == 1:
+        return batch
+    tensors = {k: v.repeat(factor, *([1] * (v.dim() - 1))) for k, v in batch["tensors"].items()}
+    return {**batch, "tensors": tensors, "metas": batch["metas"] * factor}
+
+
+def with_motion_loss(loss, pred, target, ratio: float):
+    """--motion_sub_loss: CogVideoX-Fun's (1 - ratio) * loss + ratio * MSE of the frame-to-frame
+    differences of prediction and target, for samples with more than 2 latent frames."""
+    import torch
+
+    if pred.shape[1] <= 2:
+        return loss
+    motion = torch.nn.functional.mse_loss(pred[:, 1:] - pred[:, :-1], target[:, 1:] - target[:, :-1], reduction="mean")
+    return loss * (1 - ratio) + motion * ratio
+
+
+def make_optimizer(cfg: TrainConfig, params, world: int):
+    """AdamW over the LoRA parameters; bitsandbytes' AdamW8bit (--use_8bit_adam) or CAME (--use_came,
+    CogVideoX-Fun's betas and eps, no weight decay) when installed. --scale_lr multiplies the rate by
+    accumulation x batch x processes."""
+    import torch
+
+    lr = cfg.learning_rate
+    if cfg.scale_lr:
+        lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * world
+    if cfg.use_8bit_adam and cfg.use_came:
+        raise ConfigError("--use_8bit_adam and --use_came choose two optimizers: give one")
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (or drop the flag for "
+                              "AdamW)") from None
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if cfg.use_came:
+        try:
+            from came_pytorch import CAME
+        except ImportError:
+            raise ConfigError("--use_came needs came_pytorch: pip install came_pytorch (or drop the flag for "
+                              "AdamW)") from None
+        return CAME(params, lr=lr, betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16))
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
 
 
 EVAL_TIMESTEPS = 9
 
 
 def eval_loss(accelerator, transformer, dataset, indices: list[int], *, cfg: TrainConfig, scheduler, scaling: float,
-              policies: list[str], device, dtype, family) -> float:
+              policies: list[str], device, dtype) -> float:
     """Mean velocity MSE of the held-out samples at 9 fixed timesteps (the midpoints of 9 equal
     quantiles of [0, T)), with fixed noise per (sample, timestep), the posterior mean as x0, the
     sample's own caption and a fixed mask policy per sample (clean conditioning, no reference noise):
-    the same weights give the same number. CogVideoX 1.5: padded for the patch as in training.
+    the same weights give the same number. Positions and the CogVideoX 1.5 padding: the transformer's own.
 
     Split across the ranks and reduced; every rank runs the same number of forwards (FSDP gathers
     weights in each). Call on every rank.
     """
     import torch
 
-    from cogfun import models
     from cogfun.masks import conditioning, parse_weights, weights_for
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -358,12 +569,10 @@ def eval_loss(accelerator, transformer, dataset, indices: list[int], *, cfg: Tra
             cond = conditioning(policy, t, 0, frames=meta["frames"], keep=latents.shape[1], scaling=scaling,
                                 geometry=meta.get("masks", {}).get(policy), device=device)
             model_in = torch.cat([model_in, cond.expand(EVAL_TIMESTEPS, *cond.shape[1:])], dim=2)
-        model_in, n_frames = models.pad_for_patch_t(model_in, family.patch_size_t)
-        rope = rotary_embedding(model.config, model_in.shape, device)
         for k in range(EVAL_TIMESTEPS):  # one timestep per forward: a training step's activation size
             with torch.no_grad(), accelerator.autocast():
                 pred = model(hidden_states=model_in[k:k + 1].to(dtype), encoder_hidden_states=t["prompt_embeds"].to(dtype),
-                             timestep=timesteps[k:k + 1], image_rotary_emb=rope, return_dict=False)[0][:, :n_frames]
+                             timestep=timesteps[k:k + 1], return_dict=False)[0]
             if j < len(mine):
                 total += torch.stack([torch.nn.functional.mse_loss(pred.float(), target[k:k + 1]).double(),
                                       torch.ones((), device=device, dtype=torch.float64)])
@@ -372,33 +581,20 @@ def eval_loss(accelerator, transformer, dataset, indices: list[int], *, cfg: Tra
     return (total[0] / total[1]).item()
 
 
-def rotary_embedding(transformer_config, latent_shape, device):
-    """CogVideoX 5b-style 3D RoPE for this latent size (None for 2b-style models)."""
-    if not transformer_config.use_rotary_positional_embeddings:
-        return None
-    from types import SimpleNamespace
-
-    from diffusers import CogVideoXPipeline
-
-    from cogfun.buckets import VAE_SPATIAL
-
-    f_lat, _, h, w = latent_shape[1:]
-    fake = SimpleNamespace(vae_scale_factor_spatial=VAE_SPATIAL, transformer=SimpleNamespace(config=transformer_config))
-    return CogVideoXPipeline._prepare_rotary_positional_embeddings(fake, h * VAE_SPATIAL, w * VAE_SPATIAL, f_lat, device)
-
-
 # ------------------------------------------------------------------ saving
 
 def save_lora_files(folder: Path, lora_sd: dict, cfg: TrainConfig, targets: list[str], step: int,
                     manifest: dict, *, kohya: bool) -> None:
-    from cogfun.lora import KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, save_kohya_lora, save_lora
+    from cogfun.lora import EXPORT_FORMATS, save_lora_as
+    from cogfun.lowmem import dtype_name
 
     meta = {"cogfun_step": str(step), "cogfun_config": json.dumps(to_dict(cfg), sort_keys=True),
-            "cogfun_shards_fingerprint": manifest["fingerprint"]}
-    save_lora(folder / LORA_WEIGHT_NAME, lora_sd, rank=cfg.rank, alpha=cfg.network_alpha, target_modules=targets,
-              extra_metadata=meta)
-    if kohya:
-        save_kohya_lora(folder / KOHYA_WEIGHT_NAME, lora_sd, rank=cfg.rank, alpha=cfg.network_alpha)
+            "cogfun_shards_fingerprint": manifest["fingerprint"],
+            "cogfun_base_weight_dtype": dtype_name(weight_dtypes(cfg)[1])}
+    # the diffusers file (resume reads it); with `kohya` also the CogVideoX-Fun/kohya and core ComfyUI files
+    for fmt in EXPORT_FORMATS if kohya else ["diffusers"]:
+        save_lora_as(fmt, folder / EXPORT_FORMATS[fmt], lora_sd, rank=cfg.rank, alpha=cfg.network_alpha,
+                     target_modules=targets, extra_metadata=meta if fmt == "diffusers" else None)
 
 
 def gather_lora(accelerator, model) -> dict:
@@ -510,7 +706,7 @@ def train(cfg: TrainConfig) -> dict:
     from safetensors.torch import load
     from tqdm import tqdm
 
-    from cogfun import models, validation
+    from cogfun import lowmem, models, validation
     from cogfun.loader import BucketBatchSampler, CachedSamples, batches, held_out, index_rows
     from cogfun.lora import LORA_WEIGHT_NAME, inject_lora
     from cogfun.storage import open_store
@@ -521,16 +717,23 @@ def train(cfg: TrainConfig) -> dict:
             raise ConfigError(f"--{flag} is required")
     output_dir = Path(cfg.output_dir)
     family = models.transformer_family(cfg.pretrained_model_name_or_path)  # refuses what cogfun cannot train
+    lowmem.check_launch(cfg.base_weight_dtype, cfg.offload_blocks, kind=launch_kind(), mixed_precision=cfg.mixed_precision,
+                        blocks=models.read_component_config(cfg.pretrained_model_name_or_path, "transformer").get("num_layers", 30))
     store = open_store(cfg)  # a local dir or a URL (per-node cache, retries)
     manifest = shards.require_manifest(store)
     store.check_cache_fits(manifest["shard_bytes"])
+    # the data settings (train_mode included) are the shards': refuses a data flag they contradict
+    data_warnings = runs.adopt_shard_settings(cfg, manifest)
     accelerator = make_accelerator(cfg, output_dir)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    for warning in data_warnings if main else []:
+        print(warning, file=sys.stderr)
+    resume_dir, changes, history, run_id = resume_or_claim(accelerator, cfg, output_dir, manifest)
     set_seed(cfg.seed)
+    if cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
     device = accelerator.device
-    weight_dtype = models.dtype_of(cfg.mixed_precision)
-    if launch_kind() == "fsdp":
-        weight_dtype = torch.float32  # FSDP shards one flat dtype per unit; bf16 compute via its policy
+    weight_dtype, storage_dtype = weight_dtypes(cfg)
 
     tcfg_dict = models.read_component_config(cfg.pretrained_model_name_or_path, "transformer")
     from types import SimpleNamespace
@@ -539,7 +742,13 @@ def train(cfg: TrainConfig) -> dict:
                                                   **tcfg_dict}), cfg.train_mode, family)
     # validation prompts: encoded by a side process (T5 never enters this one), before the transformer loads
     validation_set = validation.prepare(cfg, output_dir, accelerator)
-    transformer = models.load_transformer(cfg.pretrained_model_name_or_path, weight_dtype)
+    transformer = models.load_transformer(cfg.pretrained_model_name_or_path, lowmem.load_dtype(storage_dtype, weight_dtype))
+    if cfg.transformer_path:   # CogVideoX-Fun's --transformer_path: weights over the folder's, before the LoRA
+        missing, unexpected = models.load_transformer_weights(transformer, cfg.transformer_path)
+        if main:
+            print(f"--transformer_path {cfg.transformer_path}: loaded; missing keys: {len(missing)}, "
+                  f"unexpected keys: {len(unexpected)}" + (f" (e.g. {(missing or unexpected)[0]})"
+                                                           if missing or unexpected else ""))
     scheduler = models.load_scheduler(cfg.pretrained_model_name_or_path)
     scaling = float(manifest["model"]["scaling_factor"])
     policies = list(manifest["mask_policies"]) if cfg.train_mode != "normal" else []
@@ -552,6 +761,7 @@ def train(cfg: TrainConfig) -> dict:
     targets = inject_lora(transformer, rank=cfg.rank, alpha=cfg.network_alpha, target_name=cfg.target_name,
                           seed=cfg.seed, lora_dtype=torch.float32)
     params = [p for p in transformer.parameters() if p.requires_grad]
+    lowmem.apply_base_weight_dtype(transformer, storage_dtype, weight_dtype)  # before the device sees the weights
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.to(device)
@@ -565,8 +775,7 @@ def train(cfg: TrainConfig) -> dict:
     steps_per_epoch = sampler.steps_in_epoch(0)  # the same every epoch unless a clip's views differ in bucket
     max_steps = cfg.max_train_steps or sum(sampler.steps_in_epoch(e) for e in range(cfg.num_train_epochs))
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    optimizer = make_optimizer(cfg, params, world)
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=optimizer,
@@ -574,113 +783,166 @@ def train(cfg: TrainConfig) -> dict:
                                  num_training_steps=max_steps * world)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     unwrapped = accelerator.unwrap_model(transformer)
+    offloaded = lowmem.offload_blocks(unwrapped, cfg.offload_blocks, device)  # after prepare: DDP/DeepSpeed broadcast weights
 
     global_step = 0
-    resume_dir = agree_on_checkpoint(accelerator, output_dir, cfg.resume_from_checkpoint)
+    if main:
+        for note in lowmem.memory_notes(cfg.base_weight_dtype, cfg.offload_blocks, cfg.gradient_checkpointing):
+            print(note)
     if cfg.resume_from_checkpoint and resume_dir is None and main:
         print(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}; starting from step 0")
     if resume_dir is not None:
         load_resume_state(accelerator, transformer, optimizer, lr_scheduler, resume_dir)
+        apply_optimizer_settings(optimizer, lr_scheduler, cfg)  # the flags', not the checkpoint's
         global_step = json.loads((resume_dir / CHECKPOINT_STATE).read_text())["global_step"]
         if main:
             print(f"resumed from {resume_dir} at step {global_step}")
+            if changes:
+                print(f"changed since that checkpoint, applied from step {global_step + 1}: "
+                      + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items()))
+        if changes:
+            history = history + [{"from_step": global_step + 1, "changed": changes}]
 
+    held_files = held_out_files(dataset, eval_indices)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        run_config = {"config": to_dict(cfg), "launch": launch_kind(), "world_size": world,
-                      "lora_targets": targets, "steps_per_epoch": steps_per_epoch, "max_train_steps": max_steps,
-                      "shards_fingerprint": manifest["fingerprint"], "eval_samples_held_out": len(eval_indices),
-                      "mask_policy_weights": weights}
-        shards.write_json_atomic(output_dir / "run_config.json", run_config)
+        if not cfg.resume_from_checkpoint:
+            deleted = runs.claim_output_dir(output_dir, resuming=False, overwrite=cfg.overwrite)
+            if deleted:
+                print(f"--overwrite: deleted the previous run in {output_dir}: {', '.join(deleted)}")
+        run_config = {"config": to_dict(cfg), "run": run_id, "changes": history, "launch": launch_kind(),
+                      "world_size": world, "lora_targets": targets, "steps_per_epoch": steps_per_epoch,
+                      "max_train_steps": max_steps, "shards_fingerprint": manifest["fingerprint"],
+                      "eval_samples_held_out": len(eval_indices), "eval_files_held_out": len(held_files),
+                      "mask_policy_weights": weights, "base_weight_dtype": lowmem.dtype_name(storage_dtype),
+                      "compute_dtype": lowmem.dtype_name(weight_dtype), "offloaded_layers": len(offloaded),
+                      "frozen_bytes_on_device": lowmem.resident_bytes(unwrapped),
+                      "frozen_bytes_offloaded": lowmem.offloaded_bytes(unwrapped)}
+        shards.write_json_atomic(output_dir / runs.RUN_CONFIG, run_config)
+        if held_files:
+            (output_dir / runs.EVAL_FILES).write_text("".join(f + "\n" for f in held_files))
+        print_summary(cfg, train_rows, steps_per_epoch, max_steps, global_step, world, held_files,
+                      len(eval_indices), output_dir)
     if accelerator.log_with:
-        accelerator.init_trackers("cogfun", config={k: v for k, v in to_dict(cfg).items()
+        accelerator.init_trackers(cfg.tracker_project_name, config={k: v for k, v in to_dict(cfg).items()
                                                     if isinstance(v, (int, float, str, bool))})
-    log_path = output_dir / "train_log.jsonl"
+    log_path = output_dir / runs.TRAIN_LOG
     if main and log_path.exists():  # keep the history up to the step we (re)start from
         kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= global_step]
         log_path.write_text("".join(line + "\n" for line in kept))
     transformer.train()
-    unwrapped_config = unwrapped.config
     sampling_scheduler = models.load_sampling_scheduler(cfg.pretrained_model_name_or_path) if validation_set else None
 
     def evaluate() -> float:
         return eval_loss(accelerator, transformer, dataset, eval_indices, cfg=cfg, scheduler=scheduler,
-                         scaling=scaling, policies=policies, device=device, dtype=weight_dtype,
-                         family=family)
+                         scaling=scaling, policies=policies, device=device, dtype=weight_dtype)
 
+    eval_losses: list[tuple[int, float]] = []
     if eval_indices and global_step == 0:  # the baseline the held-out loss falls from
         logs = {"eval_loss": evaluate()}
+        eval_losses.append((0, logs["eval_loss"]))
         accelerator.log(logs, step=0)
         if main:
+            print(f"step 0: eval loss {logs['eval_loss']:.4f} (held-out files, before training)")
             with open(log_path, "a") as fh:
                 fh.write(json.dumps({"step": 0, **logs}) + "\n")
+
+    t_range = timestep_range(cfg, scheduler, rank, world)
 
     # ------------------------------------------------------------ loop
     bar = tqdm(total=max_steps, initial=global_step, desc="train", unit="step", disable=not main,
                dynamic_ncols=True)
     epoch, epoch_start = sampler.locate_step(global_step)
     losses: list[float] = []
+    stop = runs.StopRequest(announce=main).install()  # SIGINT / SIGTERM: checkpoint at the next step, stop
     t_step = time.time()
-    while global_step < max_steps:
-        sampler.set_epoch(epoch)
-        skip = max(0, (global_step - epoch_start) * cfg.gradient_accumulation_steps)  # resume
-        micro_losses = []
-        for batch in batches(dataset, sampler, threads=cfg.dataloader_num_workers, skip=skip,
-                             pin_memory=torch.cuda.is_available()):
-            with accelerator.accumulate(transformer):
-                model_in, prompts, timesteps, target = batch_inputs(
-                    batch, epoch=epoch, cfg=cfg, scheduler=scheduler, scaling=scaling, policies=policies,
-                    null_prompt=null_prompt, device=device, dtype=weight_dtype, family=family, black=black,
-                    sample_n_frames=sample_n_frames)
-                model_in, n_frames = models.pad_for_patch_t(model_in, family.patch_size_t)
-                rope = rotary_embedding(unwrapped_config, model_in.shape, device)
-                with accelerator.autocast():
-                    pred = transformer(hidden_states=model_in, encoder_hidden_states=prompts, timestep=timesteps,
-                                       image_rotary_emb=rope, return_dict=False)[0][:, :n_frames]
-                loss = torch.nn.functional.mse_loss(pred.float(), target, reduction="mean")
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params if launch_kind() not in ("fsdp",) else
-                                                            transformer.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_losses.append(loss.detach())
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+    try:   # the handlers go back however the loop ends (an exception too)
+        while global_step < max_steps:
+            sampler.set_epoch(epoch)
+            skip = max(0, (global_step - epoch_start) * cfg.gradient_accumulation_steps)  # resume
             micro_losses = []
-            losses.append(step_loss)
-            now = time.time()
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "step_time": now - t_step}
-            if grad_norm is not None:
-                logs["grad_norm"] = float(grad_norm)
-            t_step = now
-            if eval_indices and (global_step % cfg.eval_steps == 0 or global_step == max_steps):
-                logs["eval_loss"] = evaluate()
-                t_step = time.time()
-            accelerator.log(logs, step=global_step)
-            if main:
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps({"step": global_step, **logs}) + "\n")
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}", s=f"{logs['step_time']:.2f}")
-            if global_step % cfg.checkpointing_steps == 0 or global_step == max_steps:
-                save_checkpoint(accelerator, transformer, optimizer, lr_scheduler, cfg, output_dir, global_step,
-                                {"epoch": epoch}, targets, manifest)
-                t_step = time.time()  # the save is not the next step's time
-            if validation_set and (global_step % cfg.validation_steps == 0 or global_step == max_steps):
+            for batch in batches(dataset, sampler, threads=cfg.dataloader_num_workers, skip=skip,
+                                 pin_memory=torch.cuda.is_available()):
+                with accelerator.accumulate(transformer):
+                    batch = auto_tile(cfg, batch, manifest["config"])   # --auto_tile_batch_size
+                    model_in, prompts, timesteps, target = batch_inputs(
+                        batch, epoch=epoch, cfg=cfg, scheduler=scheduler, scaling=scaling, policies=policies,
+                        null_prompt=null_prompt, device=device, dtype=weight_dtype, family=family, black=black,
+                        sample_n_frames=sample_n_frames, t_range=t_range,
+                        keep_at_most=same_token_length_frames(cfg, batch, epoch, world, family, manifest["config"]))
+                    with accelerator.autocast():
+                        pred = transformer(hidden_states=model_in, encoder_hidden_states=prompts, timestep=timesteps,
+                                           return_dict=False)[0]
+                    loss = torch.nn.functional.mse_loss(pred.float(), target, reduction="mean")
+                    if cfg.motion_sub_loss:
+                        loss = with_motion_loss(loss, pred.float(), target, cfg.motion_sub_loss_ratio)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(params if launch_kind() not in ("fsdp",) else
+                                                                transformer.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                micro_losses.append(loss.detach())
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
+                micro_losses = []
+                losses.append(step_loss)
+                now = time.time()
+                logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "step_time": now - t_step}
+                if grad_norm is not None:
+                    logs["grad_norm"] = float(grad_norm)
+                t_step = now
+                if eval_indices and (global_step % cfg.eval_steps == 0 or global_step == max_steps):
+                    logs["eval_loss"] = evaluate()
+                    eval_losses.append((global_step, logs["eval_loss"]))
+                    if main:
+                        bar.write(f"step {global_step}: eval loss {logs['eval_loss']:.4f} (held-out files)")
+                    t_step = time.time()
+                accelerator.log(logs, step=global_step)
+                if main:
+                    with open(log_path, "a") as fh:
+                        fh.write(json.dumps({"step": global_step, **logs}) + "\n")
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{logs['lr']:.2e}", step_s=f"{logs['step_time']:.2f}")
+                stopping = stop_requested(accelerator, stop, device)  # every rank agrees
+                saved = None
+                if global_step % cfg.checkpointing_steps == 0 or global_step == max_steps or stopping:
+                    saved = save_checkpoint(accelerator, transformer, optimizer, lr_scheduler, cfg, output_dir,
+                                            global_step, {"epoch": epoch, "run": run_id,
+                                                          "config": runs.settings_record(cfg), "changes": history},
+                                            targets, manifest)
+                    if main:
+                        bar.write(f"step {global_step}: checkpoint saved to {saved}")
+                    t_step = time.time()  # the save is not the next step's time
+                if stopping:
+                    bar.close()
+                    stop.restore()
+                    accelerator.end_training()
+                    raise runs.Interrupted(stopping, global_step, saved)
+                if validation_set and (global_step % cfg.validation_steps == 0 or global_step == max_steps):
+                    seconds = validation.render(validation_set, accelerator, transformer, cfg=cfg, step=global_step,
+                                                output_dir=output_dir, scheduler=sampling_scheduler, dtype=weight_dtype,
+                                                same_forward_count=launch_kind() == "fsdp")
+                    accelerator.log({"validation_seconds": seconds}, step=global_step)
+                    t_step = time.time()
+                if global_step >= max_steps:
+                    break
+            epoch_start += sampler.steps_in_epoch(epoch)
+            if (validation_set and cfg.validation_epochs and epoch % cfg.validation_epochs == 0
+                    and global_step == epoch_start and global_step % cfg.validation_steps and global_step != max_steps):
+                # --validation_epochs: after a whole epoch (not when the step rule just rendered)
                 seconds = validation.render(validation_set, accelerator, transformer, cfg=cfg, step=global_step,
                                             output_dir=output_dir, scheduler=sampling_scheduler, dtype=weight_dtype,
                                             same_forward_count=launch_kind() == "fsdp")
                 accelerator.log({"validation_seconds": seconds}, step=global_step)
                 t_step = time.time()
-            if global_step >= max_steps:
-                break
-        epoch_start += sampler.steps_in_epoch(epoch)
-        epoch += 1
+            epoch += 1
+    finally:
+        stop.restore()
     bar.close()
 
     # ------------------------------------------------------------ save the LoRA
@@ -691,4 +953,4 @@ def train(cfg: TrainConfig) -> dict:
               f"alpha {cfg.network_alpha}, {len(targets)} modules)")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {"global_step": global_step, "losses": losses, "output_dir": str(output_dir)}
+    return {"global_step": global_step, "losses": losses, "eval_losses": eval_losses, "output_dir": str(output_dir)}

@@ -63,15 +63,23 @@ def test_cover_crop_covers_and_centers(src, dst):
 
 
 def test_base_sizes_per_mode():
+    """The training doc's examples (DESIGN §3), with CogVideoX-Fun's downsample lists as the draws."""
     assert base_sizes(Sampling(video_sample_size=512, image_sample_size=768), "video") == [512]
     assert base_sizes(Sampling(video_sample_size=512, image_sample_size=768), "image") == [768]
     adapt = Sampling(video_sample_size=1024, image_sample_size=1024, random_hw_adapt=True)
-    assert base_sizes(adapt, "image") == [512, 640, 768, 896, 1024]   # min(V, 512) .. I (doc example)
-    assert base_sizes(adapt, "video") == [512, 640, 768, 896, 1024]
+    assert base_sizes(adapt, "image") == [512, 1024 / 1.5, 819.2, 1024]   # 512 .. 1024 (doc example)
+    assert base_sizes(adapt, "video") == [512, 1024 / 1.5, 819.2, 1024]
     small = Sampling(video_sample_size=256, image_sample_size=1024, random_hw_adapt=True)
-    assert base_sizes(small, "image")[0] == 256 and base_sizes(small, "image")[-1] == 1024
+    assert base_sizes(small, "image") == [256, 512, 1024 / 1.5, 819.2, 1024]   # images 256 .. 1024
+    assert base_sizes(small, "video") == [256]                                 # videos 256 only
     tok = Sampling(video_sample_size=256, image_sample_size=1024, training_with_video_token_length=True)
-    assert base_sizes(tok, "video")[0] == 256 and base_sizes(tok, "video")[-1] == 1024
+    assert base_sizes(tok, "video") == [256, 384, 512, 640, 768, 896, 1024]
+    assert base_sizes(tok, "image") == [256, 512, 1024 / 1.5, 819.2, 1024]
+    # upstream's code: the token budget (and any draw) only with --random_hw_adapt and --enable_bucket
+    up = dataclasses.replace(tok, bucket_rules="upstream")
+    assert base_sizes(up, "video") == [256] and base_sizes(up, "image") == [1024]
+    assert base_sizes(dataclasses.replace(up, random_hw_adapt=True), "video") == [256]
+    assert base_sizes(dataclasses.replace(up, random_hw_adapt=True, enable_bucket=True), "video")[-1] == 1024
 
 
 def test_seed_flags_give_512_square_49_frames():

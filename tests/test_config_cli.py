@@ -191,3 +191,18 @@ def test_demo_trains_the_products_default_conditioning(tmp_path):
 
     cfg = PrecomputeConfig(**data_settings(tmp_path / "metadata.json"))
     assert cfg.train_mode == "inpaint" and cfg.mask_policies == DEFAULT_MASK_POLICIES
+
+
+def test_slurm_scripts_pass_flags_their_command_declares():
+    """config/slurm_*.sh: every --flag after `cli.py <command>` is a setting of that command."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    for script, cls in (("slurm_precompute.sh", PrecomputeConfig), ("slurm_train.sh", TrainConfig)):
+        text = (root / "config" / script).read_text()
+        command = text[text.rindex("cli.py "):text.rindex("' _ ")]   # the launched command line
+        flags = set(re.findall(r"--([a-z_0-9]+)", command))
+        declared = {f.name for f in fields(cls)}
+        assert flags and flags <= declared, (script, sorted(flags - declared))
+    text = (root / "config" / "slurm_precompute.sh").read_text()
+    assert "--train_data_shards" in text and "--train_data_meta" in text and "--media_cache_dir" in text

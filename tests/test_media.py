@@ -195,13 +195,13 @@ def test_what_stays_skipped_says_why(zoo: Path) -> None:
 
 def test_more_precise_reasons(zoo: Path, tmp_path: Path) -> None:
     photo = zoo.parent / "zoo/appended.jpg"
-    with pytest.raises(MediaError, match=r"^image too large: 64x32 = 2,048 pixels, above the decompression-bomb "
+    with pytest.raises(MediaError, match=r"^image too large: 32x64 \(HxW\) = 2,048 pixels, above the decompression-bomb "
                                          r"limit of 1,000 \(raise it with --max_image_pixels\)$") as e:
         probe(photo, "image", max_pixels=1000)
     assert e.value.category == "too large"
     assert probe(photo, "image", max_pixels=2048).height == H   # the limit itself is allowed
 
-    with pytest.raises(MediaError, match=r"^a still JPEG image \(64x32\), not a video") as e:
+    with pytest.raises(MediaError, match=r"^a still JPEG image \(32x64 HxW\), not a video") as e:
         probe(photo, "video")
     assert e.value.category == "not a video"
     with pytest.raises(MediaError, match=r"an audio file \(aac\), not an image") as e:
@@ -217,9 +217,60 @@ def test_max_image_pixels_governs_animation_frames(zoo: Path, monkeypatch) -> No
     gif = zoo.parent / "zoo/anim.gif"
     info = probe(gif, "video")
     args = (gif, "video", [0, 2, 4], (H, W), (0, 0, H, W))
-    with pytest.raises(MediaError, match=r"^image too large: 64x32 = 2,048 pixels") as e:
+    with pytest.raises(MediaError, match=r"^image too large: 32x64 \(HxW\) = 2,048 pixels") as e:
         video.decode(*args, media=info, max_pixels=1000)
     assert e.value.category == "too large"
     monkeypatch.setattr(video, "MAX_IMAGE_PIXELS", 1000)   # a default below the file: the flag raised above it
     assert video.decode(*args, media=info, max_pixels=2048).shape == (3, H, W, 3)
     assert video.decode(*args, max_pixels=2048).shape == (3, H, W, 3)   # probed inside the decode
+
+
+def write_float_tiff(path: Path, rgb: np.ndarray) -> Path:
+    """A baseline TIFF of float32 RGB samples (SampleFormat 3, uncompressed, one strip), written
+    byte by byte from the TIFF 6.0 spec: Pillow has no mode for 3 x 32-bit float."""
+    import struct
+
+    h, w, c = rgb.shape
+    data = np.ascontiguousarray(rgb, dtype="<f4").tobytes()
+    bits_at = 8 + len(data)
+    format_at = bits_at + 2 * c
+    ifd_at = format_at + 2 * c
+    # (tag, type 3 = SHORT / 4 = LONG, count, value or offset)
+    entries = [(256, 4, 1, w), (257, 4, 1, h), (258, 3, c, bits_at), (259, 3, 1, 1), (262, 3, 1, 2),
+               (273, 4, 1, 8), (277, 3, 1, c), (278, 4, 1, h), (279, 4, 1, len(data)), (284, 3, 1, 1),
+               (339, 3, c, format_at)]
+    out = b"II*\x00" + struct.pack("<I", ifd_at) + data + struct.pack(f"<{c}H", *[32] * c)
+    out += struct.pack(f"<{c}H", *[3] * c) + struct.pack("<H", len(entries))
+    for tag, typ, count, value in entries:
+        out += struct.pack("<HHIHH" if typ == 3 and count == 1 else "<HHII", tag, typ, count,
+                           *((value, 0) if typ == 3 and count == 1 else (value,)))
+    path.write_bytes(out + struct.pack("<I", 0))
+    return path
+
+
+def test_a_still_only_ffmpeg_reads_is_an_image(tmp_path: Path) -> None:
+    """A float32 TIFF: Pillow cannot open it, FFmpeg reads it as one frame -> an image sample
+    (decoder pyav), not "a video, not an image"; its pixels are the float values x 255."""
+    rgb = np.random.default_rng(0).random((48, 80, 3)).astype(np.float32)
+    rgb[:24, :40] = [1.0, 0.0, 0.25]
+    path = write_float_tiff(tmp_path / "float.tif", rgb)
+    with pytest.raises(Image.UnidentifiedImageError):
+        Image.open(path)
+    info = probe(path, "image")
+    assert (info.frames, info.height, info.width, info.decoder) == (1, 48, 80, "pyav")
+    out = decode_image(path, (48, 80), (0, 0, 48, 80), media=info)
+    assert out.shape == (1, 48, 80, 3) and out.dtype == np.uint8
+    assert np.abs(out[0].astype(float) - rgb * 255).max() <= 2.0
+    assert out[0, 5, 5].tolist() == [255, 0, 64]
+    assert np.array_equal(decode_image(path, (48, 80), (0, 0, 48, 80)), out)   # probed inside the decode
+    with pytest.raises(MediaError, match=r"^image too large: 80x48") as e:
+        probe(path, "image", max_pixels=1000)
+    assert e.value.category == "too large"
+
+    meta = tmp_path / "metadata.json"
+    meta.write_text(json.dumps([{"file_path": "float.tif", "text": "noise", "type": "image"}]))
+    sources, _ = load_sources(meta, tmp_path)
+    plans, skipped, by_key = probe_and_plan(sources, Sampling(video_sample_size=32, image_sample_size=32),
+                                            progress=False)
+    assert not skipped and [p.kind for p in plans] == ["image"]
+    assert media_report(by_key.values())["decoders"] == {"pyav": ["float.tif"]}

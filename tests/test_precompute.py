@@ -297,39 +297,58 @@ def test_round_trip_matches_direct_encode(base, encoders, tiny_model_inp):
 # ---------------------------------------------------------------------------------------------- 2. ranks
 
 def test_two_machines_equal_one_rank(base, tmp_path):
-    """2 "machines" on localhost (1 process each, DDP over gloo) precompute into one shared shard dir."""
+    """2 "machines" on localhost (1 process each, DDP over gloo), each with its own media cache,
+    read the dataset from an HTTP server and precompute into one shared shard dir."""
+    from cogfun.testing import HTTPShardServer
+
     cfg, _ = base
     out = tmp_path / "shards2"
-    cfg2 = dataclasses.replace(cfg, shard_dir=str(out))
+    data = Path(cfg.train_data_meta).parent
     env = child_env()
     env["ACCELERATE_USE_CPU"] = "true"
     port = free_port()
     procs = []
-    for machine in (0, 1):
-        cmd = [str(ROOT / ".venv" / "bin" / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "2", "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1",
-               "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-               "cli.py", "precompute", *cli_args(cfg2)]
-        log = open(tmp_path / f"machine{machine}.log", "w+")
-        procs.append((log, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)))
-    for log, proc in procs:
-        try:
-            proc.wait(timeout=300)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-        log.seek(0)
-        assert proc.returncode == 0, f"exit {proc.returncode}\n{log.read()[-6000:]}"
+    with HTTPShardServer(data) as server:
+        for machine in (0, 1):
+            cfg2 = dataclasses.replace(cfg, shard_dir=str(out), train_data_meta=f"{server.url}/metadata.json",
+                                       train_data_dir=None, media_cache_dir=str(tmp_path / f"node{machine}"))
+            cmd = [str(ROOT / ".venv" / "bin" / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "2", "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1",
+                   "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "cli.py", "precompute", *cli_args(cfg2)]
+            log = open(tmp_path / f"machine{machine}.log", "w+")
+            procs.append((log, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)))
+        for log, proc in procs:
+            try:
+                proc.wait(timeout=300)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            log.seek(0)
+            assert proc.returncode == 0, f"exit {proc.returncode}\n{log.read()[-6000:]}"
+        gets = server.gets
+    # every media file fetched once, by the machine probing and encoding it, into its own cache
+    rows = json.loads(Path(cfg.train_data_meta).read_text())
+    assert all(gets[r["file_path"]] == 1 for r in rows), gets
+    cached = [{p.name for p in (tmp_path / f"node{m}").rglob("*") if p.is_file()} for m in (0, 1)]
+    assert cached[0] and cached[1] and not cached[0] & cached[1]
 
     one, two = shards.read_manifest(cfg.shard_dir), shards.read_manifest(out)
-    assert two["fingerprint"] == one["fingerprint"]            # the world size is not an input
+    # the world size is not an input; only the sources' versions differ (HTTP Last-Modified, not mtime)
+    assert {k: v for k, v in two["fingerprint_parts"].items() if k != "inputs"} == \
+        {k: v for k, v in one["fingerprint_parts"].items() if k != "inputs"}
+    assert two["inputs"].keys() == one["inputs"].keys()
     assert {k: v["count"] for k, v in two["buckets"].items()} == {k: v["count"] for k, v in one["buckets"].items()}
     assert two["skipped"] == one["skipped"]
     tars = [Path(s).name for s in two["shards"]]
     assert any(t.startswith("000-") for t in tars) and any(t.startswith("001-") for t in tars), tars
     a, b = read_tars(Path(cfg.shard_dir)), read_tars(out)
     assert set(a) == set(b)
-    assert payload(a) == payload(b)   # same metadata and bit-identical tensors per sample
+
+    def without_input(p):
+        return {k: ({**json.loads(j), "input": None}, t) for k, (j, t) in p.items()}
+
+    assert without_input(payload(a)) == without_input(payload(b))   # same metadata and bit-identical tensors
     ia, ib = shards.read_index(cfg.shard_dir), shards.read_index(out)
     assert sorted(zip(ia["key"], ia["bucket"], ia["prompt"])) == sorted(zip(ib["key"], ib["bucket"], ib["prompt"]))
     from safetensors.torch import load_file
@@ -414,7 +433,7 @@ def test_reuse_incremental_and_mismatch(tiny_model_inp, synthetic_data, tmp_path
     # --overwrite: everything re-encoded with the new settings and captions
     over = precompute(dataclasses.replace(cfg, video_sample_size=96, image_sample_size=96, overwrite=True),
                       progress=False)
-    assert over["status"] == "fresh" and over["encoded"] == over["samples"] == 8
+    assert over["status"] == "overwrite" and over["encoded"] == over["samples"] == 8
     manifest = shards.read_manifest(shard_dir)
     assert manifest["config"]["video_sample_size"] == 96
     assert "64x64x9" not in manifest["buckets"] and "96x96x9" in manifest["buckets"]
@@ -429,6 +448,48 @@ def test_reuse_incremental_and_mismatch(tiny_model_inp, synthetic_data, tmp_path
     next(shard_dir.glob("*/*.tar")).unlink()
     with pytest.raises(ShardError, match="gone"):
         precompute(i2v, progress=False)
+
+
+def test_overwrite_encodes_only_the_samples_whose_own_inputs_changed(tiny_model_inp, synthetic_data, tmp_path):
+    """--overwrite after a change keeps every sample the change does not touch (their tars untouched or
+    their bytes copied), encodes the others, and gives the shards a fresh run with the new settings gives."""
+    meta = copy_dataset(synthetic_data, tmp_path / "data")
+    cfg = make_cfg(tiny_model_inp, meta, tmp_path / "shards", mask_policies="i2v,block")
+    assert precompute(cfg, progress=False)["encoded"] == 7
+    images = {k for k, v in read_tars(cfg.shard_dir).items() if json.loads(v["json"])["kind"] == "image"}
+    image_tars = {k: v for k, v in mtimes(cfg.shard_dir).items() if k.startswith("64x64x1/")}
+    assert len(images) == 3 and image_tars
+
+    # the frame stride changes the videos' windows, not the images: only the videos are encoded again
+    strided = dataclasses.replace(cfg, video_sample_stride=1, overwrite=True)
+    over = precompute(strided, progress=False)
+    assert over["status"] == "overwrite" and over["encoded"] == over["samples"] - len(images)
+    assert {k: v for k, v in mtimes(cfg.shard_dir).items() if k.startswith("64x64x1/")} == image_tars
+    fresh_dir = tmp_path / "fresh"
+    precompute(dataclasses.replace(strided, shard_dir=str(fresh_dir), overwrite=False), progress=False)
+    assert payload(read_tars(cfg.shard_dir)) == payload(read_tars(fresh_dir))
+    assert shards.read_index(cfg.shard_dir)["key"] == shards.read_index(fresh_dir)["key"]
+    assert precompute(dataclasses.replace(strided, overwrite=False), progress=False)["status"] == "up to date"
+
+    # one caption changed: that sample alone is encoded again (its tar-mates are copied, bytes unchanged)
+    rows = json.loads(meta.read_text())
+    rows[0]["text"] = "A new caption for the first clip."
+    meta.write_text(json.dumps(rows))
+    before = payload(read_tars(cfg.shard_dir))
+    recaptioned = precompute(strided, progress=False)
+    assert recaptioned["encoded"] == 1 and recaptioned["samples"] == over["samples"]
+    after = payload(read_tars(cfg.shard_dir))
+    changed = sorted(k for k in after if after[k] != before[k])
+    assert len(changed) == 1 and json.loads(after[changed[0]][0])["caption"] == "A new caption for the first clip."
+
+    # a tar the manifest lists has gone: --overwrite encodes its samples alone
+    gone = next(Path(cfg.shard_dir).glob("*/*.tar"))
+    lost = sum(1 for sample in read_tars(cfg.shard_dir).values() if sample["tar"] == str(gone.relative_to(cfg.shard_dir)))
+    gone.unlink()
+    with pytest.raises(ShardError, match="gone"):
+        precompute(dataclasses.replace(strided, overwrite=False), progress=False)
+    rebuilt = precompute(strided, progress=False)
+    assert rebuilt["status"] == "overwrite" and rebuilt["encoded"] == lost and payload(read_tars(cfg.shard_dir)) == after
 
 
 # ---------------------------------------------------------------------------------------------- 4. kill + resume
@@ -748,7 +809,7 @@ def test_inspect_buckets_from_dataset_follows_the_rules(synthetic_data, bad_data
 
 # ---------------------------------------------------------------------------------------------- 10. real-world media
 
-def test_real_world_media_and_caption_variants(tiny_model_inp, tmp_path):
+def test_real_world_media_and_caption_variants(tiny_model_t2v, tmp_path):
     """The media zoo (every kind of file, cogfun.tiny.write_media_zoo) with a clip listed under two
     captions and one row repeated: one sample per (file, caption), the decoders other than the
     default, the warnings and the skips per reason in the summary, the manifest and inspect-buckets
@@ -761,7 +822,7 @@ def test_real_world_media_and_caption_variants(tiny_model_inp, tmp_path):
     h264 = next(r for r in rows if r["file_path"] == "zoo/h264.mp4")
     rows += [dict(h264, text="The same clip, described another way."), dict(h264)]   # a variant, a repeat
     meta.write_text(json.dumps(rows))
-    cfg = make_cfg(tiny_model_inp, meta, tmp_path / "shards", video_sample_size=32, image_sample_size=32,
+    cfg = make_cfg(tiny_model_t2v, meta, tmp_path / "shards", video_sample_size=32, image_sample_size=32,
                    token_sample_size=32, video_sample_n_frames=5, train_mode="normal")
     result = CliRunner().invoke(cli.main, ["precompute", *cli_args(cfg)])
     assert result.exit_code == 0, (result.output, result.exception)
@@ -833,7 +894,7 @@ def test_skipped_sources_are_retried_when_cogfun_may_read_them_now(tiny_model_in
     assert precompute(cfg, progress=False)["status"] == "up to date"
 
 
-def test_num_views_auto_stores_views_and_an_epoch_shows_one(tiny_model_inp, synthetic_data, tmp_path):
+def test_num_views_auto_stores_views_and_an_epoch_shows_one(tiny_model_inp, tiny_model_t2v, synthetic_data, tmp_path):
     """--num_views auto on real clips: 24-frame clips at a 9-frame window get 3 views, the 36-frame one 4, the
     6-frame one (a 5-frame window) 1,
     images 1; the trainer's sampler shows one view of each clip per epoch. An explicit count and its
@@ -841,7 +902,7 @@ def test_num_views_auto_stores_views_and_an_epoch_shows_one(tiny_model_inp, synt
     from cogfun.loader import BucketBatchSampler, CachedSamples, index_rows
     from stages.precompute import settings_of
 
-    cfg = make_cfg(tiny_model_inp, synthetic_data, tmp_path / "auto", train_mode="normal", video_sample_stride=1,
+    cfg = make_cfg(tiny_model_t2v, synthetic_data, tmp_path / "auto", train_mode="normal", video_sample_stride=1,
                    num_views="auto")
     precompute(cfg, progress=False)
     index = shards.read_index(cfg.shard_dir)

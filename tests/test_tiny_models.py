@@ -309,3 +309,13 @@ def test_released_layouts(variant: str, tmp_path: Path) -> None:
     assert scaling == (0.7 if "5b" in variant else VAE_SCALING_FACTOR)
     pipe = CogVideoXPipeline.from_pretrained(folder)  # diffusers loads it (its class ignores the CogVideoX-Fun key)
     assert pipe.transformer.config.patch_size_t == RELEASED_KEYS[variant]["patch_size_t"]
+
+
+def test_model_folder_files_follow_the_umask(tiny_model_inp):
+    """save_pretrained writes 0600 weights; the folder (the demo's model) must be readable as the umask allows."""
+    from cogfun.shards import user_umask
+
+    files = [p for p in tiny_model_inp.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    for p in files:
+        assert p.stat().st_mode & 0o777 == 0o666 & ~user_umask(), p

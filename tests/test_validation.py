@@ -295,3 +295,32 @@ def test_held_out_are_whole_source_files_fixed_by_seed():
         held_out(dataset, 5, seed=42)
     with pytest.raises(ConfigError, match="whole"):
         held_out(dataset, 2.5, seed=42)
+
+
+def test_upstream_validation_epochs_tracker_and_transformer_path(setup, encoded_inputs, tmp_path, capsys):
+    """CogVideoX-Fun's --validation_epochs (after epochs 0, n, 2n, ... besides the step rule),
+    --tracker_project_name and --logging_dir (TensorBoard at <output_dir>/<logging_dir>/<project>),
+    and --transformer_path (weights loaded over the folder's: here the folder's own, so 0 missing)."""
+    from diffusers import CogVideoXTransformer3DModel
+    from safetensors.torch import save_file
+
+    from stages.train import train
+
+    out = tmp_path / "out"
+    shutil.copytree(encoded_inputs, out / "validation")
+    weights = tmp_path / "transformer.safetensors"
+    save_file(CogVideoXTransformer3DModel.from_pretrained(setup["model"] / "transformer").state_dict(), str(weights))
+    steps = 7
+    train(TrainConfig(pretrained_model_name_or_path=str(setup["model"]), shard_dir=str(setup["shards"]),
+                      output_dir=str(out), max_train_steps=steps, checkpointing_steps=100, mixed_precision="no", rank=4,
+                      network_alpha=2.0, learning_rate=1e-2, dataloader_num_workers=0, report_to="tensorboard",
+                      tracker_project_name="proj", logging_dir="tb", validation_prompts=str(setup["prompts"]),
+                      validation_images=setup["image"], transformer_path=str(weights), validation_epochs=2,
+                      **{**VALIDATION, "validation_steps": 100, "eval_steps": 100}, **DATA))
+    assert f"--transformer_path {weights}: loaded; missing keys: 0, unexpected keys: 0" in capsys.readouterr().out
+    per_epoch = json.loads((out / "run_config.json").read_text())["steps_per_epoch"]
+    assert 1 <= per_epoch < steps
+    expected = {(e + 1) * per_epoch for e in range(steps) if e % 2 == 0 and (e + 1) * per_epoch < steps} | {steps}
+    assert {int(p.name.removeprefix("step-")) for p in (out / "samples").iterdir()} == expected
+    assert len(expected) >= 3
+    assert list((out / "tb" / "proj").glob("events.out.tfevents.*"))

@@ -110,8 +110,7 @@ def test_diffusers_load_lora_weights_gives_the_trained_model(chain):
     from peft import set_peft_model_state_dict
 
     from cogfun.lora import inject_lora
-    from cogfun.models import load_transformer, pad_for_patch_t
-    from stages.train import rotary_embedding
+    from cogfun.models import load_transformer
 
     base = load_transformer(chain["model"], torch.float32)
     ours = load_transformer(chain["model"], torch.float32)
@@ -128,12 +127,10 @@ def test_diffusers_load_lora_weights_gives_the_trained_model(chain):
 
     def outputs(model):
         out = []
-        for x in inputs:
-            x, n = pad_for_patch_t(x, cfg.patch_size_t)
-            rope = rotary_embedding(cfg, x.shape, "cpu")
+        for x in inputs:  # positions and the 1.5 padding of a 1-frame input: the loaded model's own
             with torch.no_grad():
                 out.append(model(hidden_states=x, encoder_hidden_states=text, timestep=torch.tensor([500]),
-                                 image_rotary_emb=rope, return_dict=False)[0][:, :n])
+                                 return_dict=False)[0])
         return out
 
     before = outputs(base)
@@ -202,7 +199,10 @@ def test_inspect_buckets_shows_the_frame_rule(models, synthetic_data, v15):
     assert (image["encodes_per_sample"], next(b for b in v15_report["buckets"] if b["videos"])["encodes_per_sample"]) \
         == (1 + 4, 1 + 10)
     assert plain["masks"] == {"policies": ["first_n", "first_last_n", "block", "block_range", "ellipse"],
-                              "image_policies": ["block", "ellipse"], "video_coverage": 0.85, "image_coverage": 1.0}
+                              "image_policies": ["block", "ellipse"], "video_coverage": 0.85, "image_coverage": 1.0,
+                              "masks_per_policy": 1, "conditionings_per_clip_max": 5, "cycle_epochs_max": 1,
+                              "conditionings_per_clip_mean": plain["masks"]["conditionings_per_clip_mean"]}
+    assert 2 <= plain["masks"]["conditionings_per_clip_mean"] < 5   # videos 5 (4 clips), images 2 (3)
     table = CliRunner().invoke(cli.main, ["inspect-buckets", "--shard_dir", str(v15)])
     assert table.exit_code == 0 and "frame rule (patch_size_t 2" in table.output
 
@@ -235,17 +235,17 @@ def test_random_frame_crop_keeps_whole_patches():
 
 
 def test_one_frame_padding_for_patch_size_t():
-    from cogfun.models import pad_for_patch_t
+    from cogfun.positions import pad_frames
 
     x = torch.randn(2, 1, 33, 4, 4)
-    padded, n = pad_for_patch_t(x, 2)
-    assert n == 1 and padded.shape == (2, 2, 33, 4, 4)
+    padded = pad_frames(x, 2)
+    assert padded.shape == (2, 2, 33, 4, 4)
     assert torch.equal(padded[:, :1], x) and not padded[:, 1:].any()
-    assert pad_for_patch_t(x, None)[0] is x
+    assert pad_frames(x, None) is x
     even = torch.randn(1, 4, 33, 4, 4)
-    assert pad_for_patch_t(even, 2)[0] is even
+    assert pad_frames(even, 2) is even
     with pytest.raises(ValueError, match="3 latent frames"):
-        pad_for_patch_t(torch.randn(1, 3, 33, 4, 4), 2)
+        pad_frames(torch.randn(1, 3, 33, 4, 4), 2)
 
 
 # ---------------------------------------------------------------------------------------------- reference noise

@@ -228,8 +228,8 @@ def test_bad_dataset_rows(bad: Path) -> None:
         ("videos/empty.mp4", "video", r"^empty file \(0 bytes\)$"),
         ("videos/corrupt.mp4", "video", r"^cannot decode video: Invalid data found when processing input$"),
         ("images/garbage.png", "image", r"^cannot read image: cannot identify image file$"),
-        ("images/good.png", "video", r"^a still PNG image \(64x64\), not a video: list it with type 'image'$"),
-        ("videos/good.mp4", "image", r"^cannot read image: a video \(h264, 96x64\), not an image: list it with "
+        ("images/good.png", "video", r"^a still PNG image \(64x64 HxW\), not a video: list it with type 'image'$"),
+        ("videos/good.mp4", "image", r"^cannot read image: a video \(h264, 64x96 HxW\), not an image: list it with "
                                      r"type 'video'$"),
         ("videos", "video", r"^not a regular file$"),
     ],
