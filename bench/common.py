@@ -422,11 +422,12 @@ def payload_bytes(tensors: dict) -> int:
 
 
 def write_real_shards(shard_dir: Path, n: int, *, frames: int, height: int, width: int,
-                      per_tar: int = 16, policies=REAL_POLICIES) -> dict:
+                      per_tar: int = 16, policies=REAL_POLICIES, per_table: int = 400_000) -> dict:
     """Write `n` real-shape samples (one distinct caption each) in the product's format: tars with
-    `encode_sample` + `BucketWriters`, the caption table, index.parquet and a manifest with what the
-    train loader reads. Returns the manifest. A few distinct random samples are reused (the bytes of
-    random bf16 do not compress either way)."""
+    `encode_sample` + `BucketWriters`, the caption table(s) (`per_table` embeddings each at most:
+    safetensors caps a header at 100 MB), index.parquet and a manifest with what the train loader
+    reads. Returns the manifest. A few distinct random samples are reused (the bytes of random bf16
+    do not compress either way)."""
     from cogfun import shards
     from cogfun.buckets import sample_key
 
@@ -446,15 +447,18 @@ def write_real_shards(shard_dir: Path, n: int, *, frames: int, height: int, widt
         writers.write(bucket, shards.encode_sample(sample_key(meta["source"], 0), meta, sample))
     writers.close()
     (shard_dir / shards.PROMPTS).mkdir(exist_ok=True)
-    table_rel = f"{shards.PROMPTS}/000-bench-0000000.safetensors"
-    shards.save_tensors(table, shard_dir / table_rel)
+    keys, table_of = list(table), {}
+    for start in range(0, len(keys), per_table):
+        table_rel = f"{shards.PROMPTS}/000-bench-{start:07d}.safetensors"
+        shards.save_tensors({k: table[k] for k in keys[start:start + per_table]}, shard_dir / table_rel)
+        table_of.update(dict.fromkeys(keys[start:start + per_table], table_rel))
     rows = shards.scan_shards(shard_dir)
-    shards.write_index(shard_dir, rows, {k: table_rel for k in table})
+    shards.write_index(shard_dir, rows, table_of)
     counts = shards.tar_sample_counts(shard_dir)
     manifest = {"format_version": shards.FORMAT_VERSION, "shards": counts, "num_samples": len(rows),
                 "mask_policies": list(policies),
                 "shard_bytes": {s: (shard_dir / s).stat().st_size for s in counts},
-                "prompt_tables": {table_rel: (shard_dir / table_rel).stat().st_size}}
+                "prompt_tables": {t: (shard_dir / t).stat().st_size for t in sorted(set(table_of.values()))}}
     shards.write_json_atomic(shard_dir / shards.MANIFEST, manifest)
     return manifest
 

@@ -5,7 +5,8 @@
     S/prompts/<rank>-<run>-<n>.safetensors   caption table: one T5 embedding per distinct caption,
                              keyed by `prompt_key(caption)`, .tmp until complete
     S/index.parquet          one row per sample (key, bucket, shard, position, source, ..., prompt,
-                             prompt_table)
+                             prompt_table, and where its bytes are: tar member and caption
+                             embedding offsets and sizes)
     S/null_prompt.safetensors  the empty-caption T5 embedding
     S/black_latents.safetensors  inpaint: per bucket, the latents of an all -1 clip (the reference's
                              t2v_flag steps)
@@ -15,7 +16,8 @@ A sample is `<key>.json` (metadata: source, caption, `prompt` = its caption tabl
 frame indices, fps, resize/crop, bucket sizes, and `input`, the digest of the source it was made
 from) + `<key>.safetensors` (bf16 latents). Format 2 stores the T5 embedding once per caption
 (format 1 stored it in every sample). Nothing here unpickles: a member with any other extension
-is refused. Readers take a local path or a `storage.ShardStore` (URLs).
+is refused. Readers take a local path or a `storage.ShardStore` (URLs); training reads the index
+through `SampleIndex` (columnar, lazy).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import hashlib
 import json
 import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from cogfun.storage import ShardError, as_store
 
 FORMAT_VERSION = 2                  # 2: T5 embeddings in caption tables (1: one per sample)
 MANIFEST = "manifest.json"
@@ -36,10 +40,6 @@ BLACK_LATENTS = "black_latents.safetensors"  # inpaint: per bucket, the latents 
 INTENT = ".precompute.json"
 HASH_CACHE = ".model-hash-cache.json"
 ALLOWED_MEMBERS = ("json", "safetensors")
-
-
-class ShardError(RuntimeError):
-    """A shard dir that cannot be used as it is; the message says what to do."""
 
 
 # ---------------------------------------------------------------- one sample
@@ -330,6 +330,7 @@ class ShardRow:
     shard: str        # path relative to the shard dir
     position: int     # sample position inside the tar
     meta: dict
+    members: dict = field(default_factory=dict)   # extension -> (data offset in the tar, size)
 
 
 def scan_tar(path: Path, rel: str) -> list[ShardRow]:
@@ -337,14 +338,18 @@ def scan_tar(path: Path, rel: str) -> list[ShardRow]:
     rows = []
     with tarfile.open(path, mode="r:") as tf:
         seen: dict[str, int] = {}
+        members: dict[str, dict] = {}
         for member in tf:
             key, _, ext = member.name.partition(".")
             if key not in seen:
                 seen[key] = len(seen)
+                members[key] = {}
+            members[key][ext] = (member.offset_data, member.size)
             if ext != "json":
                 continue
             meta = json.loads(tf.extractfile(member).read())
-            rows.append(ShardRow(key=key, bucket=meta["bucket"], shard=rel, position=seen[key], meta=meta))
+            rows.append(ShardRow(key=key, bucket=meta["bucket"], shard=rel, position=seen[key], meta=meta,
+                                 members=members[key]))
     return rows
 
 
@@ -389,37 +394,159 @@ def tar_sample_counts(shard_dir: Path) -> dict[str, int]:
 # ---------------------------------------------------------------- index + manifest
 
 ROW_FIELDS = ("key", "bucket", "shard", "position")     # from the ShardRow; the rest from the sample json
+# Where a sample's bytes are, recorded at precompute so that readers never scan tar headers: its two tar
+# members' data (offset, size) and its caption embedding's in its caption table. An index written before
+# them (same format version) is still read: the loader then scans a tar's headers when it first opens it.
+LOCATION_COLUMNS = ("json_offset", "json_size", "tensors_offset", "tensors_size", "prompt_offset", "prompt_size")
 INDEX_COLUMNS = ("key", "bucket", "shard", "position", "source", "caption", "kind", "frames",
-                 "height", "width", "latent_frames", "tokens", "view", "prompt", "prompt_table")
+                 "height", "width", "latent_frames", "tokens", "view", "prompt", "prompt_table", *LOCATION_COLUMNS)
+PROMPT_LAYOUT = b"cogfun.prompt_embeds"   # index.parquet metadata: {dtype, shape} of every caption embedding
 
 
 def write_index(shard_dir: Path, rows: list[ShardRow], prompt_tables: dict[str, str]) -> None:
-    """index.parquet; `prompt_tables`: caption key -> the caption table holding it."""
+    """index.parquet; `prompt_tables`: caption key -> the caption table holding it (its header gives
+    the embedding's offset and size). `rows` come from `scan_shards` (their tar member offsets)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows = sorted(rows, key=lambda r: (r.bucket, r.shard, r.position))
-    cols = {c: [getattr(r, c) if c in ROW_FIELDS else r.meta[c] for r in rows] for c in INDEX_COLUMNS[:-1]}
+    meta_columns = INDEX_COLUMNS[:INDEX_COLUMNS.index("prompt_table")]
+    cols = {c: [getattr(r, c) if c in ROW_FIELDS else r.meta[c] for r in rows] for c in meta_columns}
     cols["prompt_table"] = [prompt_tables[k] for k in cols["prompt"]]
+    for ext, name in (("json", "json"), ("safetensors", "tensors")):
+        cols[f"{name}_offset"] = [r.members[ext][0] for r in rows]
+        cols[f"{name}_size"] = [r.members[ext][1] for r in rows]
+    spans, layouts = {}, set()
+    for rel in sorted(set(cols["prompt_table"])):
+        with open(Path(shard_dir) / rel, "rb") as fh:
+            start, entries = file_safetensors_header(fh.fileno())
+        for key, (dtype, shape, begin, end) in entries.items():
+            if prompt_tables.get(key) == rel:
+                spans[key] = (start + begin, end - begin)
+                layouts.add((dtype, shape))
+    if len(layouts) > 1:
+        raise ShardError(f"{shard_dir}: caption embeddings of different dtypes or shapes {sorted(layouts)}: "
+                         f"one text encoder made them all? Re-run precompute with --overwrite")
+    cols["prompt_offset"] = [spans[k][0] for k in cols["prompt"]]
+    cols["prompt_size"] = [spans[k][1] for k in cols["prompt"]]
     table = pa.table(cols)
+    if layouts:
+        (dtype, shape), = layouts
+        table = table.replace_schema_metadata({PROMPT_LAYOUT: json.dumps({"dtype": dtype, "shape": list(shape)})})
     tmp = Path(shard_dir) / (INDEX + ".tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, Path(shard_dir) / INDEX)
 
 
 def read_index(where, columns=None) -> dict[str, list]:
-    """index.parquet of a shard dir (path, URL or ShardStore) as {column: values}."""
-    import io
+    """index.parquet of a shard dir (path, URL or ShardStore) as {column: values} (Python lists: for
+    tools and tests; training reads it through `SampleIndex`)."""
+    return as_store(where).read_parquet(INDEX, columns).to_pydict()
 
-    import pyarrow.parquet as pq
 
-    from cogfun.storage import as_store
+class SampleIndex:
+    """index.parquet for training: columnar and lazy (~130 bytes per sample held for training).
 
-    # use_threads=False: once pyarrow's CPU thread pool has run, pyarrow 26 aborts now and then at
-    # interpreter exit ("terminate called without an active exception", exit 134, ~1 run in 10 here,
-    # apache/arrow#39162) after all the work is done; the index is small, threads buy nothing.
-    return pq.read_table(io.BytesIO(as_store(where).read_bytes(INDEX)), columns=columns,
-                         use_threads=False).to_pydict()
+    A column is read from the file the first time it is asked for (only its bytes: ranged reads
+    from a URL; `fetch` reads several in one go) and held as a numpy array: integers as int64,
+    strings as int32 codes into their distinct values in sorted order (`codes`), but `key`, held
+    as an Arrow array and as `clip` codes (the key without `_v<view>`, see `buckets.sample_key`).
+    Captions, sources and the other columns stay in the file until a caller asks for them. Not for
+    concurrent first reads: fetch what threads will use before starting them.
+    """
+
+    def __init__(self, where=None, *, table=None):
+        """`where`: a shard dir (path, URL or ShardStore); or `table`: the index as a pyarrow Table."""
+        self.store = as_store(where) if table is None else None
+        self._table = table
+        self._held: dict[str, object] = {}
+        self._absent: set[str] = set()
+        self.prompt_layout: tuple[str, tuple] | None = None   # (torch dtype name, shape) of caption embeddings
+
+    def __repr__(self) -> str:
+        return f"SampleIndex({self.store or 'table'}, held: {sorted(self._held)})"
+
+    def fetch(self, names) -> None:
+        """Read the columns `names` that are not held yet, in one read. A column the file lacks is
+        remembered as absent (`has`)."""
+        import pyarrow as pa
+
+        wanted = [n for n in dict.fromkeys(names) if n not in self._held and n not in self._absent]
+        if not wanted:
+            return
+        if self._table is not None:
+            table = self._table.select([n for n in wanted if n in self._table.column_names])
+            metadata = self._table.schema.metadata
+        else:
+            table = self.store.read_parquet(INDEX, wanted, dictionary=tuple(n for n in wanted if n != "key"))
+            metadata = table.schema.metadata
+        if metadata and PROMPT_LAYOUT in metadata:
+            layout = json.loads(metadata[PROMPT_LAYOUT])
+            self.prompt_layout = (layout["dtype"], tuple(layout["shape"]))
+        for name in wanted:
+            if name not in table.column_names:
+                self._absent.add(name)
+                continue
+            column = table.column(name)
+            if column.null_count:
+                raise ShardError(f"{self._where()}: column {name!r} has {column.null_count} empty values; "
+                                 f"re-run precompute to rewrite it")
+            if name == "key":   # the keys themselves (to check what is read), and the clips
+                import pyarrow.compute as pc
+
+                self._held["key"] = column.combine_chunks()
+                self._held["clip"] = _sorted_codes(pc.replace_substring_regex(column, pattern=r"_v[0-9]+$",
+                                                                              replacement=""))
+            elif pa.types.is_integer(column.type):
+                self._held[name] = column.to_numpy().astype("int64", copy=False)
+            else:
+                self._held[name] = _sorted_codes(column)
+            del column
+        del table
+        pa.default_memory_pool().release_unused()   # what the read needed only: give it back now
+
+    def has(self, name: str) -> bool:
+        self.fetch([name])
+        return name in self._held
+
+    def ints(self, name: str):
+        """An integer column as an int64 array (one entry per row)."""
+        return self._get(name)
+
+    def codes(self, name: str):
+        """(int32 codes, pyarrow array of the distinct values in sorted order) of a string column, or
+        of `clip`: the sample keys without their view suffix."""
+        self._get("key" if name == "clip" else name)
+        return self._held[name]
+
+    def keys(self):
+        """The sample keys (a pyarrow string array, one per row)."""
+        return self._get("key")
+
+    def _get(self, name: str):
+        self.fetch([name])
+        if name not in self._held:
+            raise ShardError(f"{self._where()}: no column {name!r} (written by an older cogfun?); re-run "
+                             f"precompute with --overwrite to rebuild it")
+        return self._held[name]
+
+    def _where(self) -> str:
+        return self.store.url(INDEX) if self.store is not None else INDEX
+
+
+def _sorted_codes(column):
+    """(int32 codes, sorted distinct values) of a pyarrow string column."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if not pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_encode()
+    order = pc.sort_indices(arr.dictionary).to_numpy()
+    rank = np.empty(len(order), dtype=np.int32)
+    rank[order] = np.arange(len(order), dtype=np.int32)
+    return rank[arr.indices.to_numpy(zero_copy_only=False)], arr.dictionary.take(order)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

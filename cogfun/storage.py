@@ -33,9 +33,13 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from cogfun.shards import ShardError
-
 log = logging.getLogger(__name__)
+
+
+class ShardError(RuntimeError):
+    """A shard dir that cannot be used as it is; the message says what to do. (Defined here, the
+    lowest of the shard modules, so that `cogfun.shards` can read through this one; it is also
+    `cogfun.shards.ShardError`.)"""
 
 #: fsspec backends and the pinned package that provides each (gcsfs is not a dependency).
 BACKENDS = {"http": "aiohttp", "https": "aiohttp", "s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
@@ -128,6 +132,8 @@ class ShardStore:
 
     def _retrying(self, rel: str, fn):
         """fn() with retries on transient errors; a ShardError naming the URL when they run out."""
+        if not self.remote:   # a local file has no transient errors (and needs no network client imported)
+            return fn()
         errors = _transient_errors()
         delay = self.backoff
         for attempt in range(self.retries + 1):
@@ -148,6 +154,27 @@ class ShardStore:
     def read_bytes(self, rel: str) -> bytes:
         """The whole file (manifest, index, null prompt: small, never cached). FileNotFoundError if absent."""
         return self._retrying(rel, lambda: self.fs.cat_file(self._path(rel)))
+
+    def read_parquet(self, rel: str, columns: list[str] | None = None, dictionary: tuple[str, ...] = ()):
+        """Columns of a parquet file (index.parquet) as a pyarrow Table: only their bytes are read
+        (ranged reads from a URL), never cached. Named columns the file lacks are left out; None:
+        all of them. `dictionary`: string columns to read as dictionary arrays (few distinct values).
+        FileNotFoundError if absent."""
+        import pyarrow.parquet as pq
+
+        def read():
+            with self.fs.open(self._path(rel), "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                names = pf.schema_arrow.names
+                if any(c in names for c in dictionary):
+                    pf = pq.ParquetFile(fh, metadata=pf.metadata, read_dictionary=[c for c in dictionary if c in names])
+                # use_threads=False: once pyarrow's CPU thread pool has run, pyarrow 26 aborts now and then at
+                # interpreter exit ("terminate called without an active exception", exit 134, ~1 run in 10
+                # here, apache/arrow#39162) after all the work is done; threads buy little on a few columns.
+                return pf.read(columns=None if columns is None else [c for c in columns if c in names],
+                               use_threads=False)
+
+        return self._retrying(rel, read)
 
     # ---------------------------------------------------------------- immutable files: local path
 

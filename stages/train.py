@@ -768,8 +768,7 @@ def train(cfg: TrainConfig) -> dict:
 
     dataset = CachedSamples(store, manifest)
     eval_indices = held_out(dataset, cfg.eval_samples, cfg.seed)  # same on every rank and on resume
-    excluded = set(eval_indices)
-    train_rows = [r for r in index_rows(dataset) if r[0] not in excluded]
+    train_rows = index_rows(dataset, exclude=eval_indices)
     sampler = BucketBatchSampler(train_rows, batch_size=cfg.train_batch_size, world=world,
                                  rank=rank, accumulation=cfg.gradient_accumulation_steps, seed=cfg.seed,
                                  video_repeat=cfg.video_repeat)
