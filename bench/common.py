@@ -222,7 +222,7 @@ def free_port() -> int:
 def shards_for(model: Path, meta: Path, *, size: int, frames: int) -> Path:
     """Precomputed shards (cached by model, data and shape; rebuilt when of an older shard format)."""
     from cogfun import shards
-    from stages.precompute import precompute
+    from cogfun.stages.precompute import precompute
 
     shard_dir = OUT / "shards" / f"{model.name}--{meta.parent.name}--{size}x{frames}"
     made = shards.read_manifest(shard_dir, check_version=False)
@@ -280,7 +280,7 @@ class TrainSetup:
         return list(itertools.islice(batches(dataset, sampler, threads=0), n))
 
     def inputs(self, batch: dict, epoch: int = 0):
-        from stages.train import batch_inputs
+        from cogfun.stages.train import batch_inputs
 
         return batch_inputs(batch, epoch=epoch, cfg=self.cfg, scheduler=self.scheduler, scaling=self.scaling,
                             policies=self.policies, null_prompt=self.null_prompt, device="cpu",

@@ -142,7 +142,7 @@ def host_prep_seconds(args, text_dim: int, repeat: int = 5) -> float:
     from diffusers import DDPMScheduler
 
     from cogfun.tiny import SCHEDULER_CONFIG, VAE_SCALING_FACTOR
-    from stages.train import batch_inputs
+    from cogfun.stages.train import batch_inputs
 
     cfg = train_cfg(args, False)
     scheduler = DDPMScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if k != "snr_shift_scale"})
@@ -180,7 +180,7 @@ def run_sides(args, cfgs, device, checkpointing: bool, encoders=None) -> dict:
     from cogfun import models
     from cogfun.masks import masked_clip
     from cogfun.tiny import SCHEDULER_CONFIG, VAE_SCALING_FACTOR
-    from stages.train import batch_inputs
+    from cogfun.stages.train import batch_inputs
 
     cfg = train_cfg(args, checkpointing)
     reset_peak(device)

@@ -59,7 +59,7 @@ def product_runs(args) -> dict:
 
     from accelerate.state import AcceleratorState, GradientState
 
-    from stages.train import train
+    from cogfun.stages.train import train
 
     model = C.tiny_model()
     meta = C.clip_dataset(C.n_clips(True))

@@ -46,7 +46,7 @@ def main() -> None:
     from cogfun.buckets import sample_bytes
     from cogfun.config import PrecomputeConfig, mask_policy_list
     from cogfun.inspect import SAMPLE_OVERHEAD, conditioning_latents
-    from stages.precompute import precompute
+    from cogfun.stages.precompute import precompute
 
     if args.part in ("k", "all"):
         masks_per_policy(n, rounds)
@@ -105,7 +105,7 @@ def masks_per_policy(n: int, rounds: int) -> None:
     from cogfun.buckets import sample_bytes
     from cogfun.config import PrecomputeConfig, mask_policy_list
     from cogfun.inspect import SAMPLE_OVERHEAD, conditioning_latents
-    from stages.precompute import precompute
+    from cogfun.stages.precompute import precompute
 
     pols = mask_policy_list(PrecomputeConfig(train_mode="inpaint"))
     rows = []

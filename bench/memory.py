@@ -70,7 +70,7 @@ def child(args) -> None:
         cfg = C.train_config(model, shard_dir, C.scratch(f"memory-{args.child}"), steps=steps,
                              dataloader_num_workers=0)
         if args.child == "cogfun":
-            import stages.train as st
+            import cogfun.stages.train as st
 
             real = st.batch_inputs
 

@@ -44,7 +44,7 @@ def main() -> None:
     from cogfun.dataset import load_sources, probe_and_plan
     from cogfun.masks import black_clip, draw_geometries, masked_clip
     from cogfun.video import decode_video, frames_to_tensor
-    from stages.precompute import precompute
+    from cogfun.stages.precompute import precompute
 
     model = C.tiny_model(C.BIG_TINY)
     meta = C.clip_dataset(n)

@@ -56,7 +56,7 @@ def main() -> None:
 
     from cogfun.buckets import Sampling
     from cogfun.dataset import load_sources, probe_and_plan
-    from stages.precompute import precompute
+    from cogfun.stages.precompute import precompute
 
     model = C.tiny_model()
     root, meta = dataset(n)

@@ -32,8 +32,8 @@ def series(quick: bool) -> dict[str, list[tuple[int, int, int]]]:
 def measure(model, clips: int, frames: int, size: int, steps: int) -> dict:
     import time
 
-    from stages.precompute import precompute
-    from stages.train import train
+    from cogfun.stages.precompute import precompute
+    from cogfun.stages.train import train
 
     meta = C.clip_dataset(clips, frames=56)
     out = C.scratch("scale")

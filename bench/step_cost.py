@@ -40,7 +40,7 @@ def main() -> None:
     steps = args.steps or (8 if args.quick else 20)
     rounds = args.rounds or (2 if args.quick else 4)
 
-    from stages.train import train
+    from cogfun.stages.train import train
 
     model = C.tiny_model(None if args.small else C.BIG_TINY)
     meta = C.clip_dataset(C.n_clips(args.quick))  # one epoch covers a run: no epoch restarts

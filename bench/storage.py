@@ -75,8 +75,8 @@ def views() -> None:
     from cogfun import shards
     from cogfun.config import PrecomputeConfig
     from cogfun.tiny import write_synthetic_dataset
-    from pipelines.demo import data_settings
-    from stages.precompute import precompute
+    from cogfun.pipelines.demo import data_settings
+    from cogfun.stages.precompute import precompute
 
     model = C.tiny_model(variant="inp")
     meta = C.OUT / "demo-data" / "metadata.json"

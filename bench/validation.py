@@ -84,7 +84,7 @@ def config(args, out: Path, *, validate: bool):
 
 
 def child_train(args, validate: bool, preimport: bool = False) -> dict:
-    import stages.train as st
+    import cogfun.stages.train as st
     from cogfun import sampling, validation
 
     if preimport:  # the code validation brings in (PyAV + x264, the pipeline, the VAE), nothing else

@@ -20,8 +20,8 @@ def data_settings(meta: Path) -> dict:
 
 def run(workdir: Path, *, steps: int = 20) -> dict:
     from cogfun.tiny import write_synthetic_dataset, write_tiny_model
-    from stages.precompute import precompute
-    from stages.train import train
+    from cogfun.stages.precompute import precompute
+    from cogfun.stages.train import train
 
     workdir = Path(workdir)
     model = workdir / "model"

@@ -16,7 +16,7 @@ from cogfun.config import PrecomputeConfig, TrainConfig, subset
 def run(cfg: TrainConfig) -> dict:
     from cogfun.lowmem import check_launch
     from cogfun.models import read_component_config
-    from stages.train import launch_kind, train
+    from cogfun.stages.train import launch_kind, train
 
     # refused before any encoding, as train would refuse them
     check_launch(cfg.base_weight_dtype, cfg.offload_blocks, kind=launch_kind(), mixed_precision=cfg.mixed_precision,
@@ -24,7 +24,7 @@ def run(cfg: TrainConfig) -> dict:
                  if cfg.pretrained_model_name_or_path else None)
     if cfg.train_data_meta or cfg.train_data_shards:
         from cogfun.runs import claim_output_dir
-        from stages.precompute import precompute
+        from cogfun.stages.precompute import precompute
 
         if not cfg.shard_dir:
             cfg.shard_dir = str(Path(cfg.output_dir) / "shards")

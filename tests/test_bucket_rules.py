@@ -238,7 +238,7 @@ def test_inspect_buckets_names_the_videos_that_became_1_frame(synthetic_data):
 
     from click.testing import CliRunner
 
-    import cli
+    from cogfun import cli
 
     flags = ["inspect-buckets", "--train_data_meta", str(synthetic_data), "--train_data_dir",
              str(Path(synthetic_data).parent), "--video_sample_size", "64", "--image_sample_size", "128",

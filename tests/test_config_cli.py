@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import cli
+from cogfun import cli
 from cogfun.config import (ConfigError, InspectConfig, PrecomputeConfig, SampleConfig, TrainConfig, fingerprint_keys,
                            load_toml, mask_policy_list)
 from cogfun.dataset import MetadataError, load_sources, read_metadata
@@ -187,7 +187,7 @@ def test_mask_policy_names_and_num_views_setting(tmp_path):
 def test_demo_trains_the_products_default_conditioning(tmp_path):
     """`cogfun demo` shows what a default inpaint run trains: the default mask policies (and their weights)."""
     from cogfun.config import DEFAULT_MASK_POLICIES
-    from pipelines.demo import data_settings
+    from cogfun.pipelines.demo import data_settings
 
     cfg = PrecomputeConfig(**data_settings(tmp_path / "metadata.json"))
     assert cfg.train_mode == "inpaint" and cfg.mask_policies == DEFAULT_MASK_POLICIES

@@ -426,7 +426,7 @@ def test_comfyui_names_of_every_diffusers_linear_and_a_clear_error_otherwise():
 def test_export_lora_converts_a_checkpoint_to_each_format(tmp_path):
     from click.testing import CliRunner
 
-    import cli
+    from cogfun import cli
     from cogfun.lora import COMFY_WEIGHT_NAME, KOHYA_WEIGHT_NAME, LORA_WEIGHT_NAME, export_lora, to_comfyui
 
     model, names = lora_model()

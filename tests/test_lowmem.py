@@ -112,7 +112,7 @@ def test_refusals_name_the_flag(tmp_path, monkeypatch, tiny_model_inp):
     with pytest.raises(ConfigError, match="--offload_blocks 3: this transformer has 2 blocks"):
         lowmem.offload_blocks(lora_model(torch.float32), 3, "cpu")
     # train refuses under an FSDP launch before it sets anything up
-    from stages.train import train
+    from cogfun.stages.train import train
 
     with pytest.raises(ConfigError, match="--offload_blocks 5: this transformer has 2 blocks"):
         train(TrainConfig(pretrained_model_name_or_path=str(tiny_model_inp), shard_dir=str(tmp_path), offload_blocks=5))
@@ -128,7 +128,7 @@ def test_refusals_name_the_flag(tmp_path, monkeypatch, tiny_model_inp):
 def shards(tmp_path_factory, tiny_model_inp, synthetic_data):
     from accelerate.state import AcceleratorState
 
-    from stages.precompute import precompute
+    from cogfun.stages.precompute import precompute
 
     out = tmp_path_factory.mktemp("lowmem") / "shards"
     precompute(PrecomputeConfig(pretrained_model_name_or_path=str(tiny_model_inp), train_data_meta=str(synthetic_data),
@@ -141,7 +141,7 @@ def shards(tmp_path_factory, tiny_model_inp, synthetic_data):
 def train_run(model, shards, out, **kw):
     from accelerate.state import AcceleratorState, GradientState
 
-    from stages.train import train
+    from cogfun.stages.train import train
 
     settings = dict(max_train_steps=4, checkpointing_steps=2, mixed_precision="bf16", gradient_checkpointing=True,
                     rank=4, network_alpha=2.0, learning_rate=1e-3, dataloader_num_workers=0, report_to="none",
@@ -157,7 +157,7 @@ def train_run(model, shards, out, **kw):
 
 def test_fp8_and_offload_runs_train_resume_exactly_and_the_lora_samples_on_a_bf16_base(tiny_model_inp, shards,
                                                                                           tmp_path, synthetic_data):
-    from stages.sample import sample
+    from cogfun.stages.sample import sample
     from cogfun.config import SampleConfig
 
     bf16 = train_run(tiny_model_inp, shards, tmp_path / "bf16")

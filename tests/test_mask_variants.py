@@ -51,7 +51,7 @@ def test_each_view_meets_each_mask_set_once_per_cycle():
 def shards(tmp_path_factory, tiny_model_inp, synthetic_data):
     from accelerate.state import AcceleratorState
 
-    from stages.precompute import precompute
+    from cogfun.stages.precompute import precompute
 
     root = tmp_path_factory.mktemp("mask_variants")
     rows = [r for r in json.loads(synthetic_data.read_text()) if Path(r["file_path"]).name in
@@ -78,7 +78,7 @@ def _samples(shard_dir: str) -> list[tuple[dict, dict]]:
 
 
 def test_precompute_stores_k_sets_and_keeps_k1_shards_as_before(shards):
-    from stages.precompute import settings_of
+    from cogfun.stages.precompute import settings_of
 
     (cfg1, sum1), (cfg2, sum2) = shards[1], shards[2]
     assert "masks_per_policy" not in settings_of(cfg1) and settings_of(cfg2)["masks_per_policy"] == 2
@@ -103,7 +103,7 @@ def test_precompute_stores_k_sets_and_keeps_k1_shards_as_before(shards):
 def test_inspect_counts_the_encodes_and_bytes_of_k_sets(shards):
     from click.testing import CliRunner
 
-    import cli
+    from cogfun import cli
     from cogfun.buckets import latent_bytes
 
     reports, estimates = {}, {}
@@ -135,7 +135,7 @@ def test_inspect_counts_the_encodes_and_bytes_of_k_sets(shards):
 def test_training_cycles_the_mask_sets(shards, tiny_model_inp, tmp_path, monkeypatch):
     """Each sample is trained on the geometry set mask_variant gives its epoch: over 4 epochs both sets."""
     from cogfun.buckets import sample_key
-    from stages.train import train
+    from cogfun.stages.train import train
 
     cfg, _ = shards[2]
     seen = []
@@ -147,7 +147,7 @@ def test_training_cycles_the_mask_sets(shards, tiny_model_inp, tmp_path, monkeyp
 
     monkeypatch.setattr(masks, "conditioning", watched)
     epochs = []
-    import stages.train as stage
+    import cogfun.stages.train as stage
 
     batch_inputs = stage.batch_inputs
 
@@ -176,9 +176,9 @@ def test_training_with_upstream_batch_flags(shards, tiny_model_inp, tmp_path, mo
 
     from accelerate.state import AcceleratorState
 
-    import stages.train as stage
-    from stages.precompute import precompute
-    from stages.train import train
+    import cogfun.stages.train as stage
+    from cogfun.stages.precompute import precompute
+    from cogfun.stages.train import train
 
     # the token budget is the shards' own: precompute them with --training_with_video_token_length
     # (at V = I = T = 64 the plans are those of the k1 shards)

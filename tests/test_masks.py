@@ -255,7 +255,7 @@ def drawn_policies(frames: int, cfg, calls: int = 150, bsz: int = 8) -> list[str
     conditioning (each cached policy's masked latents hold its own constant; black clip latents 100)."""
     from diffusers import DDPMScheduler
 
-    from stages.train import batch_inputs
+    from cogfun.stages.train import batch_inputs
 
     policies = list(masks.DEFAULT_POLICIES)
     f_lat = (frames - 1) // 4 + 1
@@ -283,7 +283,7 @@ def test_training_draws_the_reference_weights_and_the_black_clip():
     from collections import Counter
 
     from cogfun.config import TrainConfig
-    from stages.train import mask_weights
+    from cogfun.stages.train import mask_weights
 
     cfg = TrainConfig(train_mode="inpaint", caption_dropout=0.0, seed=1)
     for frames in (9, 1):
@@ -315,7 +315,7 @@ def test_shards_without_mask_geometry_are_refused_for_inpaint():
     from types import SimpleNamespace
 
     from cogfun.shards import ShardError
-    from stages.train import check_shards_fit
+    from cogfun.stages.train import check_shards_fit
 
     tcfg = SimpleNamespace(out_channels=16, text_embed_dim=32, in_channels=33)
     manifest = {"model": {"latent_channels": 16, "text_dim": 32}, "mask_policies": ["i2v", "first_last"]}

@@ -163,8 +163,8 @@ def test_frames_beyond_the_sincos_table_are_refused_before_any_work(models_dir, 
     from cogfun.config import PrecomputeConfig
     from cogfun.masks import MASK_DESIGN
     from cogfun.shards import ShardError
-    from stages.precompute import precompute
-    from stages.train import check_shards_fit
+    from cogfun.stages.precompute import precompute
+    from cogfun.stages.train import check_shards_fit
 
     sincos = models.read_component_config(models_dir["inp"], "transformer")
     assert sampling.geometry(sincos, 49, 64, 64).frames == 49

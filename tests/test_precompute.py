@@ -28,11 +28,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import cli
+from cogfun import cli
 from cogfun import shards
 from cogfun.config import PrecomputeConfig
 from cogfun.shards import ShardError
-from stages.precompute import precompute
+from cogfun.stages.precompute import precompute
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ["i2v", "first_last", "block"]
@@ -901,7 +901,7 @@ def test_num_views_auto_stores_views_and_an_epoch_shows_one(tiny_model_inp, tiny
     images 1; the trainer's sampler shows one view of each clip per epoch. An explicit count and its
     string form are the same shards as before (fingerprint)."""
     from cogfun.loader import BucketBatchSampler, CachedSamples, index_rows
-    from stages.precompute import settings_of
+    from cogfun.stages.precompute import settings_of
 
     cfg = make_cfg(tiny_model_t2v, synthetic_data, tmp_path / "auto", train_mode="normal", video_sample_stride=1,
                    num_views="auto")

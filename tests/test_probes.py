@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import cli
+from cogfun import cli
 from cogfun import probes, video
 from cogfun.buckets import Sampling
 from cogfun.dataset import load_sources, probe_and_plan
@@ -120,7 +120,7 @@ def test_precompute_reuses_the_cache_and_inspect_reads_it(tmp_path, synthetic_da
     from accelerate.state import AcceleratorState
 
     from cogfun.config import PrecomputeConfig
-    from stages.precompute import precompute
+    from cogfun.stages.precompute import precompute
 
     data = tmp_path / "data"
     shutil.copytree(synthetic_data.parent, data)

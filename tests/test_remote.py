@@ -16,7 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import cli
+from cogfun import cli
 from cogfun import shards
 from cogfun.config import PrecomputeConfig, TrainConfig
 from cogfun.loader import BucketBatchSampler, CachedSamples, batches, index_rows
@@ -32,7 +32,7 @@ DATA = dict(video_sample_size=64, image_sample_size=64, token_sample_size=64, vi
 def shard_dir(tmp_path_factory, tiny_model_inp, synthetic_data):
     from accelerate.state import AcceleratorState
 
-    from stages.precompute import precompute
+    from cogfun.stages.precompute import precompute
 
     out = tmp_path_factory.mktemp("remote") / "shards"
     precompute(PrecomputeConfig(pretrained_model_name_or_path=str(tiny_model_inp), train_data_meta=str(synthetic_data),
@@ -74,7 +74,7 @@ def test_http_reads_equal_local_with_retries_and_one_fetch_per_node(shard_dir, s
 
 
 def test_unreachable_or_missing_file_fails_naming_the_url(shard_dir, server, tmp_path, tiny_model_inp):
-    from stages.train import train
+    from cogfun.stages.train import train
 
     manifest = shards.require_manifest(shard_dir)
     bad = sorted(manifest["shards"])[1]
@@ -140,7 +140,7 @@ def test_cache_fills_once_under_concurrency_and_evicts_least_recently_used(shard
 def test_a_file_url_is_the_same_dir_for_precompute_and_readers(shard_dir, tmp_path, monkeypatch, tiny_model_inp,
                                                                synthetic_data):
     """file:///x is /x for precompute (pathlib) as for train and inspect-buckets (fsspec)."""
-    from stages.precompute import precompute
+    from cogfun.stages.precompute import precompute
 
     copy = tmp_path / "S"
     shutil.copytree(shard_dir, copy)
@@ -195,7 +195,7 @@ def test_threaded_batches_equal_in_order_reads_and_skip(shard_dir):
 
 def test_urls_refused_where_they_cannot_work_and_old_formats_refused(shard_dir, tmp_path, tiny_model_inp,
                                                                      synthetic_data):
-    from stages.precompute import precompute
+    from cogfun.stages.precompute import precompute
 
     cfg = PrecomputeConfig(pretrained_model_name_or_path=str(tiny_model_inp), train_data_meta=str(synthetic_data),
                            train_data_dir=str(synthetic_data.parent), shard_dir="s3://bucket/shards",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import cli
+from cogfun import cli
 from cogfun import shards
 from cogfun.config import PrecomputeConfig
 from cogfun.testing import HTTPShardServer, S3Server
@@ -70,7 +70,7 @@ def served(tmp_path_factory, synthetic_data):
 def run(model, out, **over) -> dict:
     from accelerate.state import AcceleratorState
 
-    from stages.precompute import precompute
+    from cogfun.stages.precompute import precompute
 
     try:
         return precompute(PrecomputeConfig(pretrained_model_name_or_path=str(model), shard_dir=str(out),

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors import safe_open
 
-import cli
+from cogfun import cli
 from cogfun.config import ConfigError, PrecomputeConfig, TrainConfig
 from cogfun.models import ModelError
 from test_train import DATA, ROOT, VENV, base_args, cli_env, losses, setup  # noqa: F401 (fixture)
@@ -38,7 +38,7 @@ def config(setup, out, **over) -> TrainConfig:
 
 
 def train(cfg):
-    from stages.train import train as run
+    from cogfun.stages.train import train as run
 
     return run(cfg)
 
@@ -80,7 +80,7 @@ def test_a_second_run_into_an_output_dir_is_refused_unless_overwrite(setup, tmp_
     # the one-launch form refuses before precompute encodes anything
     fresh = tmp_path / "fresh-shards"
     with pytest.raises(ConfigError, match="holds a run"):
-        from pipelines.precompute_then_train import run
+        from cogfun.pipelines.precompute_then_train import run
 
         run(config(setup, out, shard_dir=str(fresh), train_data_meta=str(setup["meta"]),
                    train_data_dir=str(setup["meta"].parent)))
@@ -184,7 +184,7 @@ def test_precompute_and_inspect_refuse_a_train_mode_the_model_does_not_fit_befor
     import diffusers
 
     from cogfun import video
-    from stages.precompute import precompute
+    from cogfun.stages.precompute import precompute
 
     def forbidden(self, *a, **k):
         raise AssertionError("decoded or encoded before the refusal")

@@ -75,7 +75,7 @@ def write_lora(model: Path, out: Path) -> Path:
 
 
 def run_sample(model: Path, out: Path, **kw) -> dict:
-    from stages.sample import sample
+    from cogfun.stages.sample import sample
 
     cfg = SampleConfig(pretrained_model_name_or_path=str(model), prompt="A red fox runs across the meadow.",
                        num_inference_steps=2, mixed_precision="no", output=str(out), **SIZE, **kw)
@@ -222,7 +222,7 @@ def test_cogvideox_15_geometry(tiny_model_v15):
 
 
 def test_cli_sample_writes_one_video_per_prompt(tmp_path, tiny_model_t2v):
-    import cli
+    from cogfun import cli
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("A red fox runs.\nA golden owl sleeps!\n")

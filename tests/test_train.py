@@ -88,7 +88,7 @@ def fresh_accelerate_state():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_model_inp, tiny_model_t2v, synthetic_data):
-    from stages.precompute import precompute
+    from cogfun.stages.precompute import precompute
 
     root = tmp_path_factory.mktemp("train")
     shards = root / "shards"
@@ -174,7 +174,7 @@ def test_kill_and_resume_latest_single_process(setup, tmp_path):
 
 def test_latest_skips_incomplete_checkpoints_and_bare_names_are_in_the_output_dir(tmp_path, monkeypatch):
     from cogfun.config import ConfigError
-    from stages.train import CHECKPOINT_STATE, find_checkpoint
+    from cogfun.stages.train import CHECKPOINT_STATE, find_checkpoint
 
     out = tmp_path / "out"
     for step in (2, 4, 10):
@@ -200,7 +200,7 @@ def test_pinned_loss_curve_and_no_vae_or_t5(setup, tmp_path, monkeypatch):
     import diffusers
     import transformers
 
-    from stages.train import train
+    from cogfun.stages.train import train
 
     def forbidden(self, *a, **k):
         raise AssertionError(f"{type(self).__name__} constructed in the training process")
@@ -229,7 +229,7 @@ def test_identical_runs_write_byte_identical_lora_files(setup, tmp_path, monkeyp
     from accelerate.state import AcceleratorState, GradientState
 
     from cogfun.lora import EXPORT_FORMATS
-    from stages.train import train
+    from cogfun.stages.train import train
 
     for where in ("a", "b"):
         (tmp_path / where).mkdir()
@@ -254,7 +254,7 @@ def shards_umask() -> int:
 
 
 def test_shards_that_do_not_fit_are_refused(setup, tmp_path):
-    from stages.train import train
+    from cogfun.stages.train import train
 
     common = dict(shard_dir=str(setup["shards"]), output_dir=str(tmp_path / "o"), max_train_steps=1,
                   mixed_precision="no", report_to="none", dataloader_num_workers=0)
@@ -264,7 +264,7 @@ def test_shards_that_do_not_fit_are_refused(setup, tmp_path):
     from types import SimpleNamespace
 
     from cogfun import models
-    from stages.train import check_shards_fit
+    from cogfun.stages.train import check_shards_fit
 
     manifest = json.loads((setup["shards"] / "manifest.json").read_text())
     tcfg = SimpleNamespace(**models.read_component_config(setup["model"], "transformer"))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import cli
+from cogfun import cli
 from cogfun.config import TrainConfig, to_dict
 
 FLAG = None   # a store_true flag
@@ -54,7 +54,7 @@ UPSTREAM = {
 @pytest.fixture
 def captured(monkeypatch):
     """`cogfun train` up to its config: the stage itself is replaced by one that keeps the config."""
-    import pipelines.precompute_then_train as pipeline
+    import cogfun.pipelines.precompute_then_train as pipeline
 
     got = []
     monkeypatch.setattr(pipeline, "run", got.append)
@@ -136,7 +136,7 @@ def test_timestep_range_is_discrete_samplings_slices():
     from types import SimpleNamespace
 
     from cogfun.config import ConfigError
-    from stages.train import timestep_range
+    from cogfun.stages.train import timestep_range
 
     sched = SimpleNamespace(config=SimpleNamespace(num_train_timesteps=1000))
     cfg = TrainConfig(uniform_sampling=True)
@@ -150,7 +150,7 @@ def test_timestep_range_is_discrete_samplings_slices():
 
 
 def test_motion_sub_loss_is_the_frame_difference_mse():
-    from stages.train import with_motion_loss
+    from cogfun.stages.train import with_motion_loss
 
     target = torch.zeros(2, 4, 3, 2, 2)
     pred = torch.arange(4.0).view(1, 4, 1, 1, 1).expand(2, 4, 3, 2, 2) * 0.5   # frame t off by 0.5 t
@@ -162,7 +162,7 @@ def test_motion_sub_loss_is_the_frame_difference_mse():
 
 def test_optimizers_need_their_packages():
     from cogfun.config import ConfigError
-    from stages.train import make_optimizer
+    from cogfun.stages.train import make_optimizer
 
     p = [torch.nn.Parameter(torch.zeros(2))]
     opt = make_optimizer(TrainConfig(learning_rate=1e-3, scale_lr=True, gradient_accumulation_steps=2,
@@ -196,7 +196,7 @@ def test_transformer_path_loads_weights_and_refuses_pickles(tiny_model_inp, tmp_
 
 
 def test_auto_tile_repeats_small_batches_as_upstream():
-    from stages.train import auto_tile
+    from cogfun.stages.train import auto_tile
 
     cfg = TrainConfig(training_with_video_token_length=True, auto_tile_batch_size=True, video_sample_n_frames=49,
                       token_sample_size=512)
@@ -217,7 +217,7 @@ def test_auto_tile_repeats_small_batches_as_upstream():
 def test_same_token_length_is_one_draw_for_all_ranks():
     from types import SimpleNamespace
 
-    from stages.train import same_token_length_frames
+    from cogfun.stages.train import same_token_length_frames
 
     cfg = TrainConfig(keep_all_node_same_token_length=True, video_sample_n_frames=49, token_sample_size=512)
     metas = [{"height": 512, "width": 512}]

@@ -49,7 +49,7 @@ def subset_dataset(synthetic_data: Path, root: Path, names: list[str]) -> Path:
 def setup(tmp_path_factory, tiny_model_inp, synthetic_data):
     from accelerate.state import AcceleratorState
 
-    from stages.precompute import precompute
+    from cogfun.stages.precompute import precompute
 
     root = tmp_path_factory.mktemp("validation")
     meta = subset_dataset(synthetic_data, root / "data", ["landscape.mp4", "portrait.mp4", "square.png"])
@@ -112,7 +112,7 @@ def test_validation_videos_and_eval_loss_on_two_processes(setup, encoded_inputs,
     if kind == "fsdp":
         # the video of step 4 is what `cogfun sample` makes with checkpoint-4's LoRA (one code path)
         from cogfun.config import SampleConfig
-        from stages.sample import sample
+        from cogfun.stages.sample import sample
 
         first = out / "samples" / "step-4" / json.loads((out / "samples/step-4/index.json").read_text())["videos"][0]["file"]
         mine = out / "sampled.mp4"
@@ -131,7 +131,7 @@ def test_training_process_never_builds_t5_and_builds_the_vae_only_to_validate(se
     import transformers
 
     from cogfun import validation
-    from stages.train import train
+    from cogfun.stages.train import train
 
     state = {"validating": False, "vae_built": 0}
 
@@ -216,8 +216,8 @@ def test_eval_loss_halves_when_overfitting_one_clip(tmp_path, tiny_model_t2v):
     (A random tiny transformer must learn denoising itself: the LoRA also covers its output layers.)"""
     from cogfun.tiny import synthetic_frames
     from cogfun.video import write_mp4
-    from stages.precompute import precompute
-    from stages.train import train
+    from cogfun.stages.precompute import precompute
+    from cogfun.stages.train import train
 
     model = learnable_model(tiny_model_t2v, tmp_path / "model")
     data = tmp_path / "data"
@@ -304,7 +304,7 @@ def test_upstream_validation_epochs_tracker_and_transformer_path(setup, encoded_
     from diffusers import CogVideoXTransformer3DModel
     from safetensors.torch import save_file
 
-    from stages.train import train
+    from cogfun.stages.train import train
 
     out = tmp_path / "out"
     shutil.copytree(encoded_inputs, out / "validation")

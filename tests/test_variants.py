@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import cli
+from cogfun import cli
 from cogfun import shards
 from cogfun.config import PrecomputeConfig, TrainConfig
 from cogfun.models import ModelError, transformer_family
@@ -44,7 +44,7 @@ def train_mode(variant: str) -> str:
 def run_train(cfg: TrainConfig) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
-    from stages.train import train
+    from cogfun.stages.train import train
 
     try:
         return train(cfg)
@@ -68,7 +68,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module", params=VARIANTS)
 def chain(request, models, synthetic_data, tmp_path_factory) -> dict:
     """precompute -> train STEPS steps (checkpoint half way) -> resume from the checkpoint."""
-    from stages.precompute import precompute
+    from cogfun.stages.precompute import precompute
 
     variant = request.param
     root = tmp_path_factory.mktemp(variant)
@@ -147,7 +147,7 @@ def test_diffusers_load_lora_weights_gives_the_trained_model(chain):
 @pytest.fixture(scope="module")
 def v15(models, synthetic_data, tmp_path_factory) -> Path:
     """V1.5 shards of the synthetic data (the chain's settings, no training)."""
-    from stages.precompute import precompute
+    from cogfun.stages.precompute import precompute
 
     shard_dir = tmp_path_factory.mktemp("v15") / "shards"
     precompute(PrecomputeConfig(pretrained_model_name_or_path=str(models["v1.5-5b-inp"]), shard_dir=str(shard_dir),
@@ -215,7 +215,7 @@ def test_random_frame_crop_keeps_whole_patches():
 
     from cogfun.models import TransformerFamily
     from diffusers import DDPMScheduler
-    from stages.train import batch_inputs
+    from cogfun.stages.train import batch_inputs
 
     cfg = TrainConfig(random_frame_crop=True, caption_dropout=0.0, seed=3)
     kept = {}
@@ -254,7 +254,7 @@ def test_one_frame_padding_for_patch_size_t():
 def noise_shards(models, synthetic_data, tmp_path_factory) -> dict[str, Path]:
     """Images only (cheap), inpaint with the image policies (block, ellipse), for a model with reference
     noise and one without."""
-    from stages.precompute import precompute
+    from cogfun.stages.precompute import precompute
 
     root = tmp_path_factory.mktemp("noise")
     rows = [r for r in json.loads(synthetic_data.read_text()) if r["type"] == "image"]
@@ -318,7 +318,7 @@ def test_training_draws_fresh_reference_noise_per_step(noise_shards):
     from cogfun.loader import CachedSamples, collate
     from cogfun.models import TransformerFamily
     from diffusers import DDPMScheduler
-    from stages.train import batch_inputs
+    from cogfun.stages.train import batch_inputs
 
     cfg = TrainConfig(caption_dropout=0.0, seed=3, train_mode="inpaint", mask_policy_weights="ellipse=0,t2v=0")
     for variant, shard_dir in noise_shards.items():
@@ -356,7 +356,7 @@ def test_training_draws_fresh_reference_noise_per_step(noise_shards):
 
 def test_fingerprint_follows_the_frame_rule_and_the_noise_design():
     from cogfun.models import TransformerFamily
-    from stages.precompute import settings_of
+    from cogfun.stages.precompute import settings_of
 
     cfg = PrecomputeConfig(train_mode="inpaint")
     fam = lambda p_t, noise: TransformerFamily(33, 16, p_t, noise)  # noqa: E731
