@@ -369,8 +369,12 @@ def rows_from_index(shard_dir: Path, committed: dict[str, int]) -> list[ShardRow
     its index.parquet lists them (its columns as `meta`), without reading the tars: an incremental
     run knows what is on disk at the cost of one parquet read, not a scan of every tar."""
     cols = read_index(shard_dir)
-    meta_cols = [c for c in cols if c not in ROW_FIELDS]
-    rows = [ShardRow(key=k, bucket=b, shard=t, position=p, meta={c: cols[c][i] for c in meta_cols})
+    if not all(c in cols for c in LOCATION_COLUMNS):   # an index from before they were recorded
+        return scan_shards(shard_dir, skip={t for t in tar_sample_counts(shard_dir) if t not in committed})
+    meta_cols = [c for c in cols if c not in ROW_FIELDS and c not in LOCATION_COLUMNS]
+    rows = [ShardRow(key=k, bucket=b, shard=t, position=p, meta={c: cols[c][i] for c in meta_cols},
+                     members={"json": (cols["json_offset"][i], cols["json_size"][i]),
+                              "safetensors": (cols["tensors_offset"][i], cols["tensors_size"][i])})
             for i, (k, b, t, p) in enumerate(zip(cols["key"], cols["bucket"], cols["shard"], cols["position"]))]
     gone = [t for t in committed if not (Path(shard_dir) / t).is_file()]
     if gone:

@@ -306,15 +306,18 @@ def held_out_files(dataset, indices: list[int]) -> list[str]:
     """The source files of the held-out samples (`--eval_samples`), sorted."""
     if not indices:
         return []
-    idx, wanted = dataset.index, set(indices)
-    return sorted({src for shard, pos, src in zip(idx["shard"], idx["position"], idx["source"])
-                   if dataset.global_index(shard, pos) in wanted})
+    import numpy as np
+
+    codes, names = dataset.index.codes("source")   # aligned with dataset.global_indices()
+    held = np.unique(codes[np.isin(dataset.global_indices(), np.asarray(indices))]).tolist()
+    sources = names.to_pylist()
+    return sorted(sources[c] for c in held)
 
 
 def print_summary(cfg: TrainConfig, train_rows, steps_per_epoch: int, max_steps: int, start: int,
                   world: int, held_files: list[str], n_held: int, output_dir: Path) -> None:
     """The start-up summary: what trains, how long, what is held out, what the progress bar shows."""
-    buckets = {r[1] for r in train_rows}
+    buckets = set(train_rows.bucket.tolist())
     batch = cfg.train_batch_size * cfg.gradient_accumulation_steps * world
     held = (f"; {len(held_files)} source file(s) ({n_held} samples) held out for the eval loss, listed in "
             f"{output_dir / runs.EVAL_FILES}" if held_files else "; no eval loss (--eval_samples 0)")
