@@ -46,7 +46,6 @@ def main() -> None:
     from cogfun.buckets import sample_bytes
     from cogfun.config import PrecomputeConfig, mask_policy_list
     from cogfun.inspect import SAMPLE_OVERHEAD, conditioning_latents
-    from cogfun.stages.precompute import precompute
 
     if args.part in ("k", "all"):
         masks_per_policy(n, rounds)
@@ -72,27 +71,8 @@ def main() -> None:
     print(C.table(rows, ["set", "policies", "video cov.", "image cov.", "encodes", "encodes +noise",
                          "bytes", "bytes +noise"]))
 
-    model = C.tiny_model()
-    meta = C.clip_dataset(n)
-    out = C.scratch("mask_policies")
-    cfgs = {name: C.precompute_config(model, meta, out / name, size=128, frames=17, mask_policies=spec,
-                                      overwrite=True, dataloader_num_workers=0) for name, spec in SETS.items()}
-    per_sample: dict[str, float] = {}
-
-    def side(name):
-        def run():
-            shutil.rmtree(cfgs[name].shard_dir, ignore_errors=True)
-            summary = C.quiet(precompute, cfgs[name], progress=False)
-            per_sample[name] = summary["bytes_written"] / summary["samples"]
-        return run
-
-    t0 = time.time()
-    t = C.interleave({name: side(name) for name in SETS}, repeat=rounds, warmup=0)
-    print(f"\nprecompute of {n} clips 17x128x128 (tiny InP model, fp32), {rounds} round(s), "
-          f"{time.time() - t0:.0f} s in all:")
-    rows = [[name, C.spread(t[name]), f"{C.median(t[name]) / n:.2f}", C.spread(C.per_round_ratio(t[name], t["before"])),
-             f"{per_sample[name] / 1e3:.1f} KB"] for name in SETS]
-    print(C.table(rows, ["set", "seconds median (min-max)", "s per clip", "time / before", "bytes per sample (disk)"]))
+    timed_precompute("mask_policies", n, rounds, {name: {"mask_policies": spec} for name, spec in SETS.items()},
+                     base="before", what="set", label="")
     C.goal("default set: video coverage", masks.coverage(policies["default"], 49), ">=", 0.8)
     C.goal("default set: image coverage", masks.coverage(policies["default"], 1), ">=", 0.8)
 
@@ -105,7 +85,6 @@ def masks_per_policy(n: int, rounds: int) -> None:
     from cogfun.buckets import sample_bytes
     from cogfun.config import PrecomputeConfig, mask_policy_list
     from cogfun.inspect import SAMPLE_OVERHEAD, conditioning_latents
-    from cogfun.stages.precompute import precompute
 
     pols = mask_policy_list(PrecomputeConfig(train_mode="inpaint"))
     rows = []
@@ -117,28 +96,38 @@ def masks_per_policy(n: int, rounds: int) -> None:
     print(f"\n--masks_per_policy K with the default set ({','.join(pols)}): per video 49x480x720 / image 512x512")
     print(C.table(rows, ["K", "encodes", "bytes"]))
 
+    timed_precompute("masks_per_policy", n, rounds,
+                     {k: {"masks_per_policy": k, "mask_policies": DEFAULT_MASK_POLICIES} for k in KS},
+                     base=1, what="K", label=", default set")
+
+
+def timed_precompute(scratch: str, n: int, rounds: int, sides: dict, *, base, what: str, label: str) -> None:
+    """The real precompute stage on n clips 17x128x128 per side (`sides`: name -> precompute flags),
+    interleaved round after round: seconds, ratio to `base`, bytes per sample on disk."""
+    from cogfun.stages.precompute import precompute
+
     model = C.tiny_model()
     meta = C.clip_dataset(n)
-    out = C.scratch("masks_per_policy")
-    cfgs = {k: C.precompute_config(model, meta, out / f"k{k}", size=128, frames=17, masks_per_policy=k,
-                                   mask_policies=DEFAULT_MASK_POLICIES, overwrite=True, dataloader_num_workers=0)
-            for k in KS}
-    per_sample: dict[int, float] = {}
+    out = C.scratch(scratch)
+    cfgs = {name: C.precompute_config(model, meta, out / str(name), size=128, frames=17, overwrite=True,
+                                      dataloader_num_workers=0, **flags) for name, flags in sides.items()}
+    per_sample: dict = {}
 
-    def side(k):
+    def side(name):
         def run():
-            shutil.rmtree(cfgs[k].shard_dir, ignore_errors=True)
-            summary = C.quiet(precompute, cfgs[k], progress=False)
-            per_sample[k] = summary["bytes_written"] / summary["samples"]
+            shutil.rmtree(cfgs[name].shard_dir, ignore_errors=True)
+            summary = C.quiet(precompute, cfgs[name], progress=False)
+            per_sample[name] = summary["bytes_written"] / summary["samples"]
         return run
 
     t0 = time.time()
-    t = C.interleave({k: side(k) for k in KS}, repeat=rounds, warmup=0)
-    print(f"\nprecompute of {n} clips 17x128x128 (tiny InP model, fp32, default set), {rounds} round(s), "
+    t = C.interleave({name: side(name) for name in sides}, repeat=rounds, warmup=0)
+    print(f"\nprecompute of {n} clips 17x128x128 (tiny InP model, fp32{label}), {rounds} round(s), "
           f"{time.time() - t0:.0f} s in all:")
-    rows = [[k, C.spread(t[k]), f"{C.median(t[k]) / n:.2f}", C.spread(C.per_round_ratio(t[k], t[1])),
-             f"{per_sample[k] / 1e3:.1f} KB"] for k in KS]
-    print(C.table(rows, ["K", "seconds median (min-max)", "s per clip", "time / K=1", "bytes per sample (disk)"]))
+    rows = [[name, C.spread(t[name]), f"{C.median(t[name]) / n:.2f}", C.spread(C.per_round_ratio(t[name], t[base])),
+             f"{per_sample[name] / 1e3:.1f} KB"] for name in sides]
+    ratio = f"time / {base}" if what == "set" else f"time / {what}={base}"
+    print(C.table(rows, [what, "seconds median (min-max)", "s per clip", ratio, "bytes per sample (disk)"]))
 
 
 if __name__ == "__main__":

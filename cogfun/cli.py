@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a script (accelerate launch cli.py ...):
 
 import click
 
-from cogfun.config import (ConfigError, ExportLoraConfig, InspectConfig, PrecomputeConfig, SampleConfig, TrainConfig,
+from cogfun.config import (ExportLoraConfig, InspectConfig, PrecomputeConfig, SampleConfig, TrainConfig,
                            build_config, click_options)
 
 

@@ -261,8 +261,8 @@ class CachedSamples:
 def _check_member(path: Path, header: bytes, ext: str, size: int, key: str) -> None:
     """Refuse a tar member (its 512-byte header) other than the one index.parquet records: `key`.`ext`,
     `size` bytes."""
-    stale = (f"the tar changed after index.parquet was written (or the index belongs to other tars); "
-             f"re-run precompute")
+    stale = ("the tar changed after index.parquet was written (or the index belongs to other tars); "
+             "re-run precompute")
     try:
         info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
     except tarfile.HeaderError as exc:

@@ -17,8 +17,6 @@ from cogfun.config import ConfigError, SampleConfig
 
 
 def sample(cfg: SampleConfig) -> list[Path]:
-    import torch
-
     from cogfun import dist, lowmem, models, sampling, video
 
     # ------------------------------------------------------------ what to generate
