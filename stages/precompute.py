@@ -158,6 +158,29 @@ def text_recipe(parts: dict) -> str:
                           "model": {k: parts["model"].get(k) for k in TEXT_PARTS}})
 
 
+def mask_sets(policies: list[str], plan: SamplePlan, *, seed: int, variants: int) -> list[dict]:
+    """A sample's --masks_per_policy geometry sets ({policy: geometry} each; set 0 is the one cogfun
+    always drew)."""
+    from cogfun.masks import draw_geometries
+
+    return [draw_geometries(policies, plan.frames, plan.height, plan.width, seed=seed, key=plan.key, variant=k)
+            for k in range(variants)]
+
+
+def mask_record(sets: list[dict], views: int) -> dict:
+    """What a sample's json records of its geometry sets: `masks` (train rebuilds each mask from it)
+    and, with several sets, the others and the clip's view count that cycles them (cogfun.loader)."""
+    record = {"masks": sets[0]}
+    if len(sets) > 1:
+        record.update(mask_variants=sets[1:], views=views)
+    return record
+
+
+def recipe_masks(sets: list[dict], views: int) -> dict:
+    """The mask part of a sample's recipe: its one geometry set, or with several the whole record."""
+    return sets[0] if len(sets) == 1 else mask_record(sets, views)
+
+
 def sample_recipe(plan: SamplePlan, geometry: dict, source_digest: str, encode: str) -> str:
     """Digest of everything one sample's tensors are made from (stored in its json as `recipe`):
     --overwrite keeps a sample on disk whose recipe is the one the new plan gives."""
@@ -249,7 +272,7 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     import torch
 
     from cogfun import dist, models
-    from cogfun.masks import MASK_DESIGN, draw_geometries, encode_conditioning, reference_noise_design
+    from cogfun.masks import MASK_DESIGN, encode_conditioning, reference_noise_design
     from cogfun.video import MEDIA_READERS
 
     t_start = time.time()
@@ -361,8 +384,10 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
     probed = dist.gather(list({s.identity: s for s in by_key.values()}.values()), state)  # for the report
     encode = encode_recipe(parts)
     if decision == "overwrite" and main:  # keep the samples whose own recipe is unchanged; encode the rest
-        recipes = {p.key: sample_recipe(p, draw_geometries(policies, p.frames, p.height, p.width, seed=cfg.seed,
-                                                           key=p.key), inputs[p.identity], encode) for p in all_plans}
+        variants, views_of = cfg.masks_per_policy if policies else 1, Counter(p.identity for p in all_plans)
+        recipes = {p.key: sample_recipe(p, recipe_masks(mask_sets(policies, p, seed=cfg.seed, variants=variants),
+                                                        views_of[p.identity]), inputs[p.identity], encode)
+                   for p in all_plans}
         keep: dict[str, tuple[str, int]] = {}
         for r in on_disk:
             if r.key in recipes and r.meta.get("recipe") == recipes[r.key]:
@@ -434,12 +459,11 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
             pixels = torch.stack([px for _, px in batch])
             mean, logvar = models.encode_clips(vae, pixels)
             # --masks_per_policy K: K seeded geometry sets per sample (set 0 is the one cogfun always drew)
-            geometry_sets = [[draw_geometries(policies, plan.frames, plan.height, plan.width, seed=cfg.seed,
-                                              key=plan.key, variant=k) for plan, _ in batch] for k in range(variants)]
+            sets = [mask_sets(policies, plan, seed=cfg.seed, variants=variants) for plan, _ in batch]
             conditioning = {}
-            for k, geometries in enumerate(geometry_sets):
+            for k in range(variants):
                 conditioning.update(encode_conditioning(lambda px: models.encode_clips(vae, px)[0], pixels,
-                                                        geometries, keys=[plan.key for plan, _ in batch],
+                                                        [own[k] for own in sets], keys=[plan.key for plan, _ in batch],
                                                         seed=cfg.seed, reference_noise=reference_noise, variant=k))
             for b, (plan, _) in enumerate(batch):
                 text = caption_of[plan.key]
@@ -456,12 +480,10 @@ def precompute(cfg: PrecomputeConfig, *, progress: bool = True) -> dict:
                         "frames": plan.frames, "height": plan.height, "width": plan.width,
                         "latent_frames": plan.latent_frames, "tokens": plan.tokens,
                         "input": inputs[plan.identity],  # the source's digest: stale leftovers are spotted
-                        "recipe": sample_recipe(plan, geometries[b], inputs[plan.identity], encode)}
+                        "recipe": sample_recipe(plan, recipe_masks(sets[b], views_of[plan.identity]),
+                                                inputs[plan.identity], encode)}
                 if policies:
-                    meta["masks"] = geometry_sets[0][b]  # {policy: geometry}: train rebuilds each mask from it
-                    if variants > 1:   # the other sets, and the clip's view count that cycles them (cogfun.loader)
-                        meta["mask_variants"] = [geometry_sets[k][b] for k in range(1, variants)]
-                        meta["views"] = views_of[plan.identity]
+                    meta.update(mask_record(sets[b], views_of[plan.identity]))
                 writers.write(plan.bucket, shards.encode_sample(plan.key, meta, tensors))
 
         bar = tqdm(total=n_work_total, desc="precompute", unit="clip", disable=not (progress and main),

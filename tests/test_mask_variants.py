@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,26 @@ def test_training_with_upstream_batch_flags(shards, tiny_model_inp, tmp_path, mo
     assert len(seen) == 6 and {v for v, _, _ in seen} == {4096, 9 * 48 * 80}   # both kinds were trained
     for volume, size, cap in seen:
         assert size == (2 if volume <= 9 * 64 ** 2 // 4 else 1) and cap == 3, (volume, size, cap)
+
+
+def test_overwrite_keeps_unchanged_samples_with_several_mask_sets(shards, tmp_path):
+    """--overwrite with --masks_per_policy 2: a sample whose own inputs did not change (the image,
+    when the frame stride changes) is kept; its recipe covers all its geometry sets."""
+    import dataclasses
+
+    from accelerate.state import AcceleratorState
+
+    from cogfun.shards import read_index
+    from cogfun.stages.precompute import precompute
+
+    cfg, _ = shards[2]
+    shard_dir = tmp_path / "k2"
+    shutil.copytree(cfg.shard_dir, shard_dir)
+    images = read_index(shard_dir)["kind"].count("image")
+    assert images >= 1
+    try:
+        over = precompute(dataclasses.replace(cfg, shard_dir=str(shard_dir), overwrite=True, video_sample_stride=1),
+                          progress=False)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert over["status"] == "overwrite" and over["encoded"] == over["samples"] - images
