@@ -1,5 +1,5 @@
-#!/usr/bin/env python
-"""The `cogfun` command line (click). Also runnable as a script: `accelerate launch cli.py train ...`.
+"""The `cogfun` command line (click); the repo's top-level cli.py runs it as a script
+(`accelerate launch cli.py train ...`), `python -m cogfun.cli` as a module.
 
 Options are derived from the settings declared in cogfun/config.py; torch and the model
 libraries are imported inside the command bodies so that `--help` answers instantly.
@@ -10,9 +10,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script (accelerate launch cli.py ...): make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click
 
@@ -135,7 +132,7 @@ def inspect_buckets(ctx, **params):
 def export_lora(ctx, checkpoint, **params):
     """Convert a LoRA to another format: CHECKPOINT is a training output dir, a checkpoint-<N>/ dir (a
     killed run's too) or a diffusers-format LoRA file."""
-    cfg = build_config(ExportLoraConfig, params, ctx)
+    cfg = _run(build_config, ExportLoraConfig, params, ctx)
     from cogfun.lora import export_lora as run
 
     file = _run(run, checkpoint, cfg.format, cfg.output)
