@@ -16,6 +16,7 @@ from dataclasses import fields
 from cogfun.buckets import Sampling, one_frame_videos, parse_bucket, sample_bytes, tokens_per_sample
 from cogfun.config import InspectConfig, ConfigError, mask_policy_list
 from cogfun.dataset import count_by_category
+from cogfun.lowmem import OPTION_NAMES
 from cogfun.masks import draw_weights
 from cogfun.models import TEXT_LEN
 from cogfun.storage import is_url, plain_path
@@ -307,7 +308,7 @@ def memory_lines(m: dict) -> list[str]:
     return lines
 
 
-OPTION_COLUMNS = {"bf16": "bf16", "fp8": "float8", "bf16+offload": "bf16+offload", "fp8+offload": "float8+offload"}
+OPTION_COLUMNS = dict(zip(OPTION_NAMES, ("bf16", "float8", "bf16+offload", "float8+offload")))   # option -> column
 
 
 def run(cfg: InspectConfig) -> dict:

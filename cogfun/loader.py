@@ -162,9 +162,11 @@ class CachedSamples:
         return self.total
 
     def _prepare(self) -> dict:
-        """The arrays __getitem__ reads (under the lock: reading threads may ask first)."""
+        """The arrays __getitem__ reads (built under the lock: reading threads may ask first)."""
         import numpy as np
 
+        if self._reader is not None:   # built: no lock per sample
+            return self._reader
         with self._lock:
             if self._reader is not None:
                 return self._reader

@@ -377,14 +377,19 @@ def save_kohya_lora(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
                     extra_metadata: dict[str, str] | None = None) -> Path:
     """Write `to_kohya(state_dict)` to the `*.safetensors` file `path` (atomic), with kohya's
     `ss_network_dim` / `ss_network_alpha` header entries plus `extra_metadata`."""
+    header = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(int(rank)),
+              "ss_network_alpha": str(float(alpha))}
+    return _save_with_header(path, "kohya", to_kohya(state_dict, rank=rank, alpha=alpha), header, extra_metadata)
+
+
+def _save_with_header(path, what: str, tensors: dict, header: dict, extra_metadata: dict | None) -> Path:
+    """A converted LoRA file (atomic, sorted header): `header` + `extra_metadata`, which may not
+    override the header's own keys."""
     file = Path(path)
     if file.suffix != ".safetensors":
-        raise ValueError(f"{file}: the kohya LoRA file must end in .safetensors")
-    header = {"format": "pt", "ss_network_module": "networks.lora", "ss_network_dim": str(int(rank)),
-              "ss_network_alpha": str(float(alpha)),
-              **_check_extra(extra_metadata, reserved=("format", "ss_network_module", "ss_network_dim", "ss_network_alpha"))}
+        raise ValueError(f"{file}: the {what} LoRA file must end in .safetensors")
     file.parent.mkdir(parents=True, exist_ok=True)
-    save_tensors(to_kohya(state_dict, rank=rank, alpha=alpha), file, metadata=header)
+    save_tensors(tensors, file, metadata={**header, **_check_extra(extra_metadata, reserved=tuple(header))})
     return file
 
 
@@ -480,14 +485,8 @@ def to_comfyui(state_dict: dict[str, torch.Tensor], *, rank: int, alpha: float) 
 def save_comfyui_lora(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], *, rank: int, alpha: float,
                       extra_metadata: dict[str, str] | None = None) -> Path:
     """Write `to_comfyui(state_dict)` to the `*.safetensors` file `path` (atomic, sorted header)."""
-    file = Path(path)
-    if file.suffix != ".safetensors":
-        raise ValueError(f"{file}: the ComfyUI LoRA file must end in .safetensors")
-    header = {"format": "pt", "ss_network_dim": str(int(rank)), "ss_network_alpha": str(float(alpha)),
-              **_check_extra(extra_metadata, reserved=("format", "ss_network_dim", "ss_network_alpha"))}
-    file.parent.mkdir(parents=True, exist_ok=True)
-    save_tensors(to_comfyui(state_dict, rank=rank, alpha=alpha), file, metadata=header)
-    return file
+    header = {"format": "pt", "ss_network_dim": str(int(rank)), "ss_network_alpha": str(float(alpha))}
+    return _save_with_header(path, "ComfyUI", to_comfyui(state_dict, rank=rank, alpha=alpha), header, extra_metadata)
 
 
 def from_comfyui(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int, float]:

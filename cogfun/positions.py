@@ -97,11 +97,11 @@ class StretchedPatchEmbed(CogVideoXPatchEmbed):
         p = self.patch_size
         grid = (self.sample_height // p, self.sample_width // p)
         table = self.pos_embedding[:, self.max_text_seq_length:].to(self.text_proj.weight.dtype)
-        table = table.reshape(1, table_frames, *grid, self.embed_dim).permute(0, 4, 1, 2, 3)
-        table = F.interpolate(table, size=(table_frames, height // p, width // p), mode="trilinear",
-                              align_corners=False)
-        tokens = frames * (height // p) * (width // p)
-        table = table.permute(0, 2, 3, 4, 1).reshape(1, -1, self.embed_dim)[:, :tokens]
+        # the frame axis keeps its length, so its trilinear weights are exactly 1 and 0: resizing only
+        # the frames the input has gives the same numbers as resizing the whole table and cutting it
+        table = table.reshape(1, table_frames, *grid, self.embed_dim)[:, :frames].permute(0, 4, 1, 2, 3)
+        table = F.interpolate(table, size=(frames, height // p, width // p), mode="trilinear", align_corners=False)
+        table = table.permute(0, 2, 3, 4, 1).reshape(1, -1, self.embed_dim)
         text_len = text_embeds.shape[1]
         return torch.cat([embeds[:, :text_len], embeds[:, text_len:] + table.to(embeds.dtype)], dim=1)
 

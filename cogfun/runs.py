@@ -62,13 +62,14 @@ def run_entries(output_dir: Path) -> list[Path]:
         return []
     found = [output_dir / n for n in RUN_FILES if (output_dir / n).exists()]
     found += sorted(output_dir.glob(LORA_FILES))
-    found += sorted(output_dir.glob("checkpoint-*"), key=_step_of) + sorted(output_dir.glob(".checkpoint-*.tmp"))
+    found += sorted(output_dir.glob("checkpoint-*"), key=checkpoint_step) + sorted(output_dir.glob(".checkpoint-*.tmp"))
     if found:
         found += [p for pattern in RUN_OUTPUTS for p in sorted(output_dir.glob(pattern))]
     return found
 
 
-def _step_of(path: Path) -> int:
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint-<step> folder (-1 for another name)."""
     tail = path.name.split("-", 1)[1]
     return int(tail) if tail.isdigit() else -1
 

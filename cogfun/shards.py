@@ -370,7 +370,8 @@ def rows_from_index(shard_dir: Path, committed: dict[str, int]) -> list[ShardRow
     run knows what is on disk at the cost of one parquet read, not a scan of every tar."""
     cols = read_index(shard_dir)
     if not all(c in cols for c in LOCATION_COLUMNS):   # an index from before they were recorded
-        return scan_shards(shard_dir, skip={t for t in tar_sample_counts(shard_dir) if t not in committed})
+        tars = {str(p.relative_to(shard_dir)) for p in Path(shard_dir).glob("*/*.tar")}
+        return scan_shards(shard_dir, skip=tars - set(committed))
     meta_cols = [c for c in cols if c not in ROW_FIELDS and c not in LOCATION_COLUMNS]
     rows = [ShardRow(key=k, bucket=b, shard=t, position=p, meta={c: cols[c][i] for c in meta_cols},
                      members={"json": (cols["json_offset"][i], cols["json_size"][i]),

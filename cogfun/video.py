@@ -391,11 +391,15 @@ def _open_image(p: Path, max_pixels: int) -> Image.Image:
         raise MediaError(f"cannot read image: {_short(str(e), p)}", p) from e
     if img.width * img.height > max_pixels:
         img.close()
-        raise MediaError(
-            f"image too large: {img.height}x{img.width} (HxW) = {img.width * img.height:,} pixels, above the "
-            f"decompression-bomb limit of {max_pixels:,} (raise it with --max_image_pixels)", p,
-            category="too large")
+        _refuse_too_large(img.height, img.width, max_pixels, p)
     return img
+
+
+def _refuse_too_large(height: int, width: int, max_pixels: int, p) -> None:
+    raise MediaError(
+        f"image too large: {height}x{width} (HxW) = {width * height:,} pixels, above the "
+        f"decompression-bomb limit of {max_pixels:,} (raise it with --max_image_pixels)", p,
+        category="too large")
 
 
 def _not_an_image(p: Path) -> str | None:
@@ -475,10 +479,7 @@ def _ffmpeg_still(p: Path, max_pixels: int, pillow_error: MediaError) -> tuple[M
     if frames != 1:
         raise pillow_error   # "a video (...), not an image: list it with type 'video'"
     if first.width * first.height > max_pixels:
-        raise MediaError(
-            f"image too large: {first.width}x{first.height} = {first.width * first.height:,} pixels, above the "
-            f"decompression-bomb limit of {max_pixels:,} (raise it with --max_image_pixels)", p,
-            category="too large")
+        _refuse_too_large(first.height, first.width, max_pixels, p)
     try:
         rgb = first.to_ndarray(format="rgb24")
     except _AV_ERRORS as e:

@@ -19,6 +19,7 @@ def data_settings(meta: Path) -> dict:
 
 
 def run(workdir: Path, *, steps: int = 20) -> dict:
+    from cogfun.lora import LORA_WEIGHT_NAME
     from cogfun.tiny import write_synthetic_dataset, write_tiny_model
     from cogfun.stages.precompute import precompute
     from cogfun.stages.train import train
@@ -49,6 +50,6 @@ def run(workdir: Path, *, steps: int = 20) -> dict:
     (first_step, before), (last_step, after) = result["eval_losses"][0], result["eval_losses"][-1]
     print(f"== demo done: held-out eval loss {before:.4f} (step {first_step}) -> {after:.4f} (step {last_step}) "
           f"over {result['global_step']} steps; "
-          f"LoRA at {workdir / 'output' / 'pytorch_lora_weights.safetensors'}; "
+          f"LoRA at {workdir / 'output' / LORA_WEIGHT_NAME}; "
           f"validation videos in {workdir / 'output' / 'samples'}")
     return {"precompute": summary, "train": result}

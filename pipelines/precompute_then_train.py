@@ -18,11 +18,11 @@ def run(cfg: TrainConfig) -> dict:
     from cogfun.models import read_component_config
     from cogfun.stages.train import launch_kind, train
 
-    # refused before any encoding, as train would refuse them
-    check_launch(cfg.base_weight_dtype, cfg.offload_blocks, kind=launch_kind(), mixed_precision=cfg.mixed_precision,
-                 blocks=read_component_config(cfg.pretrained_model_name_or_path, "transformer").get("num_layers", 30)
-                 if cfg.pretrained_model_name_or_path else None)
     if cfg.train_data_meta or cfg.train_data_shards:
+        # refused before any encoding, as train (which checks them again) would refuse them
+        check_launch(cfg.base_weight_dtype, cfg.offload_blocks, kind=launch_kind(), mixed_precision=cfg.mixed_precision,
+                     blocks=read_component_config(cfg.pretrained_model_name_or_path, "transformer").get("num_layers", 30)
+                     if cfg.pretrained_model_name_or_path else None)
         from cogfun.runs import claim_output_dir
         from cogfun.stages.precompute import precompute
 

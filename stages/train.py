@@ -210,7 +210,7 @@ def find_checkpoint(output_dir: Path, spec: str | None) -> Path | None:
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     """The complete checkpoint-<step>/ folders of `output_dir` (their state record written), oldest step first."""
     done = [p for p in output_dir.glob("checkpoint-*") if (p / CHECKPOINT_STATE).is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(done, key=runs.checkpoint_step)
 
 
 def agree_on_checkpoint(accelerator, output_dir: Path, spec: str | None) -> Path | None:
@@ -720,8 +720,9 @@ def train(cfg: TrainConfig) -> dict:
             raise ConfigError(f"--{flag} is required")
     output_dir = Path(cfg.output_dir)
     family = models.transformer_family(cfg.pretrained_model_name_or_path)  # refuses what cogfun cannot train
+    tcfg_dict = models.read_component_config(cfg.pretrained_model_name_or_path, "transformer")
     lowmem.check_launch(cfg.base_weight_dtype, cfg.offload_blocks, kind=launch_kind(), mixed_precision=cfg.mixed_precision,
-                        blocks=models.read_component_config(cfg.pretrained_model_name_or_path, "transformer").get("num_layers", 30))
+                        blocks=tcfg_dict.get("num_layers", 30))
     store = open_store(cfg)  # a local dir or a URL (per-node cache, retries)
     manifest = shards.require_manifest(store)
     store.check_cache_fits(manifest["shard_bytes"])
@@ -738,7 +739,6 @@ def train(cfg: TrainConfig) -> dict:
     device = accelerator.device
     weight_dtype, storage_dtype = weight_dtypes(cfg)
 
-    tcfg_dict = models.read_component_config(cfg.pretrained_model_name_or_path, "transformer")
     from types import SimpleNamespace
 
     check_shards_fit(manifest, SimpleNamespace(**{"out_channels": 16, "in_channels": 16, "text_embed_dim": 4096,
@@ -840,6 +840,12 @@ def train(cfg: TrainConfig) -> dict:
         return eval_loss(accelerator, transformer, dataset, eval_indices, cfg=cfg, scheduler=scheduler,
                          scaling=scaling, policies=policies, device=device, dtype=weight_dtype)
 
+    def validate() -> None:
+        seconds = validation.render(validation_set, accelerator, transformer, cfg=cfg, step=global_step,
+                                    output_dir=output_dir, scheduler=sampling_scheduler, dtype=weight_dtype,
+                                    same_forward_count=launch_kind() == "fsdp")
+        accelerator.log({"validation_seconds": seconds}, step=global_step)
+
     eval_losses: list[tuple[int, float]] = []
     if eval_indices and global_step == 0:  # the baseline the held-out loss falls from
         logs = {"eval_loss": evaluate()}
@@ -921,16 +927,12 @@ def train(cfg: TrainConfig) -> dict:
                     if main:
                         bar.write(f"step {global_step}: checkpoint saved to {saved}")
                     t_step = time.time()  # the save is not the next step's time
-                if stopping:
+                if stopping:   # (the `finally` below puts the signal handlers back)
                     bar.close()
-                    stop.restore()
                     accelerator.end_training()
                     raise runs.Interrupted(stopping, global_step, saved)
                 if validation_set and (global_step % cfg.validation_steps == 0 or global_step == max_steps):
-                    seconds = validation.render(validation_set, accelerator, transformer, cfg=cfg, step=global_step,
-                                                output_dir=output_dir, scheduler=sampling_scheduler, dtype=weight_dtype,
-                                                same_forward_count=launch_kind() == "fsdp")
-                    accelerator.log({"validation_seconds": seconds}, step=global_step)
+                    validate()
                     t_step = time.time()
                 if global_step >= max_steps:
                     break
@@ -938,10 +940,7 @@ def train(cfg: TrainConfig) -> dict:
             if (validation_set and cfg.validation_epochs and epoch % cfg.validation_epochs == 0
                     and global_step == epoch_start and global_step % cfg.validation_steps and global_step != max_steps):
                 # --validation_epochs: after a whole epoch (not when the step rule just rendered)
-                seconds = validation.render(validation_set, accelerator, transformer, cfg=cfg, step=global_step,
-                                            output_dir=output_dir, scheduler=sampling_scheduler, dtype=weight_dtype,
-                                            same_forward_count=launch_kind() == "fsdp")
-                accelerator.log({"validation_seconds": seconds}, step=global_step)
+                validate()
                 t_step = time.time()
             epoch += 1
     finally:
